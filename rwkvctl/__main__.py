@@ -1,0 +1,3 @@
+from rwkvctl.cli import app
+
+app()

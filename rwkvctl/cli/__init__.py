@@ -1,0 +1,12 @@
+"""The `rwkvctl` command line: the only layer that imports typer and rich.
+
+Each command lives in its own module and registers itself on the shared app when imported. Command
+modules import torch and the lifecycle code inside the command body, so `rwkvctl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from rwkvctl.cli import inspect_cmd, model_cmds  # noqa: F401  (registration side effects)
+from rwkvctl.cli._common import app
+
+__all__ = ["app"]

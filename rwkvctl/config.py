@@ -1,0 +1,163 @@
+"""Model configuration, presets and the RWKV-LM x052 parameter table.
+
+stdlib + yaml only: the CLI imports this for `--help`-time work (preset names, parameter counts with
+`--meta`) without pulling in torch. The shape table below is the single source of truth for RWKV-LM
+`.pth` names and shapes; the model, the checkpoint validator and the parameter counter all use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from rwkvctl.errors import ConfigError
+
+WORLD_VOCAB_SIZE = 65536
+INIT_SCHEMES = ("v5.2-2023", "rwkv-lm-2024")
+
+
+def default_dim_ffn(n_embd: int, gate: bool) -> int:
+    """RWKV-LM's FFN width: 3.5x with the gate, 4x without, floored to a multiple of 32.
+
+    3.5x FFN + gate has the same parameter count as 4x FFN without it (rwkv5-spec §1.1).
+    """
+    mult = 3.5 if gate else 4.0
+    return int((n_embd * mult) // 32 * 32)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an RWKV-5.2 (x052) model."""
+
+    n_layer: int
+    """Number of blocks."""
+    n_embd: int
+    """Residual width C."""
+    vocab_size: int = WORLD_VOCAB_SIZE
+    """Rows of emb/head. 65536 for the RWKV World tokenizer."""
+    head_size: int = 64
+    """Channels per WKV head N (RWKV-LM `head_size_a`)."""
+    head_size_divisor: int = 8
+    """ln_x is applied to y / head_size_divisor (eps 1e-5), i.e. eps 1e-5*hsd^2 on y."""
+    dim_att: int = 0
+    """Attention width A (0: n_embd)."""
+    dim_ffn: int = 0
+    """FFN hidden width F (0: 3.5x n_embd with gate, 4x without, floored to 32)."""
+    gate: bool = True
+    """v5.2 output gate (att.gate + time_mix_g). False is the gate-less v5 layout."""
+
+    def __post_init__(self) -> None:
+        if self.dim_att == 0:
+            self.dim_att = self.n_embd
+        if self.dim_ffn == 0:
+            self.dim_ffn = default_dim_ffn(self.n_embd, self.gate)
+        for name in ("n_layer", "n_embd", "vocab_size", "head_size", "head_size_divisor", "dim_att", "dim_ffn"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name in ("n_embd", "dim_att", "dim_ffn"):
+            if getattr(self, name) % 32:
+                raise ConfigError(f"model config: {name}={getattr(self, name)} must be a multiple of 32 (RWKV-LM asserts it)")
+        if self.dim_att % self.head_size:
+            raise ConfigError(f"model config: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
+
+    @property
+    def n_head(self) -> int:
+        return self.dim_att // self.head_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config key(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("n_layer", "n_embd") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: model config is missing {missing}")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny: for tests and the quick start; World vocab so that real tokenized data fits.
+    "tiny": {"n_layer": 2, "n_embd": 128},
+    "0.1b": {"n_layer": 12, "n_embd": 768},
+    "0.4b": {"n_layer": 24, "n_embd": 1024},
+    "1.5b": {"n_layer": 24, "n_embd": 2048},
+    "3b": {"n_layer": 32, "n_embd": 2560},
+    "7b": {"n_layer": 32, "n_embd": 4096},  # the PygmalionAI / RWKV-5 7B shape
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build the config of a named preset, with field overrides (e.g. gate=False)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an RWKV-LM x052 state dict, in RWKV-LM's registration order."""
+    C, A, F, V = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size
+    H, N = cfg.n_head, cfg.head_size
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        for ln in ("ln1", "ln2") + (("ln0",) if i == 0 else ()):
+            shapes[p + ln + ".weight"] = (C,)
+            shapes[p + ln + ".bias"] = (C,)
+        mixes = ("k", "v", "r", "g") if cfg.gate else ("k", "v", "r")
+        for m in mixes:
+            shapes[p + f"att.time_mix_{m}"] = (1, 1, C)
+        shapes[p + "att.time_decay"] = (H, N)
+        shapes[p + "att.time_faaaa"] = (H, N)
+        for lin in ("receptance", "key", "value"):
+            shapes[p + f"att.{lin}.weight"] = (A, C)
+        shapes[p + "att.output.weight"] = (C, A)
+        if cfg.gate:
+            shapes[p + "att.gate.weight"] = (A, C)
+        shapes[p + "att.ln_x.weight"] = (A,)
+        shapes[p + "att.ln_x.bias"] = (A,)
+        shapes[p + "ffn.time_mix_k"] = (1, 1, C)
+        shapes[p + "ffn.time_mix_r"] = (1, 1, C)
+        shapes[p + "ffn.key.weight"] = (F, C)
+        shapes[p + "ffn.receptance.weight"] = (C, C)
+        shapes[p + "ffn.value.weight"] = (C, F)
+    shapes["ln_out.weight"] = (C,)
+    shapes["ln_out.bias"] = (C,)
+    shapes["head.weight"] = (V, C)
+    return shapes
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact parameter count, without allocating anything."""
+    total = 0
+    for shape in param_shapes(cfg).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], *, source: str = "checkpoint") -> ModelConfig:
+    """Recover the architecture of a bare RWKV-LM x052 state dict from its tensor shapes."""
+    try:
+        V, C = shapes["emb.weight"]
+        layers = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")}
+        H, N = shapes["blocks.0.att.time_decay"]
+        A = shapes["blocks.0.att.receptance.weight"][0]
+        F = shapes["blocks.0.ffn.key.weight"][0]
+    except KeyError as e:
+        raise ConfigError(f"{source}: not an RWKV-5.2 state dict (missing key {e.args[0]!r})") from None
+    except ValueError:
+        raise ConfigError(f"{source}: not an RWKV-5.2 state dict (unexpected tensor rank in emb/time_decay)") from None
+    if not layers:
+        raise ConfigError(f"{source}: not an RWKV-5.2 state dict (no blocks.* keys)")
+    gate = "blocks.0.att.gate.weight" in shapes
+    return ModelConfig(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N, dim_att=A, dim_ffn=F, gate=gate)
