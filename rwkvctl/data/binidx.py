@@ -1,0 +1,282 @@
+"""Megatron MMIDIDX `.bin/.idx` token files, the format RWKV-LM's trainer reads unchanged.
+
+`.idx` layout (little-endian): magic `MMIDIDX\\0\\0` (9 B), `<Q` version 1, `<B` dtype code, `<Q` sequence
+count S, `<Q` doc_idx count D, then int32 sizes[S], int64 pointers[S] (byte offsets into .bin),
+int64 doc_idx[D]. Header = 34 bytes. `.bin` is the raw concatenation of every sequence, no header.
+RWKV-LM treats `.bin` as one flat token stream, so `tokens()` is what a trainer samples windows from.
+
+Also here: `magic_prime`, the chunk-count prime RWKV-LM's sampler needs (`--magic_prime`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from array import array
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from rwkvctl.errors import DataError
+from rwkvctl.io.atomic import fsync_dir
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, doc_idx count
+HEADER_SIZE = HEADER.size  # 34
+
+# Codes 1-5 and 8 agree across Megatron, json2binidx and RWKV-LM; 6/7 disagree between tools, and RWKV-LM
+# maps both to float64. Only 4 (int32) and 8 (uint16) matter for token ids.
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float64),
+    8: np.dtype(np.uint16),
+}
+_WRITE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id (0..vocab_size-1) fits, else int32. World (65536 ids) fits uint16."""
+    if vocab_size <= 0:
+        raise DataError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def split_prefix(path: str | Path) -> Path:
+    """`data/x`, `data/x.bin` and `data/x.idx` all name the prefix `data/x`."""
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".bin", ".idx") else p
+
+
+def _memmap(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+class BinIdxReader:
+    """Read-only view of a `.bin/.idx` pair; everything is memory-mapped, nothing is loaded eagerly."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = split_prefix(prefix)
+        self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
+        self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
+        for p in (self.idx_path, self.bin_path):
+            if not p.is_file():
+                raise DataError(f"{p}: no such file (a binidx dataset needs both PREFIX.bin and PREFIX.idx)")
+        idx_size = self.idx_path.stat().st_size
+        if idx_size < HEADER_SIZE:
+            raise DataError(f"{self.idx_path}: {idx_size} bytes is shorter than the 34-byte MMIDIDX header")
+        with open(self.idx_path, "rb") as f:
+            magic, version, code, n_seq, n_doc = HEADER.unpack(f.read(HEADER_SIZE))
+        if magic != MAGIC:
+            raise DataError(f"{self.idx_path}: not a Megatron MMIDIDX index (bad magic {magic[:9]!r})")
+        if version != VERSION:
+            raise DataError(f"{self.idx_path}: unsupported MMIDIDX version {version} (expected 1)")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{self.idx_path}: unknown dtype code {code}")
+        body = 4 * n_seq + 8 * n_seq + 8 * n_doc
+        # Megatron-core may append one int8 mode per sequence; accept it, ignore it.
+        if idx_size not in (HEADER_SIZE + body, HEADER_SIZE + body + n_seq):
+            raise DataError(
+                f"{self.idx_path}: size {idx_size} B does not match header ({n_seq} sequences, {n_doc} doc_idx "
+                f"entries need {HEADER_SIZE + body} B); the file is truncated or corrupt"
+            )
+        self.dtype: np.dtype = DTYPE_CODES[code]
+        self.dtype_code = code
+        self.sizes: np.ndarray = _memmap(self.idx_path, np.dtype(np.int32), HEADER_SIZE, n_seq)
+        self.pointers: np.ndarray = _memmap(self.idx_path, np.dtype(np.int64), HEADER_SIZE + 4 * n_seq, n_seq)
+        self.doc_idx: np.ndarray = _memmap(self.idx_path, np.dtype(np.int64), HEADER_SIZE + 12 * n_seq, n_doc)
+        item = self.dtype.itemsize
+        bin_size = self.bin_path.stat().st_size
+        if bin_size % item:
+            raise DataError(f"{self.bin_path}: size {bin_size} B is not a multiple of the {self.dtype} item size")
+        self.num_tokens: int = bin_size // item
+        if n_seq:
+            end = int(self.pointers[-1]) + int(self.sizes[-1]) * item
+            if end > bin_size or int(self.pointers[0]) != 0:
+                raise DataError(
+                    f"{self.bin_path}: index says the data ends at byte {end} but the file has {bin_size} B; "
+                    "the .bin is truncated or belongs to another .idx"
+                )
+        if n_doc and int(self.doc_idx[0]) != 0:
+            raise DataError(f"{self.idx_path}: doc_idx must start at 0, found {int(self.doc_idx[0])}")
+
+    @property
+    def num_docs(self) -> int:
+        return max(len(self.doc_idx) - 1, 0)
+
+    def tokens(self) -> np.ndarray:
+        """The whole `.bin` as one flat memory-mapped array (RWKV-LM's view of the data)."""
+        return _memmap(self.bin_path, self.dtype, 0, self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self.sizes)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences in {self.idx_path}")
+        i %= n
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens()[start : start + int(self.sizes[i])]
+
+    def __repr__(self) -> str:
+        return f"BinIdxReader({str(self.prefix)!r}, {len(self)} seqs, {self.num_tokens} tokens, {self.dtype})"
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+class BinIdxWriter:
+    """Write a `.bin/.idx` pair, one sequence and one document per `add_document`.
+
+    Tokens stream to a temp `.bin`; sizes are kept in a compact int32 array (4 B per document). On a clean
+    `close()` (or context exit) both files are fsynced and renamed into place, the `.idx` last, so a pair
+    that exists is always complete. On an exception the temps are removed and nothing is left behind.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype | type | str = np.uint16) -> None:
+        self.prefix = split_prefix(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _WRITE_CODES:
+            raise DataError(f"binidx token dtype must be uint16 or int32, got {self.dtype}")
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
+        self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
+        self._bin_tmp = _tmp_name(self.bin_path)
+        self._idx_tmp = _tmp_name(self.idx_path)
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115  (closed in close/abort)
+        self._sizes = array("i")
+        self._max = np.iinfo(self.dtype).max
+        self.num_tokens = 0
+        self._closed = False
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise DataError(f"{self.bin_path}: a document must be a 1-D token array, got shape {arr.shape}")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > self._max):
+            raise DataError(f"{self.bin_path}: token id out of range for {self.dtype} (0..{self._max})")
+        if arr.size > np.iinfo(np.int32).max:
+            raise DataError(f"{self.bin_path}: document of {arr.size} tokens exceeds the int32 size field")
+        self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self._sizes.append(int(arr.size))
+        self.num_tokens += int(arr.size)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self._sizes)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            sizes = np.frombuffer(self._sizes, dtype=np.int32) if self._sizes else np.empty(0, np.int32)
+            write_index(self._idx_tmp, self.dtype, sizes, np.arange(len(sizes) + 1, dtype=np.int64))
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(self._idx_tmp, self.idx_path)
+            fsync_dir(self.prefix.parent)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop everything written so far; the final names are never touched."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def __enter__(self) -> BinIdxWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_index(path: Path, dtype: np.dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
+    """Write an `.idx` (fsynced) for sequences of `sizes` laid out back to back in the `.bin`."""
+    sizes = np.asarray(sizes, dtype=np.int32)
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        # Byte offsets, not element offsets: pointer[i] = itemsize * sum(sizes[:i]).
+        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= np.dtype(dtype).itemsize
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, _WRITE_CODES[np.dtype(dtype)], len(sizes), len(doc_idx)))
+        f.write(sizes.tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.asarray(doc_idx, dtype=np.int64).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- magic_prime: RWKV-LM's chunk sampler --------------------------------------------------------------------------
+
+_MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic for n < 3.3e24
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin (exact for every n a token count can reach)."""
+    if n < 2:
+        return False
+    for p in _MR_BASES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        r += 1
+    for a in _MR_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def magic_prime(data_size: int, ctx_len: int) -> int:
+    """The largest prime p <= data_size//ctx_len - 1 with p % 3 == 2, exactly as RWKV-LM's make_data.py prints.
+
+    RWKV-LM's trainer additionally requires 0.9 < p / (data_size//ctx_len) <= 1; that fails only for tiny
+    datasets (a handful of chunks), and we raise then, because RWKV-LM would refuse to start.
+    """
+    if ctx_len <= 0:
+        raise DataError(f"ctx_len must be positive, got {ctx_len}")
+    n_chunks = data_size // ctx_len
+    p = n_chunks - 1
+    # p % 3 == 2 primes: step through candidates congruent to 2 mod 3.
+    p -= (p - 2) % 3
+    while p >= 2 and not is_prime(p):
+        p -= 3
+    if p < 2 or not 0.9 < p / n_chunks <= 1:
+        raise DataError(
+            f"{data_size} tokens hold only {n_chunks} chunks of ctx_len {ctx_len}: too few for RWKV-LM's "
+            "magic_prime sampler (needs p/chunks > 0.9); use more data or a smaller ctx_len"
+        )
+    return p
