@@ -1,0 +1,61 @@
+"""`rwkvctl inspect`: what a checkpoint (or a prepared dataset) contains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from rwkvctl.cli._common import app, console, handles_errors
+from rwkvctl.cli.model_cmds import _human
+
+
+def _is_dataset(path: Path) -> bool:
+    if path.is_dir() or path.name == "manifest.json" or path.suffix in (".idx", ".bin"):
+        return True
+    return path.with_suffix(".idx").exists() and not path.exists()
+
+
+@app.command("inspect")
+@handles_errors
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="A checkpoint (.pth/.safetensors) or a dataset (manifest/dir/binidx).")],
+    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="Show the per-tensor table.")] = True,
+    limit: Annotated[int, typer.Option(help="Rows of the per-tensor table (0 = all).")] = 40,
+) -> None:
+    """Show architecture, detected version, parameter count, dtypes and tensors of a checkpoint."""
+    if _is_dataset(path):
+        from rwkvctl.cli.data_view import render_dataset
+        from rwkvctl.data.inspect import describe_dataset
+
+        render_dataset(console, describe_dataset(path))
+        return
+    from rwkvctl.lifecycle.models import describe_checkpoint
+
+    info = describe_checkpoint(path)
+    cfg = info.meta.model
+    summary = Table(title=str(info.path), show_header=False, title_justify="left")
+    summary.add_row("architecture", f"RWKV-{info.version} (x052){'' if cfg.gate else ', no output gate'}")
+    summary.add_row("layers / width", f"{cfg.n_layer} x {cfg.n_embd} (att {cfg.dim_att}, ffn {cfg.dim_ffn})")
+    summary.add_row("heads", f"{cfg.n_head} x {cfg.head_size} (head_size_divisor {cfg.head_size_divisor})")
+    summary.add_row("vocab", f"{cfg.vocab_size} ({info.meta.tokenizer})")
+    summary.add_row("parameters", f"{info.params:,} ({_human(info.params)})")
+    summary.add_row("dtypes", ", ".join(f"{d}: {_human(n)}" for d, n in info.dtypes.items()))
+    summary.add_row("file size", f"{info.file_bytes:,} bytes ({_human(info.file_bytes, 'B')})")
+    summary.add_row("config source", "sidecar" if info.has_sidecar else "inferred from tensor shapes")
+    if info.meta.step is not None:
+        summary.add_row("step / tokens", f"{info.meta.step:,} / {info.meta.tokens or 0:,}")
+    if info.meta.init:
+        summary.add_row("init", info.meta.init)
+    console.print(summary)
+    if not tensors:
+        return
+    table = Table("tensor", "shape", "dtype", "params")
+    rows = info.tensors if limit <= 0 else info.tensors[:limit]
+    for t in rows:
+        table.add_row(t.name, "x".join(map(str, t.shape)), t.dtype, f"{t.numel:,}")
+    if len(rows) < len(info.tensors):
+        table.caption = f"{len(info.tensors) - len(rows)} more tensors (--limit 0 shows all)"
+    console.print(table)

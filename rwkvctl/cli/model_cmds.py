@@ -1,0 +1,63 @@
+"""`rwkvctl init`: a freshly initialised RWKV-5.2 checkpoint from a preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from rwkvctl.cli._common import app, console, fail, handles_errors
+from rwkvctl.config import INIT_SCHEMES, PRESETS, param_count, preset
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+@app.command("init")
+@handles_errors
+def init_command(
+    out: Annotated[
+        Path | None,
+        typer.Argument(help="Checkpoint to write (.pth for RWKV-LM format, or .safetensors). Not needed with --meta."),
+    ] = None,
+    preset_name: Annotated[
+        str, typer.Option("--preset", "-p", help=f"Model size: {', '.join(PRESETS)}.", show_default=True)
+    ] = "tiny",
+    gate: Annotated[
+        bool, typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate gives the gate-less v5 layout (4x FFN).")
+    ] = True,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary rows (65536 = RWKV World).")] = 65536,
+    init: Annotated[str, typer.Option(help=f"Init scheme: {', '.join(INIT_SCHEMES)} (see docs).")] = "v5.2-2023",
+    seed: Annotated[int, typer.Option(help="Random seed of the initialisation.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 or bf16 (RWKV-LM trains in bf16).")] = "fp32",
+    meta: Annotated[bool, typer.Option("--meta", help="Only count parameters; allocate and write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Create a freshly initialised RWKV-5.2 checkpoint (RWKV-LM x052 names and shapes)."""
+    cfg = preset(preset_name, gate=gate, vocab_size=vocab_size)
+    table = Table(show_header=False, box=None)
+    for key, value in cfg.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("n_head", str(cfg.n_head))
+    n = param_count(cfg)
+    table.add_row("parameters", f"[bold]{n:,}[/] ({_human(n)})")
+    if meta:
+        console.print(table)
+        return
+    if out is None:
+        raise fail("give an output file (e.g. model.pth), or --meta to only count parameters")
+    if out.exists() and not force:
+        raise fail(f"{out} exists; pass --force to overwrite it")
+    from rwkvctl.lifecycle.models import create_checkpoint
+
+    with console.status(f"initialising {preset_name} ({_human(n)} parameters)..."):
+        result = create_checkpoint(out, cfg, scheme=init, seed=seed, dtype=dtype)
+    console.print(table)
+    console.print(f"wrote [bold]{result.path}[/] ({_human(result.bytes_written, 'B')}) and {result.path.name}.json")

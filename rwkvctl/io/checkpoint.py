@@ -1,0 +1,238 @@
+"""RWKV-LM compatible checkpoint files: `.pth` (plain state dict) or `.safetensors`, plus a sidecar.
+
+A checkpoint is exactly what RWKV-LM writes — a flat ``{name: tensor}`` dict with x052 names and
+shapes — so official tools load ours and we load theirs. What RWKV-LM does not store (config, tokenizer,
+step) lives in a small JSON sidecar ``<file>.json`` (and, for safetensors, in the file's own metadata).
+A bare official `.pth` without a sidecar still loads: the config is inferred from tensor shapes.
+
+Loading never runs pickled code: `.pth` goes through ``torch.load(weights_only=True)``. Every problem
+becomes a one-line `CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rwkvctl.config import ModelConfig, infer_config, param_shapes
+from rwkvctl.errors import CheckpointError, ConfigError
+from rwkvctl.io.atomic import atomic_path, atomic_write_text
+
+SUFFIXES = (".pth", ".pt", ".safetensors")
+SIDECAR_FORMAT = "rwkvctl-checkpoint"
+# Prefixes that wrappers add to parameter names: Lightning/DeepSpeed, DDP, torch.compile.
+_WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.")
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself beyond its tensors."""
+
+    model: ModelConfig
+    tokenizer: str = "world"
+    step: int | None = None
+    tokens: int | None = None
+    init: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SIDECAR_FORMAT,
+            "format_version": 1,
+            "architecture": "rwkv5.2-x052",
+            "model": self.model.to_dict(),
+            "tokenizer": self.tokenizer,
+            "step": self.step,
+            "tokens": self.tokens,
+            "init": self.init,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str) -> CheckpointMeta:
+        if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+            raise CheckpointError(f"{source}: not an rwkvctl sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
+        try:
+            model = ModelConfig.from_dict(data["model"], source=source)
+        except KeyError:
+            raise CheckpointError(f"{source}: sidecar has no 'model' section") from None
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        return cls(
+            model=model,
+            tokenizer=data.get("tokenizer", "world"),
+            step=data.get("step"),
+            tokens=data.get("tokens"),
+            init=data.get("init"),
+            extra=data.get("extra") or {},
+        )
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def normalize_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes (DeepSpeed/Lightning, DDP, torch.compile) so every file uses bare names."""
+    out = {}
+    for name, tensor in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix) :]
+                    stripped = True
+        out[name] = tensor
+    return out
+
+
+def detect_version(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The RWKV generation of a state dict, by the same key rules as the official runtimes."""
+    keys = shapes.keys()
+    if "emb.weight" not in keys or not any(k.startswith("blocks.0.") for k in keys):
+        return "unknown"
+    if any(k.startswith("blocks.0.att.r_k") or ".att.x_r" in k for k in keys):
+        return "7"
+    if any("time_maa" in k for k in keys):
+        return "6"
+    if not any(".ln_x." in k for k in keys):
+        return "4"
+    decay = shapes.get("blocks.0.att.time_decay", ())
+    if len(decay) == 2 and decay[1] > 1:
+        return "5.2" if "blocks.0.att.gate.weight" in keys else "5.2-nogate"
+    return "5.1" if "blocks.0.att.gate.weight" in keys else "5.0"
+
+
+def validate_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, *, source: str) -> None:
+    """Raise a one-line CheckpointError listing missing/unexpected keys or the first shape mismatches."""
+    expected = param_shapes(cfg)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise CheckpointError(f"{source}: does not match its model config ({'; '.join(parts)})")
+    bad = [
+        f"{k} is {tuple(state_dict[k].shape)}, expected {shape}"
+        for k, shape in expected.items()
+        if tuple(state_dict[k].shape) != shape
+    ]
+    if bad:
+        more = f" (+{len(bad) - 2} more)" if len(bad) > 2 else ""
+        raise CheckpointError(f"{source}: shape mismatch: {'; '.join(bad[:2])}{more}")
+    non_float = [k for k, t in state_dict.items() if not t.is_floating_point()]
+    if non_float:
+        raise CheckpointError(f"{source}: tensors must be floating point, {_few(non_float)} are not")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return f"[{shown}{f', ... {len(names) - n} more' if len(names) > n else ''}]"
+
+
+def save_checkpoint(
+    path: str | Path, state_dict: dict[str, Tensor], meta: CheckpointMeta, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write weights (format by suffix) and the sidecar, each atomically. Returns the weights path."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .pth or .safetensors")
+    state_dict = normalize_keys(state_dict)
+    validate_state_dict(state_dict, meta.model, source=str(path))
+    tensors = {k: (t.detach().to("cpu", dtype or t.dtype)).contiguous() for k, t in state_dict.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata={"rwkvctl": json.dumps(meta.to_dict())})
+        else:
+            torch.save(tensors, tmp)
+    atomic_write_text(sidecar_path(path), json.dumps(meta.to_dict(), indent=2) + "\n")
+    return path
+
+
+def _read_pth(path: Path) -> dict[str, Tensor]:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a torch zip checkpoint (truncated, corrupt, or a legacy/foreign format); re-export it"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains pickled objects other than tensors, which could run code "
+            f"({first[:120]}); only plain state dicts are accepted"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict, found {type(obj).__name__}")
+    return obj
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt: {str(e)[:120]})") from None
+
+
+def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ...]]) -> CheckpointMeta:
+    side = sidecar_path(path)
+    if side.exists():
+        try:
+            data = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{side}: corrupt sidecar JSON ({e}); delete it to infer the config from shapes") from None
+        return CheckpointMeta.from_dict(data, source=str(side))
+    if embedded:
+        return CheckpointMeta.from_dict(json.loads(embedded), source=f"{path} (metadata)")
+    version = detect_version(shapes)
+    if version == "unknown":
+        raise CheckpointError(f"{path}: not an RWKV checkpoint (no emb.weight / blocks.0.* tensors)")
+    if version not in ("5.2", "5.2-nogate"):
+        raise CheckpointError(
+            f"{path}: this looks like an RWKV-{version} checkpoint; rwkvctl handles RWKV-5.2 (x052) models only"
+        )
+    try:
+        return CheckpointMeta(model=infer_config(shapes, source=str(path)), tokenizer="world")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """Read and validate a checkpoint. Returns (state dict with bare RWKV-LM names, meta)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass the .pth or .safetensors file inside it")
+    if path.suffix == ".safetensors":
+        state_dict, metadata = _read_safetensors(path)
+        embedded = metadata.get("rwkvctl")
+    else:
+        state_dict, embedded = _read_pth(path), None
+    state_dict = normalize_keys(state_dict)
+    shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
+    meta = _read_meta(path, embedded, shapes)
+    validate_state_dict(state_dict, meta.model, source=str(path))
+    return state_dict, meta

@@ -1,0 +1,95 @@
+"""Model files as a lifecycle stage: create a fresh checkpoint, load one into a model, describe one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rwkvctl.config import ModelConfig, param_count
+from rwkvctl.errors import ConfigError
+from rwkvctl.io.checkpoint import CheckpointMeta, detect_version, load_checkpoint, save_checkpoint, sidecar_path
+from rwkvctl.model.init import init_weights
+from rwkvctl.model.rwkv5 import RWKV5
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class InitResult:
+    path: Path
+    config: ModelConfig
+    params: int
+    bytes_written: int
+
+
+def create_checkpoint(
+    out: str | Path, cfg: ModelConfig, *, scheme: str = "v5.2-2023", seed: int = 0, dtype: str = "fp32"
+) -> InitResult:
+    """Initialise a model with an RWKV-LM scheme and write it as an RWKV-LM compatible checkpoint."""
+    torch_dtype = parse_dtype(dtype)
+    model = init_weights(RWKV5(cfg), scheme, seed=seed)
+    meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=scheme, extra={"seed": seed})
+    path = save_checkpoint(out, model.state_dict(), meta, dtype=torch_dtype)
+    return InitResult(path, cfg, param_count(cfg), path.stat().st_size)
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[RWKV5, CheckpointMeta]:
+    """Build an RWKV5 from a checkpoint (rwkvctl's own or a bare RWKV-LM file)."""
+    state_dict, meta = load_checkpoint(path)
+    with torch.device("meta"):
+        model = RWKV5(meta.model)
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    version: str
+    meta: CheckpointMeta
+    has_sidecar: bool
+    params: int
+    file_bytes: int
+    dtypes: dict[str, int]
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+
+def describe_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Everything `rwkvctl inspect` shows about a checkpoint; validates it on the way."""
+    path = Path(path)
+    state_dict, meta = load_checkpoint(path)
+    shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
+    tensors = [TensorInfo(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel()) for k, t in state_dict.items()]
+    dtypes: dict[str, int] = {}
+    for t in tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+    return CheckpointInfo(
+        path=path,
+        version=detect_version(shapes),
+        meta=meta,
+        has_sidecar=sidecar_path(path).exists(),
+        params=sum(t.numel for t in tensors),
+        file_bytes=os.path.getsize(path),
+        dtypes=dtypes,
+        tensors=tensors,
+    )
