@@ -1,17 +1,70 @@
 """WKV5 entry point: the compiled extension where it builds, the pure-PyTorch reference otherwise.
 
 `wkv5(r, k, v, w, u, state)` follows the conventions documented in `rwkvctl.kernels.reference`.
+The extension (csrc/) is compiled on first use, never at import. RWKVCTL_WKV selects the backend:
+`auto` (default: compiled, else the chunked reference with a one-time warning), `compiled` (fail with
+KernelUnavailable instead of falling back) or `reference` (always the chunked PyTorch reference).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 from torch import Tensor
 
+from rwkvctl.errors import KernelUnavailable
 from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
 
-__all__ = ["wkv5", "wkv5_chunked", "wkv5_loop"]
+__all__ = ["SUPPORTED_HEAD_SIZES", "backend_mode", "uses_compiled", "wkv5", "wkv5_chunked", "wkv5_loop"]
+
+SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)  # the specialisations compiled in csrc/static_switch.h
+_MODES = ("auto", "compiled", "reference")
+log = logging.getLogger("rwkvctl.kernels")
+_warned: set[str] = set()
+
+
+def backend_mode() -> str:
+    """The RWKVCTL_WKV setting: auto, compiled or reference."""
+    mode = os.environ.get("RWKVCTL_WKV", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise KernelUnavailable(f"RWKVCTL_WKV must be one of {', '.join(_MODES)}, got {mode!r}")
+    return mode
+
+
+def _fallback(reason: str, mode: str) -> bool:
+    if mode == "compiled":
+        raise KernelUnavailable(f"RWKVCTL_WKV=compiled but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("WKV5: using the pure-PyTorch reference kernel because %s", reason)
+    return False
+
+
+def uses_compiled(r: Tensor) -> bool:
+    """Whether `wkv5` runs the compiled op for inputs like `r` (builds/loads the extension on first call)."""
+    mode = backend_mode()
+    if mode == "reference":
+        return False
+    from rwkvctl.kernels._build import load_extension
+
+    try:
+        info = load_extension()
+    except KernelUnavailable as e:
+        return _fallback(str(e), mode)
+    if r.shape[-1] not in SUPPORTED_HEAD_SIZES:
+        return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
+    if r.device.type == "cuda" and not info.with_cuda:
+        return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_SKIP_CUDA_BUILD)", mode)
+    if r.device.type not in ("cpu", "cuda"):
+        return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
+    return True
 
 
 def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """WKV5 over a sequence: r,k,v (B,T,H,N); w,u (H,N); state (B,H,N,N) fp32 or None -> (y, state)."""
+    if uses_compiled(r):
+        from rwkvctl.kernels.ops import wkv5_compiled
+
+        return wkv5_compiled(r, k, v, w, u, state)
     return wkv5_chunked(r, k, v, w, u, state)

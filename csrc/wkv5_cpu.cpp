@@ -1,0 +1,163 @@
+// CPU implementation of rwkvctl::wkv5_fwd / wkv5_bwd: one sequential fp32 scan per (batch, head), the
+// (batch, head) pairs spread over threads with at::parallel_for. Inputs of any float dtype and any strides
+// are converted once to contiguous fp32; outputs are cast back to the input dtypes.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "static_switch.h"
+#include "wkv5.h"
+
+// The same scans compiled for three instruction sets; the best one the CPU supports is picked per call.
+namespace rwkvctl::cpu_default {
+#include "wkv5_cpu_kernel.h"
+}  // namespace rwkvctl::cpu_default
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WKV5_X86_VARIANTS 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace rwkvctl::cpu_avx2 {
+#include "wkv5_cpu_kernel.h"
+}  // namespace rwkvctl::cpu_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")
+#endif
+namespace rwkvctl::cpu_avx512 {
+#include "wkv5_cpu_kernel.h"
+}  // namespace rwkvctl::cpu_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace rwkvctl {
+namespace {
+
+// 0 = baseline, 1 = AVX2+FMA, 2 = AVX-512. RWKVCTL_CPU_ISA=default|avx2|avx512 caps it (tests, debugging).
+int cpu_isa_level() {
+  int hw = 0;
+#ifdef WKV5_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) hw = 1;
+  if (hw == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) hw = 2;
+#endif
+  const char* env = std::getenv("RWKVCTL_CPU_ISA");
+  if (env == nullptr || *env == '\0') return hw;
+  if (std::strcmp(env, "default") == 0) return 0;
+  if (std::strcmp(env, "avx2") == 0) return hw < 1 ? hw : 1;
+  if (std::strcmp(env, "avx512") == 0) return hw;
+  TORCH_CHECK(false, "RWKVCTL_CPU_ISA must be default, avx2 or avx512, got '", env, "'");
+}
+
+#ifdef WKV5_X86_VARIANTS
+#define WKV5_PICK(fn, N, level) \
+  ((level) >= 2 ? &cpu_avx512::fn<N> : (level) == 1 ? &cpu_avx2::fn<N> : &cpu_default::fn<N>)
+#else
+#define WKV5_PICK(fn, N, level) (&cpu_default::fn<N>)
+#endif
+
+at::Tensor contiguous_f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> wkv5_fwd_cpu(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
+  wkv5_check_inputs("wkv5_fwd", r, k, v, w, u, s_in, at::Tensor(), at::Tensor());
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor rf = contiguous_f32(r), kf = contiguous_f32(k), vf = contiguous_f32(v);
+  const at::Tensor decay = wkv5_decay(w), uf = contiguous_f32(u);
+  at::Tensor s = at::empty({B, H, N, N}, s_in.options().dtype(at::kFloat)).copy_(s_in);  // becomes s_out
+  at::Tensor y = at::empty({B, T, H, N}, r.options().dtype(at::kFloat));
+  const float *rp = rf.data_ptr<float>(), *kp = kf.data_ptr<float>(), *vp = vf.data_ptr<float>();
+  const float *dp = decay.data_ptr<float>(), *up = uf.data_ptr<float>();
+  float *sp = s.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const int level = cpu_isa_level();
+  WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
+    auto fwd = WKV5_PICK(wkv5_fwd_head, kN, level);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t off = (b * T * H + h) * kN;  // element (b, t=0, h, 0) of a (B, T, H, N) tensor
+        fwd(rp + off, kp + off, vp + off, dp + h * kN, up + h * kN, sp + bh * kN * kN, yp + off, T, H * kN);
+      }
+    });
+  });
+  return {y.to(r.scalar_type()), s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv5_bwd_cpu(
+    const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
+    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out) {
+  const at::Tensor gso = g_s_out.has_value() ? *g_s_out : at::Tensor();
+  wkv5_check_inputs("wkv5_bwd", r, k, v, w, u, s_in, gy, gso);
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor rf = contiguous_f32(r), kf = contiguous_f32(k), vf = contiguous_f32(v);
+  const at::Tensor gyf = contiguous_f32(gy), sf = contiguous_f32(s_in);
+  const at::Tensor gsof = gso.defined() ? contiguous_f32(gso) : at::Tensor();
+  const at::Tensor decay = wkv5_decay(w), uf = contiguous_f32(u);
+  const auto f32 = r.options().dtype(at::kFloat);
+  at::Tensor gr = at::empty({B, T, H, N}, f32), gk = at::empty({B, T, H, N}, f32), gv = at::empty({B, T, H, N}, f32);
+  at::Tensor gdecay = at::zeros({B, H, N}, f32), gu_part = at::zeros({B, H, N}, f32);
+  at::Tensor g_s_in = at::empty({B, H, N, N}, f32);
+  const float *rp = rf.data_ptr<float>(), *kp = kf.data_ptr<float>(), *vp = vf.data_ptr<float>();
+  const float *gyp = gyf.data_ptr<float>(), *sp = sf.data_ptr<float>();
+  const float* gsop = gsof.defined() ? gsof.data_ptr<float>() : nullptr;
+  const float *dp = decay.data_ptr<float>(), *up = uf.data_ptr<float>();
+  float *grp = gr.data_ptr<float>(), *gkp = gk.data_ptr<float>(), *gvp = gv.data_ptr<float>();
+  float *gdp = gdecay.data_ptr<float>(), *gup = gu_part.data_ptr<float>(), *gsp = g_s_in.data_ptr<float>();
+  const int level = cpu_isa_level();
+  WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
+    auto fscan = WKV5_PICK(wkv5_bwd_forward_scan, kN, level);
+    auto rscan = WKV5_PICK(wkv5_bwd_reverse_scan, kN, level);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> S(kN * kN), Q(kN * kN), vg(static_cast<size_t>(T));
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t off = (b * T * H + h) * kN;
+        const int64_t soff = bh * kN * kN;
+        std::memcpy(S.data(), sp + soff, sizeof(float) * kN * kN);
+        std::fill(Q.begin(), Q.end(), 0.f);
+        fscan(rp + off, kp + off, vp + off, dp + h * kN, up + h * kN, gyp + off, gsop ? gsop + soff : nullptr,
+              S.data(), Q.data(), grp + off, gdp + bh * kN, gup + bh * kN, vg.data(), T, H * kN);
+        float* dS = gsp + soff;  // carries dS_t backwards, ends as g_s_in
+        if (gsop) {
+          std::memcpy(dS, gsop + soff, sizeof(float) * kN * kN);
+        } else {
+          std::fill(dS, dS + kN * kN, 0.f);
+        }
+        rscan(rp + off, kp + off, vp + off, dp + h * kN, up + h * kN, gyp + off, vg.data(), dS, gkp + off,
+              gvp + off, T, H * kN);
+      }
+    });
+  });
+  return {gr.to(r.scalar_type()),
+          gk.to(k.scalar_type()),
+          gv.to(v.scalar_type()),
+          wkv5_gw_from_gdecay(gdecay, w),
+          gu_part.sum(0).to(u.scalar_type()),
+          g_s_in};
+}
+
+}  // namespace
+}  // namespace rwkvctl
+
+TORCH_LIBRARY_IMPL(rwkvctl, CPU, m) {
+  m.impl("wkv5_fwd", &rwkvctl::wkv5_fwd_cpu);
+  m.impl("wkv5_bwd", &rwkvctl::wkv5_bwd_cpu);
+}

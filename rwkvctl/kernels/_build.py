@@ -1,0 +1,172 @@
+"""Finding, compiling and loading the WKV5 extension (csrc/) with torch.utils.cpp_extension and ninja.
+
+Nothing here runs at import time: `load_extension()` builds on first use, caches the result for the
+process, and keeps the compiled library in a directory keyed by a hash of the sources, the flags and the
+torch version, so a second process (or `rwkvctl kernels build` ahead of time) reuses it without compiling.
+
+Environment:
+    RWKVCTL_EXTENSIONS_DIR   where builds are kept (default ~/.cache/rwkvctl/extensions)
+    RWKVCTL_SKIP_CUDA_BUILD  =1 builds only the CPU part even where torch has CUDA
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rwkvctl.errors import KernelUnavailable
+
+log = logging.getLogger("rwkvctl.kernels")
+
+CPU_SOURCES = ("wkv5_op.cpp", "wkv5_cpu.cpp")
+CUDA_SOURCES = ("cuda/wkv5_cuda.cu",)
+HEADERS = ("wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h")
+# Plain -O3 keeps the binary portable; wkv5_cpu.cpp adds AVX2/AVX-512 variants chosen at run time.
+# -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime.
+CXX_FLAGS = ("-O3", "-fopenmp-simd")
+CUDA_FLAGS = ("-O3", "-Xptxas", "-O3", "--extra-device-vectorization")
+
+
+@dataclass(frozen=True)
+class ExtensionInfo:
+    """Where the loaded extension came from."""
+
+    library: Path
+    sources: Path
+    with_cuda: bool
+    built_now: bool
+
+
+_loaded: ExtensionInfo | None = None
+_failure: KernelUnavailable | None = None
+
+
+def csrc_dir() -> Path:
+    """The C++/CUDA sources: shipped as rwkvctl/_csrc in a wheel/sdist install, csrc/ in a source checkout."""
+    package = Path(__file__).resolve().parent.parent  # .../rwkvctl
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in CPU_SOURCES):
+            return candidate
+    raise KernelUnavailable(
+        f"WKV5 sources not found in {package / '_csrc'} or {package.parent / 'csrc'}; reinstall rwkvctl "
+        "or set RWKVCTL_WKV=reference to use the pure-PyTorch kernel"
+    )
+
+
+def extensions_dir() -> Path:
+    """Root of the build cache (RWKVCTL_EXTENSIONS_DIR, else ~/.cache/rwkvctl/extensions)."""
+    env = os.environ.get("RWKVCTL_EXTENSIONS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rwkvctl" / "extensions"
+
+
+def want_cuda() -> bool:
+    """Build the CUDA part only where torch has CUDA, nvcc is known and it is not switched off."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if os.environ.get("RWKVCTL_SKIP_CUDA_BUILD", "") not in ("", "0"):
+        return False
+    return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _build_plan(with_cuda: bool) -> tuple[str, list[Path], Path]:
+    import torch
+
+    src = csrc_dir()
+    sources = [src / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    digest = hashlib.sha256()
+    for path in sorted(sources + [src / name for name in HEADERS]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(repr((CXX_FLAGS, CUDA_FLAGS if with_cuda else (), torch.__version__, torch.version.cuda)).encode())
+    name = "rwkvctl_wkv5_cuda" if with_cuda else "rwkvctl_wkv5_cpu"
+    return name, sources, extensions_dir() / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _check_toolchain(with_cuda: bool) -> None:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise KernelUnavailable(
+            f"no C++ compiler ('{cxx}') on PATH to build the WKV5 extension; install g++ (e.g. build-essential) "
+            "or set RWKVCTL_WKV=reference"
+        )
+    if not is_ninja_available():
+        raise KernelUnavailable("ninja is not installed; `pip install ninja` to build the WKV5 extension")
+    if with_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if not (Path(CUDA_HOME or "") / "bin" / "nvcc").exists():
+            raise KernelUnavailable(f"nvcc not found under CUDA_HOME={CUDA_HOME}; set RWKVCTL_SKIP_CUDA_BUILD=1")
+
+
+def load_extension(verbose: bool = False) -> ExtensionInfo:
+    """Build (if needed) and load the extension into torch.ops.rwkvctl; once per process.
+
+    Raises KernelUnavailable with a one-line reason when it cannot be built or loaded; the failure is
+    remembered, so later calls fail fast instead of recompiling.
+    """
+    global _loaded, _failure
+    if _loaded is not None:
+        return _loaded
+    if _failure is not None:
+        raise _failure
+    try:
+        _loaded = _load(verbose)
+    except KernelUnavailable as e:
+        _failure = e
+        raise
+    from rwkvctl.kernels import ops
+
+    ops.register_python_parts()
+    return _loaded
+
+
+def _load(verbose: bool) -> ExtensionInfo:
+    import torch
+
+    with_cuda = want_cuda()
+    name, sources, build_dir = _build_plan(with_cuda)
+    library = build_dir / f"{name}.so"
+    built_now = not library.exists()
+    if built_now:
+        _check_toolchain(with_cuda)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        what = "C++/CUDA" if with_cuda else "C++"
+        log.warning("compiling the WKV5 %s extension (first use, about a minute) into %s", what, build_dir)
+        from torch.utils.cpp_extension import load
+
+        try:
+            load(
+                name=name,
+                sources=[str(p) for p in sources],
+                extra_cflags=list(CXX_FLAGS),
+                extra_cuda_cflags=list(CUDA_FLAGS) if with_cuda else None,
+                extra_include_paths=[str(sources[0].parent)],
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except (RuntimeError, OSError, ImportError) as e:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise KernelUnavailable(
+                f"building the WKV5 extension in {build_dir} failed ({last}); rerun `rwkvctl kernels build --verbose` "
+                "for the compiler output, or set RWKVCTL_WKV=reference"
+            ) from e
+        log.warning("WKV5 extension built: %s", library)
+    else:
+        try:
+            torch.ops.load_library(str(library))
+        except (RuntimeError, OSError) as e:
+            raise KernelUnavailable(f"cannot load {library} ({e}); delete {build_dir} to rebuild it") from e
+    return ExtensionInfo(library=library, sources=sources[0].parent, with_cuda=with_cuda, built_now=built_now)
+
+
+def loaded() -> ExtensionInfo | None:
+    """The extension loaded in this process, if any (never builds)."""
+    return _loaded
