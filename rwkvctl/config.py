@@ -58,7 +58,9 @@ class ModelConfig:
                 raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
         for name in ("n_embd", "dim_att", "dim_ffn"):
             if getattr(self, name) % 32:
-                raise ConfigError(f"model config: {name}={getattr(self, name)} must be a multiple of 32 (RWKV-LM asserts it)")
+                raise ConfigError(
+                    f"model config: {name}={getattr(self, name)} must be a multiple of 32 (RWKV-LM asserts it)"
+                )
         if self.dim_att % self.head_size:
             raise ConfigError(f"model config: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
 

@@ -32,7 +32,9 @@ def test_7b_shape_and_tensor_count():
     assert len(param_shapes(cfg)) == 710
 
 
-@pytest.mark.parametrize("n_embd, gate, ffn", [(768, True, 2688), (1024, True, 3584), (4096, True, 14336), (768, False, 3072)])
+@pytest.mark.parametrize(
+    "n_embd, gate, ffn", [(768, True, 2688), (1024, True, 3584), (4096, True, 14336), (768, False, 3072)]
+)
 def test_dim_ffn_rounding_as_rwkv_lm(n_embd, gate, ffn):
     assert ModelConfig(n_layer=1, n_embd=n_embd, gate=gate).dim_ffn == ffn
 

@@ -31,7 +31,8 @@ def init_command(
         str, typer.Option("--preset", "-p", help=f"Model size: {', '.join(PRESETS)}.", show_default=True)
     ] = "tiny",
     gate: Annotated[
-        bool, typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate gives the gate-less v5 layout (4x FFN).")
+        bool,
+        typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate gives the gate-less v5 layout (4x FFN)."),
     ] = True,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary rows (65536 = RWKV World).")] = 65536,
     init: Annotated[str, typer.Option(help=f"Init scheme: {', '.join(INIT_SCHEMES)} (see docs).")] = "v5.2-2023",

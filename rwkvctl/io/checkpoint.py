@@ -58,7 +58,7 @@ class CheckpointMeta:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str) -> CheckpointMeta:
         if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
-            raise CheckpointError(f"{source}: not an rwkvctl sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
+            raise CheckpointError(f'{source}: not an rwkvctl sidecar (no "format": "{SIDECAR_FORMAT}")')
         try:
             model = ModelConfig.from_dict(data["model"], source=source)
         except KeyError:
@@ -177,7 +177,9 @@ def _read_pth(path: Path) -> dict[str, Tensor]:
             f"({first[:120]}); only plain state dicts are accepted"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:120]})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # Lightning-style wrapper
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
@@ -202,7 +204,9 @@ def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ..
         try:
             data = json.loads(side.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{side}: corrupt sidecar JSON ({e}); delete it to infer the config from shapes") from None
+            raise CheckpointError(
+                f"{side}: corrupt sidecar JSON ({e}); delete it to infer the config from shapes"
+            ) from None
         return CheckpointMeta.from_dict(data, source=str(side))
     if embedded:
         return CheckpointMeta.from_dict(json.loads(embedded), source=f"{path} (metadata)")
@@ -235,4 +239,5 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     meta = _read_meta(path, embedded, shapes)
     validate_state_dict(state_dict, meta.model, source=str(path))
-    return state_dict, meta
+    # canonical RWKV-LM registration order (safetensors stores keys sorted)
+    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta

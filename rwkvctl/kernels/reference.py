@@ -32,7 +32,9 @@ def _prepare(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tenso
     return r, k, v, log_w, u.float(), state.float()
 
 
-def wkv5_loop(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def wkv5_loop(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Exact per-step recurrence. Slow; the oracle for every other implementation."""
     out_dtype = r.dtype
     r, k, v, log_w, u, s = _prepare(r, k, v, w, u, state)

@@ -79,7 +79,9 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     path = Path(path)
     state_dict, meta = load_checkpoint(path)
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
-    tensors = [TensorInfo(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel()) for k, t in state_dict.items()]
+    tensors = [
+        TensorInfo(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel()) for k, t in state_dict.items()
+    ]
     dtypes: dict[str, int] = {}
     for t in tensors:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel

@@ -71,9 +71,7 @@ def _orthogonal(weight: torch.Tensor, gain: float, generator: torch.Generator | 
 
 
 @torch.no_grad()
-def init_weights(
-    model: RWKV5, scheme: str = "v5.2-2023", *, emb_scale: float = 1e-4, seed: int | None = None
-) -> RWKV5:
+def init_weights(model: RWKV5, scheme: str = "v5.2-2023", *, emb_scale: float = 1e-4, seed: int | None = None) -> RWKV5:
     """Initialise every parameter of `model` in place with an RWKV-LM scheme and return it."""
     if scheme not in INIT_SCHEMES:
         raise ConfigError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")

@@ -30,7 +30,7 @@ def test_shared_per_layer_values(scheme):
     assert first.time_faaaa.flatten()[:3].tolist() == pytest.approx([0.0, 0.1, -0.1], abs=1e-7)
     # ln_x weight ((1+l)/L)^0.7, mixes in [0, 1]
     assert m.blocks[1].att.ln_x.weight[0].item() == pytest.approx((2 / 3) ** 0.7)
-    assert 0 <= m.blocks[1].att.time_mix_k.min() and m.blocks[1].att.time_mix_k.max() <= 1
+    assert m.blocks[1].att.time_mix_k.min() >= 0 and m.blocks[1].att.time_mix_k.max() <= 1
     for b in m.blocks:
         for w in (b.att.output.weight, b.ffn.value.weight, b.ffn.receptance.weight):
             assert torch.count_nonzero(w) == 0

@@ -1,0 +1,59 @@
+"""The one-way layer rules of code-style.md, checked by scanning every import in the package."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "rwkvctl"
+
+# layer -> rwkvctl subpackages/modules it must never import
+FORBIDDEN = {
+    "config": {"model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
+    "errors": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
+    "kernels": {"model", "data", "io", "train", "lifecycle", "cli"},
+    "model": {"data", "io", "train", "lifecycle", "cli"},
+    "io": {"model", "data", "train", "lifecycle", "cli"},
+    "data": {"model", "train", "lifecycle", "cli"},
+    "train": {"lifecycle", "cli"},
+    "lifecycle": {"cli"},
+}
+
+
+def imports_of(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def modules():
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        layer = rel.parts[0].removesuffix(".py")
+        yield path, rel, layer
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_layer_rules(path, rel, layer):
+    for name in imports_of(path):
+        top = name.split(".")[0]
+        if top in ("typer", "rich"):
+            assert layer == "cli", f"{rel} imports {name}: only rwkvctl/cli may use typer/rich"
+        if top == "deepspeed":
+            assert str(rel) == "train/engine.py", f"{rel} imports deepspeed: only rwkvctl/train/engine.py may"
+        if top == "rwkvctl" and "." in name:
+            target = name.split(".")[1]
+            assert target not in FORBIDDEN.get(layer, set()), f"{rel} ({layer}) must not import {name}"
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from rwkvctl.cli import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
