@@ -1,0 +1,226 @@
+"""Python API of `rwkvctl train`: build the model, data and engine from a RunConfig, resume, run the loop.
+
+    from rwkvctl.lifecycle.train import train
+    result = train(RunConfig.from_yaml("examples/tiny-cpu.yaml"), resume="latest")
+
+SIGINT/SIGTERM during training finish the current step, write a checkpoint and return with
+`interrupted=True`; `resume="latest"` (or a step number) continues exactly where a checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rwkvctl.data.loader import open_train, open_val
+from rwkvctl.errors import CheckpointError, TrainingError
+from rwkvctl.io.checkpoint import load_checkpoint
+from rwkvctl.model.init import init_weights
+from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.train.config import RunConfig
+from rwkvctl.train.loop import LoopContext, TrainProgress, fit
+from rwkvctl.train.metrics import MetricsLog, WandbSink, mfu, peak_flops, truncate_after
+from rwkvctl.train.plain import Engine, PlainEngine, configure_determinism
+from rwkvctl.train.run_state import (
+    CheckpointWriter,
+    TrainerState,
+    find_checkpoint,
+    list_checkpoints,
+    load_rng,
+    read_state,
+    write_run_config,
+)
+from rwkvctl.train.schedule import planned_steps
+
+__all__ = ["TrainProgress", "TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    """Summary of one `train` invocation (a resumed run reports its totals so far)."""
+
+    run_dir: Path
+    step: int
+    total_steps: int
+    tokens: int
+    steps_this_run: int
+    final_loss: float | None
+    val_loss: float | None
+    last_checkpoint: Path | None
+    export_path: Path | None
+    resumed_from: int | None
+    interrupted: bool
+    elapsed_s: float
+    tokens_per_s: float
+    mfu: float | None
+    peak_memory_bytes: int
+    engine: str
+    world_size: int
+    nan_skips: int
+    device: str
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def _graceful_signals(flag: _StopFlag) -> Iterator[None]:
+    """SIGINT/SIGTERM -> finish the step, checkpoint, exit. A second SIGINT interrupts immediately."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
+    if cfg.train.strategy == "deepspeed":
+        from rwkvctl.train.engine import DeepSpeedEngine  # the only deepspeed importer, loaded on demand
+
+        return DeepSpeedEngine(model, cfg)
+    return PlainEngine(model, cfg)
+
+
+def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
+    model = RWKV5(cfg.model)
+    if cfg.train.init_from:
+        state_dict, meta = load_checkpoint(cfg.train.init_from)
+        if meta.model != cfg.model:
+            raise CheckpointError(f"{cfg.train.init_from}: its model config {meta.model} differs from the run's "
+                                  f"{cfg.model}; fix the `model:` section")
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+        scheme = f"from:{cfg.train.init_from}"
+    else:
+        init_weights(model, cfg.train.init, seed=cfg.train.seed)
+        scheme = cfg.train.init
+    model.gradient_checkpointing = cfg.train.grad_checkpointing
+    return model, scheme
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> Path | None:
+    """Checks before anything heavy; returns the checkpoint to resume from (or None for a fresh run)."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{id(cfg)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"run dir {run_dir} is not writable ({e.strerror}); choose another --run-dir") from None
+    if resume is None:
+        if list_checkpoints(run_dir):
+            raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+                                "or choose a new --run-dir")
+        return None
+    return find_checkpoint(run_dir, resume)
+
+
+def train(cfg: RunConfig, *, resume: str | int | None = None,
+          on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+    """Train (or continue training) the run described by `cfg`; see the module docstring."""
+    cfg.validate()
+    ckpt = _prepare_run_dir(cfg, resume)
+    configure_determinism(cfg)
+    model, scheme = _build_model(cfg)
+    engine = _build_engine(model, cfg)
+    try:
+        return _run(cfg, engine, ckpt, scheme, on_progress)
+    finally:
+        engine.close()
+
+
+def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
+         on_progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+    run_dir = Path(cfg.run_dir)
+    windows = open_train(cfg.data.path, cfg.data.ctx_len, mode=cfg.data.sampling, seed=cfg.train.seed,
+                         vocab_size=cfg.model.vocab_size)
+    val = None
+    if cfg.data.val_every:
+        val = open_val(cfg.data.path, cfg.data.val_path, cfg.data.ctx_len,
+                       max_windows=cfg.data.val_batches * cfg.train.micro_bsz, vocab_size=cfg.model.vocab_size)
+    world = engine.world_size
+    total_steps = planned_steps(max_steps=cfg.train.max_steps, max_tokens=cfg.train.max_tokens,
+                                tokens_per_step=cfg.tokens_per_step(world),
+                                pass_steps=windows.windows_per_pass // cfg.samples_per_step(world))
+    writer = CheckpointWriter(run_dir, cfg.train.keep_last)
+    state = TrainerState(world_size=world, engine=engine.name, config=cfg.to_dict())
+    resumed_from = None
+    if ckpt is not None:
+        saved = read_state(ckpt)
+        saved_model = saved.config.get("model")
+        if saved_model is not None and saved_model != cfg.model.to_dict():
+            raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
+                                  f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
+        engine.load(ckpt)
+        load_rng(ckpt, engine.rank)
+        state = TrainerState(step=saved.step, samples_seen=saved.samples_seen, tokens=saved.tokens,
+                             elapsed_s=saved.elapsed_s, nan_skips=saved.nan_skips, world_size=world,
+                             engine=engine.name, config=cfg.to_dict())
+        resumed_from = saved.step
+        if engine.is_main:
+            writer.supersede_after(saved.step)
+            truncate_after(run_dir, saved.step)
+    engine.barrier()
+    metrics = wandb = None
+    if engine.is_main:
+        try:
+            write_run_config(run_dir, cfg.to_yaml())
+        except OSError as e:
+            raise TrainingError(f"cannot write {run_dir / 'run_config.yaml'} ({e.strerror})") from None
+        metrics = MetricsLog(run_dir)
+        if cfg.train.wandb:
+            wandb = WandbSink(cfg.train.wandb, run_dir, cfg.to_dict())
+    stop = _StopFlag()
+    ctx = LoopContext(engine=engine, cfg=cfg, windows=windows, val=val, writer=writer, total_steps=total_steps,
+                      metrics=metrics, wandb=wandb, on_progress=on_progress, stop_requested=stop,
+                      init_scheme=scheme)
+    if on_progress is not None and engine.is_main:
+        where = f"resuming from step {resumed_from}" if resumed_from is not None else "fresh run"
+        on_progress(TrainProgress("message", state.step, total_steps, state.tokens,
+                                  message=f"{where}; {engine.name} x{world} on {engine.device}; "
+                                  f"{windows.windows_per_pass} windows per pass; {total_steps} steps planned"))
+    t0 = time.perf_counter()
+    try:
+        with _graceful_signals(stop):
+            out = fit(ctx, state, resumed=ckpt is not None)
+    finally:
+        for sink in (metrics, wandb):
+            if sink is not None:
+                sink.close()
+    wall = time.perf_counter() - t0
+    # Throughput over this invocation's steps, excluding the first (warm-up, lazy kernel builds) when we can.
+    times = out.step_times[1:] if len(out.step_times) > 2 else out.step_times
+    tps = (len(times) * cfg.tokens_per_step(world) / sum(times)) if times and sum(times) > 0 else 0.0
+    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    return TrainResult(
+        run_dir=run_dir, step=out.state.step, total_steps=total_steps, tokens=out.state.tokens,
+        steps_this_run=out.steps_this_run, final_loss=out.last_loss, val_loss=out.last_val_loss,
+        last_checkpoint=out.last_checkpoint, export_path=out.export_path, resumed_from=resumed_from,
+        interrupted=out.interrupted, elapsed_s=wall, tokens_per_s=tps,
+        mfu=mfu(tps, cfg.model, peak_flops(device_name, cfg.train.peak_tflops), world),
+        peak_memory_bytes=engine.peak_memory(), engine=engine.name, world_size=world,
+        nan_skips=out.state.nan_skips, device=device_name,
+    )

@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO engine: the only module in rwkvctl that imports deepspeed.
+
+Launch the standard way; every rank runs the same `rwkvctl train ... --strategy deepspeed`:
+    deepspeed --num_gpus 8 --module rwkvctl train --config examples/rwkv5-7b.yaml --strategy deepspeed
+    torchrun --nproc_per_node 8 -m rwkvctl train --config ... --strategy deepspeed
+    deepspeed --hostfile hosts.txt --module rwkvctl train ...           (multi-node; or torchrun --rdzv-*)
+On a CPU-only machine DeepSpeed picks its CPU accelerator and we use gloo, so the same code path is
+tested here with two processes (the first start JIT-builds a small comm op, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import Tensor, nn
+
+from rwkvctl.data.loader import Batch
+from rwkvctl.errors import CheckpointError
+from rwkvctl.train.config import RunConfig
+from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
+from rwkvctl.train.plain import Engine, lm_loss
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ensure_dist_env() -> None:
+    """Started without a launcher: become a world of one (same code path, no MPI discovery)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())})
+
+
+def ds_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
+    """RWKV-LM's deepspeed_stage_2 preset (contiguous grads, overlap, reduce-scatter, buckets of ds_bucket_mb)."""
+    t = cfg.train
+    bucket = int(t.ds_bucket_mb * 1e6)
+    zero: dict[str, Any] = {
+        "stage": t.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_cuda,  # overlapping needs streams; the CPU accelerator has none
+        "reduce_scatter": True,
+        "allgather_bucket_size": bucket,
+        "reduce_bucket_size": bucket,
+    }
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_bsz,
+        "gradient_accumulation_steps": t.accum,
+        "train_batch_size": t.micro_bsz * t.accum * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        out["gradient_clipping"] = cfg.optim.grad_clip
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO stage 1/2/3 data parallelism; bf16 params with fp32 master weights when precision=bf16."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        _ensure_dist_env()
+        accel = get_accelerator()
+        on_cuda = accel.device_name() == "cuda"
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(accel.device_name(local_rank)) if on_cuda else torch.device("cpu")
+        if on_cuda:
+            torch.cuda.set_device(self.device)
+        self.model = model
+        groups = optimizer_groups(param_groups(model, cfg.optim))
+        o = cfg.optim
+        if cfg.train.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer: Any = DeepSpeedCPUAdam(groups, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                              weight_decay=0.0, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                          weight_decay=0.0, fused=on_cuda or None)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(cfg, self.world_size, on_cuda)
+        )
+        if cfg.train.compile:
+            self.ds.compile()
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.name = f"deepspeed-zero{self.zero_stage}"
+
+    def micro_step(self, batch: Batch, accum: int) -> float:
+        logits, _ = self.ds(batch.x.to(self.device))
+        loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
+        value = float(loss.detach())
+        if not torch.isfinite(loss):
+            # DeepSpeed counts micro-steps itself, so we still go through backward, with an exactly-zero loss.
+            loss = sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+        self.ds.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+        return value
+
+    def optimizer_step(self, lr: float) -> float:
+        set_lr(self.optimizer, lr)
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def skip_step(self) -> None:
+        # ZeRO keeps its gradients in private partitioned buffers; an update at lr 0 changes no weight
+        # (AdamW's decay term is lr-scaled too). Adam's moments still see the finite micro-batches.
+        set_lr(self.optimizer, 0.0)
+        self.ds.step()
+
+    def eval_loss(self, batch: Batch) -> float:
+        with torch.no_grad():
+            logits, _ = self.ds(batch.x.to(self.device))
+            return float(lm_loss(logits, batch.y.to(self.device), use_l2wrap=False))
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        if not (directory / DS_DIR / DS_TAG).is_dir():
+            hint = " (it was written by the single strategy; resume without --strategy deepspeed)" if (
+                directory / "engine_state.pt").is_file() else ""
+            raise CheckpointError(f"{directory / DS_DIR}: no DeepSpeed state{hint}")
+        path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        if self.zero_stage == 3:
+            full = self.ds._zero3_consolidated_16bit_state_dict()  # every rank must call; rank 0 gets it
+            return {k: v.detach().cpu().clone() for k, v in (full or {}).items()}
+        return super().export_state_dict()
+
+    def close(self) -> None:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except RuntimeError:
+            pass

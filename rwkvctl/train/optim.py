@@ -1,0 +1,99 @@
+"""AdamW with RWKV-LM's parameter groups (rwkv5-spec §4.2), and the L2Wrap logit penalty (§4.4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rwkvctl.train.config import OptimConfig
+
+# RWKV-LM multiplies the schedule's lr per group; `lr_scale` is read by the loop every step.
+LR_SCALE_KEY = "lr_scale"
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Split parameters the way RWKV-LM does (first matching rule wins):
+
+    time_mix -> 1x; time_decay -> 2x; time_faaaa -> 1x; 2-D `.weight` with weight_decay > 0 -> decay group;
+    everything else -> 1x without decay. Without layerwise_lr every non-decay group is 1x.
+    Empty groups are dropped (DeepSpeed rejects them).
+    """
+    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"1x": [], "2x": [], "decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "time_mix" in name or "time_faaaa" in name:
+            buckets["1x"].append((name, p))
+        elif "time_decay" in name:
+            buckets["2x" if cfg.layerwise_lr else "1x"].append((name, p))
+        elif cfg.weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
+            buckets["decay"].append((name, p))
+        else:
+            buckets["1x"].append((name, p))
+    scales = {"1x": 1.0, "2x": 2.0, "decay": 1.0}
+    groups = []
+    for key, items in buckets.items():
+        if not items:
+            continue
+        groups.append({
+            "params": [p for _, p in items],
+            "names": [n for n, _ in items],
+            "weight_decay": cfg.weight_decay if key == "decay" else 0.0,
+            LR_SCALE_KEY: scales[key],
+            "group": key,
+        })
+    return groups
+
+
+def optimizer_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups without our bookkeeping names list (torch keeps unknown keys, DeepSpeed may not)."""
+    return [{k: v for k, v in g.items() if k != "names"} for g in groups]
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """torch AdamW over the RWKV-LM groups; foreach on CPU is deterministic and fast enough."""
+    return torch.optim.AdamW(
+        optimizer_groups(param_groups(model, cfg)),
+        lr=cfg.lr_init,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        weight_decay=0.0,
+        fused=fused or None,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get(LR_SCALE_KEY, 1.0)
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward it also pushes the largest logit of each position towards 0.
+
+    Equivalent to adding 1e-4 * mean_{b,t}(max_v logit^2) / 2. Unlike RWKV-LM (which ignores grad_output,
+    spec §8.9), the extra gradient is multiplied by grad_output, so it is scaled exactly like the loss
+    itself under gradient accumulation (loss/accum) and data-parallel averaging.
+    """
+
+    FACTOR = 1e-4
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, logits: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        positions = logits.numel() // logits.shape[-1]  # B*T
+        factor = L2Wrap.FACTOR / positions
+        max_vals, max_ids = logits.max(dim=-1, keepdim=True)
+        glogits = torch.zeros_like(logits)
+        glogits.scatter_(-1, max_ids, (max_vals * factor * grad_output).to(logits.dtype))
+        return grad_output, glogits
+
+
+def l2wrap(loss: Tensor, logits: Tensor) -> Tensor:
+    return L2Wrap.apply(loss, logits)
