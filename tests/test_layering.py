@@ -18,6 +18,7 @@ FORBIDDEN = {
     "io": {"model", "data", "train", "lifecycle", "cli"},
     "data": {"model", "train", "lifecycle", "cli"},
     "train": {"lifecycle", "cli"},
+    "generate": {"train", "lifecycle", "cli"},
     "lifecycle": {"cli"},
 }
 
