@@ -172,6 +172,18 @@ class BinIdxWriter:
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
+    def add_documents(self, flat: np.ndarray, sizes: np.ndarray) -> None:
+        """Append many documents at once: `flat` is their tokens back to back, `sizes` their lengths."""
+        flat = np.asarray(flat)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if int(sizes.sum()) != flat.size or (sizes.size and int(sizes.min()) < 0):
+            raise DataError(f"{self.bin_path}: sizes ({int(sizes.sum())} tokens) do not match {flat.size} tokens")
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) > self._max):
+            raise DataError(f"{self.bin_path}: token id out of range for {self.dtype} (0..{self._max})")
+        self._bin.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
+        self._sizes.extend(sizes.astype(np.int32).tolist())
+        self.num_tokens += int(flat.size)
+
     @property
     def num_docs(self) -> int:
         return len(self._sizes)

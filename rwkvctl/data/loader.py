@@ -122,8 +122,15 @@ class Batch:
 class TrainWindows:
     """Micro-batches for training: deterministic in (seed, samples_seen, accum_idx, rank)."""
 
-    def __init__(self, stream: TokenStream, ctx_len: int, *, mode: str = "magic_prime", seed: int = 0,
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        stream: TokenStream,
+        ctx_len: int,
+        *,
+        mode: str = "magic_prime",
+        seed: int = 0,
+        vocab_size: int | None = None,
+    ) -> None:
         self.stream, self.ctx_len, self.vocab_size = stream, ctx_len, vocab_size
         self.sampler = WindowSampler(len(stream), ctx_len, mode, seed)
 
@@ -144,8 +151,10 @@ class TrainWindows:
             top = int(rows.max())
             if top >= self.vocab_size:
                 where = self.stream.file_of(starts[int(np.argmax(rows.max(axis=1)))])
-                raise DataError(f"{where}: token id {top} >= the model's vocab_size {self.vocab_size}; "
-                                "the data was tokenized for a different vocabulary")
+                raise DataError(
+                    f"{where}: token id {top} >= the model's vocab_size {self.vocab_size}; "
+                    "the data was tokenized for a different vocabulary"
+                )
         t = torch.from_numpy(rows)
         return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
 
@@ -171,8 +180,9 @@ def open_train(path: str | Path, ctx_len: int, *, mode: str, seed: int, vocab_si
     return TrainWindows(TokenStream.from_path(path, "train"), ctx_len, mode=mode, seed=seed, vocab_size=vocab_size)
 
 
-def open_val(path: str | Path, val_path: str | Path | None, ctx_len: int, *, max_windows: int,
-             vocab_size: int | None) -> ValWindows | None:
+def open_val(
+    path: str | Path, val_path: str | Path | None, ctx_len: int, *, max_windows: int, vocab_size: int | None
+) -> ValWindows | None:
     """Explicit val data, else the manifest's val split; None when there is none."""
     if val_path:
         stream = TokenStream.from_path(val_path, "val" if find_manifest(val_path) else "train")

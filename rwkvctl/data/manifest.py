@@ -67,6 +67,7 @@ class Manifest:
     inputs_done: list[str] = field(default_factory=list)
     bad_inputs: list[BadInput] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # seed, val_fraction, source weights, text key, ...
+    rwkv_lm: dict[str, Any] = field(default_factory=dict)  # {"ctx_len", "magic_prime", "my_exit_tokens"} if asked
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -125,6 +126,7 @@ class Manifest:
                 inputs_done=list(d.get("inputs_done", [])),
                 bad_inputs=[BadInput(**b) for b in d.get("bad_inputs", [])],
                 options=dict(d.get("options", {})),
+                rwkv_lm=dict(d.get("rwkv_lm", {})),
             )
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None

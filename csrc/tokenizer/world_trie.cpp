@@ -1,0 +1,159 @@
+// RWKV World tokenizer encoder: greedy longest-prefix match over UTF-8 bytes, as a compact byte trie.
+//
+// Exposed through a plain C ABI so Python loads it with ctypes (no torch, no pybind11). Token ids are
+// identical to the reference TRIE_TOKENIZER: at each position walk the trie as far as edges exist and
+// emit the deepest node that ends a token. Every single byte is a token, so progress is guaranteed.
+//
+// Layout: nodes with many children (the root and the busy upper levels) get a dense 256-entry child
+// table, one L1-friendly load per byte; the long tail of nodes keeps a short sorted edge list that is
+// scanned linearly (almost all have 1-4 children). Build with: g++ -O3 -shared -fPIC world_trie.cpp
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <new>
+#include <vector>
+
+namespace {
+
+constexpr int kDenseMin = 12;  // children at or above this get a dense table
+
+struct Node {
+    int32_t token = -1;   // id of the token ending here, -1 if none
+    int32_t dense = -1;   // index of this node's 256-entry table in Trie::dense, or -1
+    uint32_t edge_begin = 0;
+    uint32_t edge_count = 0;
+};
+
+struct Trie {
+    std::vector<Node> nodes;
+    std::vector<int32_t> dense;       // 256 child indices per dense node (-1 = no child)
+    std::vector<uint8_t> edge_byte;   // sparse edges, grouped per node, sorted by byte
+    std::vector<int32_t> edge_child;
+
+    inline int32_t child(int32_t n, uint8_t b) const {
+        const Node& node = nodes[n];
+        if (node.dense >= 0) return dense[static_cast<size_t>(node.dense) * 256 + b];
+        const uint8_t* eb = edge_byte.data() + node.edge_begin;
+        for (uint32_t i = 0; i < node.edge_count; ++i) {
+            if (eb[i] == b) return edge_child[node.edge_begin + i];
+            if (eb[i] > b) break;
+        }
+        return -1;
+    }
+
+    // Longest token starting at src[0]; returns its length (>= 1) and writes its id.
+    inline int64_t longest(const uint8_t* src, int64_t n, int32_t* id) const {
+        int32_t node = 0;
+        int64_t best = 0;
+        for (int64_t p = 0; p < n; ++p) {
+            node = child(node, src[p]);
+            if (node < 0) break;
+            if (nodes[node].token >= 0) {
+                best = p + 1;
+                *id = nodes[node].token;
+            }
+        }
+        return best;
+    }
+};
+
+// Build-time trie with small unsorted child lists (116K nodes for World: a 256-wide table each would
+// cost ~120 MB per worker just to build), converted into the compact form above.
+struct BuildNode {
+    int32_t token = -1;
+    std::vector<std::pair<uint8_t, int32_t>> kids;
+
+    int32_t find(uint8_t c) const {
+        for (const auto& kv : kids)
+            if (kv.first == c) return kv.second;
+        return -1;
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// data: all token byte strings concatenated; offsets: n+1 boundaries into data; ids: token id of each.
+void* wt_new(const uint8_t* data, const int64_t* offsets, const int32_t* ids, int32_t n) {
+    try {
+        std::vector<BuildNode> b(1);
+        for (int32_t t = 0; t < n; ++t) {
+            int32_t cur = 0;
+            for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
+                uint8_t c = data[i];
+                int32_t next = b[cur].find(c);
+                if (next < 0) {
+                    next = static_cast<int32_t>(b.size());
+                    b[cur].kids.emplace_back(c, next);
+                    b.emplace_back();  // may reallocate: index, never hold references across this
+                }
+                cur = next;
+            }
+            b[cur].token = ids[t];  // a repeated byte string keeps the later id, like the reference's dict
+        }
+        Trie* trie = new Trie();
+        trie->nodes.resize(b.size());
+        for (size_t i = 0; i < b.size(); ++i) {
+            Node& node = trie->nodes[i];
+            node.token = b[i].token;
+            auto& kids = b[i].kids;
+            std::sort(kids.begin(), kids.end());
+            if (i == 0 || static_cast<int>(kids.size()) >= kDenseMin) {
+                node.dense = static_cast<int32_t>(trie->dense.size() / 256);
+                trie->dense.resize(trie->dense.size() + 256, -1);
+                for (const auto& kv : kids) trie->dense[static_cast<size_t>(node.dense) * 256 + kv.first] = kv.second;
+            } else {
+                node.edge_begin = static_cast<uint32_t>(trie->edge_byte.size());
+                for (const auto& kv : kids) {
+                    trie->edge_byte.push_back(kv.first);
+                    trie->edge_child.push_back(kv.second);
+                }
+                node.edge_count = static_cast<uint32_t>(kids.size());
+            }
+        }
+        // Every byte must be a token on its own, or greedy matching could stall.
+        for (int c = 0; c < 256; ++c) {
+            int32_t k = trie->dense[c];
+            if (k < 0 || trie->nodes[k].token < 0) {
+                delete trie;
+                return nullptr;
+            }
+        }
+        return trie;
+    } catch (const std::bad_alloc&) {
+        return nullptr;
+    }
+}
+
+void wt_free(void* h) { delete static_cast<Trie*>(h); }
+
+// Encode n bytes; out must hold n ids (a token is at least one byte). Returns the number of ids.
+int64_t wt_encode(const void* h, const uint8_t* src, int64_t n, int32_t* out) {
+    const Trie* t = static_cast<const Trie*>(h);
+    int64_t k = 0;
+    for (int64_t pos = 0; pos < n;) {
+        int32_t id = -1;
+        pos += t->longest(src + pos, n - pos, &id);
+        out[k++] = id;
+    }
+    return k;
+}
+
+// Encode many documents in one call: doc d is src[offsets[d]:offsets[d+1]]. Appends `eod` after each
+// document when eod >= 0. out must hold offsets[ndocs] + ndocs ids; counts[d] receives doc d's length
+// (including its eod). Returns the total number of ids written.
+int64_t wt_encode_batch(const void* h, const uint8_t* src, const int64_t* offsets, int64_t ndocs, int32_t eod,
+                        int32_t* out, int64_t* counts) {
+    int64_t k = 0;
+    for (int64_t d = 0; d < ndocs; ++d) {
+        int64_t start = k;
+        k += wt_encode(h, src + offsets[d], offsets[d + 1] - offsets[d], out + k);
+        if (eod >= 0) out[k++] = eod;
+        counts[d] = k - start;
+    }
+    return k;
+}
+
+}  // extern "C"

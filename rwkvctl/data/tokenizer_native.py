@@ -1,0 +1,91 @@
+"""Build (once, cached) and load the C++ World trie encoder in csrc/tokenizer/ through ctypes.
+
+No torch and no pybind11: the system C++ compiler builds a plain shared library on first use into
+`$RWKVCTL_CACHE_DIR/tokenizer/` (default `~/.cache/rwkvctl`), named by a hash of the source and flags, so
+an edited source rebuilds and concurrent workers never see a half-written library (temp name + rename).
+`RWKVCTL_NO_NATIVE=1` forces the pure-Python fallback. Any build/load failure returns None with a reason,
+and the caller falls back: a missing compiler must never make `prepare` unusable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "tokenizer" / "world_trie.cpp"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-plt"]
+
+_lib: ctypes.CDLL | None = None
+_reason = ""
+
+c_i64p = ctypes.POINTER(ctypes.c_int64)
+c_i32p = ctypes.POINTER(ctypes.c_int32)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RWKVCTL_CACHE_DIR") or Path.home() / ".cache" / "rwkvctl"
+    return Path(root) / "tokenizer"
+
+
+def _build(source: Path) -> Path:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise OSError(f"no C++ compiler ({cxx}) on PATH")
+    digest = hashlib.sha256(source.read_bytes() + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"world_trie-{digest}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    proc = subprocess.run([cxx, *FLAGS, str(source), "-o", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
+        raise OSError(f"{cxx} failed on {source}: {first}")
+    os.replace(tmp, out)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or None (see `unavailable_reason()`)."""
+    global _lib, _reason
+    if _lib is not None or _reason:
+        return _lib
+    if os.environ.get("RWKVCTL_NO_NATIVE", "") not in ("", "0"):
+        _reason = "disabled by RWKVCTL_NO_NATIVE"
+        return None
+    if not SOURCE.is_file():
+        _reason = f"{SOURCE} not found (non-editable install?)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(SOURCE)))
+    except OSError as e:
+        _reason = str(e)
+        return None
+    lib.wt_new.restype = ctypes.c_void_p
+    lib.wt_new.argtypes = [ctypes.c_char_p, c_i64p, c_i32p, ctypes.c_int32]
+    lib.wt_free.restype = None
+    lib.wt_free.argtypes = [ctypes.c_void_p]
+    lib.wt_encode.restype = ctypes.c_int64
+    lib.wt_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, c_i32p]
+    lib.wt_encode_batch.restype = ctypes.c_int64
+    lib.wt_encode_batch.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        c_i64p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        c_i32p,
+        c_i64p,
+    ]
+    _lib = lib
+    return lib
+
+
+def unavailable_reason() -> str:
+    load()
+    return _reason

@@ -1,0 +1,197 @@
+"""The RWKV World tokenizer (rwkv_vocab_v20230424, 65536 ids): greedy longest match over UTF-8 bytes.
+
+Ids are identical to the reference `TRIE_TOKENIZER` (rwkv pip package / RWKV-LM). Id 0 is not in the vocab
+file: it is the end-of-document separator. The vocab is parsed with `ast.literal_eval`, never `eval`.
+
+Encoding runs in the C++ trie (csrc/tokenizer, ~3x the Rust pyrwkv-tokenizer) when it can be built, else in
+a pure-Python dict trie with the same results. Our one extension: `encode(str)` accepts lone surrogates
+(the reference raises UnicodeEncodeError) by encoding them with `surrogatepass`, so they survive a round
+trip through `decode`; `prepare` rejects such documents before they get here (see corpus.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from rwkvctl.data import tokenizer_native
+from rwkvctl.errors import TokenizerError
+
+VOCAB_FILE = Path(__file__).resolve().parents[1] / "assets" / "rwkv_vocab_v20230424.txt"
+VOCAB_SIZE = 65536  # model rows; ids 65530..65535 are unused
+EOD_ID = 0
+
+
+def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
+    """`<id> <python str/bytes literal> <byte length>` per line -> {id: bytes}, validated line by line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read the World vocab ({e})") from None
+    vocab: dict[int, bytes] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            idx = int(line[: line.index(" ")])
+            literal = ast.literal_eval(line[line.index(" ") : line.rindex(" ")].strip())
+            tok = literal.encode("utf-8") if isinstance(literal, str) else literal
+            if not isinstance(tok, bytes) or len(tok) != int(line[line.rindex(" ") :]):
+                raise ValueError("length field does not match the token")
+        except (ValueError, SyntaxError) as e:
+            raise TokenizerError(f"{path}:{n}: malformed vocab line ({e})") from None
+        if not 0 < idx < VOCAB_SIZE:
+            raise TokenizerError(f"{path}:{n}: token id {idx} outside 1..{VOCAB_SIZE - 1}")
+        vocab[idx] = tok
+    missing = [b for b in range(256) if bytes([b]) not in set(vocab.values())]
+    if missing:
+        raise TokenizerError(f"{path}: vocab lacks single-byte token {missing[0]}; it could not encode all input")
+    return vocab
+
+
+class _NativeTrie:
+    def __init__(self, vocab: dict[int, bytes]) -> None:
+        lib = tokenizer_native.load()
+        assert lib is not None
+        self._lib = lib
+        ids = np.array(sorted(vocab), dtype=np.int32)
+        data = b"".join(vocab[int(i)] for i in ids)
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(vocab[int(i)]) for i in ids], out=offsets[1:])
+        self._h = lib.wt_new(data, _ptr(offsets, ctypes.c_int64), _ptr(ids, ctypes.c_int32), len(ids))
+        if not self._h:
+            raise TokenizerError("native World trie could not be built (out of memory or bad vocab)")
+
+    def __del__(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.wt_free(self._h)
+
+    def encode(self, data: bytes) -> np.ndarray:
+        out = np.empty(len(data), dtype=np.int32)
+        n = self._lib.wt_encode(self._h, data, len(data), _ptr(out, ctypes.c_int32))
+        return out[:n]
+
+    def encode_batch(self, data: bytes, offsets: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+        ndocs = len(offsets) - 1
+        out = np.empty(len(data) + ndocs, dtype=np.int32)
+        counts = np.empty(ndocs, dtype=np.int64)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        n = self._lib.wt_encode_batch(
+            self._h,
+            data,
+            _ptr(offsets, ctypes.c_int64),
+            ndocs,
+            eod,
+            _ptr(out, ctypes.c_int32),
+            _ptr(counts, ctypes.c_int64),
+        )
+        return out[:n], counts
+
+
+class _PythonTrie:
+    """Dict-of-dicts byte trie; the value of key -1 is the id of the token ending at that node."""
+
+    def __init__(self, vocab: dict[int, bytes]) -> None:
+        self.root: dict = {}
+        for idx in sorted(vocab):
+            node = self.root
+            for b in vocab[idx]:
+                node = node.setdefault(b, {})
+            node[-1] = idx
+
+    def encode(self, data: bytes) -> np.ndarray:
+        out, pos, n, root = [], 0, len(data), self.root
+        while pos < n:
+            node, p, best, best_end = root, pos, -1, pos
+            while p < n:
+                node = node.get(data[p])
+                if node is None:
+                    break
+                p += 1
+                if -1 in node:
+                    best, best_end = node[-1], p
+            out.append(best)
+            pos = best_end
+        return np.array(out, dtype=np.int32)
+
+    def encode_batch(self, data: bytes, offsets: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+        parts, counts = [], np.empty(len(offsets) - 1, dtype=np.int64)
+        for d in range(len(offsets) - 1):
+            ids = self.encode(data[offsets[d] : offsets[d + 1]])
+            parts.append(np.append(ids, np.int32(eod)) if eod >= 0 else ids)
+            counts[d] = len(parts[-1])
+        return (np.concatenate(parts) if parts else np.empty(0, np.int32)), counts
+
+
+def _ptr(a: np.ndarray, ctype: type) -> ctypes._Pointer:
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+class WorldTokenizer:
+    """World tokenizer: `encode(str) -> list[int]`, `decode(ids) -> str`, fast batched byte encoding for prepare."""
+
+    name = "world"
+    vocab_size = VOCAB_SIZE
+    eod_id = EOD_ID
+
+    def __init__(self, vocab_file: Path = VOCAB_FILE, backend: str = "auto") -> None:
+        self.vocab_file = Path(vocab_file)
+        self.idx2token = parse_vocab(self.vocab_file)
+        if backend not in ("auto", "native", "python"):
+            raise TokenizerError(f"unknown tokenizer backend {backend!r} (auto, native or python)")
+        if backend != "python" and tokenizer_native.load() is not None:
+            self._trie: _NativeTrie | _PythonTrie = _NativeTrie(self.idx2token)
+            self.backend = "native"
+        elif backend == "native":
+            raise TokenizerError(f"native World encoder unavailable: {tokenizer_native.unavailable_reason()}")
+        else:
+            self._trie = _PythonTrie(self.idx2token)
+            self.backend = "python"
+        # id -> bytes as a dense list for fast decoding; id 0 (end of document) decodes to nothing.
+        self._table: list[bytes] = [b""] * VOCAB_SIZE
+        for i, tok in self.idx2token.items():
+            self._table[i] = tok
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eod_id": self.eod_id,
+            "vocab": self.vocab_file.name,
+            "sha256": _sha256(self.vocab_file),
+        }
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return self._trie.encode(data)
+
+    def encode(self, text: str) -> list[int]:
+        return self._trie.encode(text.encode("utf-8", "surrogatepass")).tolist()
+
+    def encode_batch(self, data: bytes, offsets: np.ndarray, append_eod: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Encode docs `data[offsets[d]:offsets[d+1]]` -> (flat int32 ids, per-doc counts incl. eod)."""
+        return self._trie.encode_batch(data, offsets, self.eod_id if append_eod else -1)
+
+    def decode_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
+        arr = np.asarray(ids, dtype=np.int64).ravel()
+        if arr.size and (arr.min() < 0 or arr.max() >= VOCAB_SIZE):
+            bad = int(arr[(arr < 0) | (arr >= VOCAB_SIZE)][0])
+            raise TokenizerError(f"token id {bad} outside the World vocab 0..{VOCAB_SIZE - 1}")
+        table = self._table
+        return b"".join([table[i] for i in arr.tolist()])
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text for `ids`; id 0 (end of doc) is dropped, lone surrogates round-trip, other bad bytes become U+FFFD."""
+        raw = self.decode_bytes(ids)
+        try:
+            return raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", "replace")
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
