@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 from rwkvctl.errors import KernelUnavailable
@@ -56,6 +57,8 @@ def uses_compiled(r: Tensor) -> bool:
         return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
     if r.device.type == "cuda" and not info.with_cuda:
         return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_SKIP_CUDA_BUILD)", mode)
+    if r.device.type == "cuda" and r.dtype == torch.float64:
+        return _fallback("the CUDA kernel takes fp32/fp16/bf16 inputs, not float64", mode)
     if r.device.type not in ("cpu", "cuda"):
         return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
     return True
