@@ -1,0 +1,157 @@
+"""Rich rendering for datasets: the prepare progress bar and summary, and `rwkvctl inspect DATA`."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class PrepareView:
+    """Progress bar over input bytes, with files, documents, tokens and text MB/s; feed it `update(progress)`."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]prepare[/]"),
+            BarColumn(bar_width=24),
+            TaskProgressColumn(),
+            TextColumn("files {task.fields[files]}"),
+            TextColumn("docs {task.fields[docs]}"),
+            TextColumn("tokens {task.fields[tokens]}"),
+            TextColumn("{task.fields[rate]} MB/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("prepare", total=None, files="0/0", docs="0", tokens="0", rate="-")
+
+    def update(self, p: Any) -> None:
+        rate = f"{p.text_bytes / p.elapsed / 1e6:.1f}" if p.elapsed > 0 else "-"
+        self.progress.update(
+            self.task,
+            total=max(p.in_bytes_total, 1),
+            completed=min(p.in_bytes, p.in_bytes_total) if p.in_bytes_total else 0,
+            files=f"{p.files_done}/{p.files_total}",
+            docs=_si(p.docs),
+            tokens=_si(p.tokens),
+            rate=rate,
+        )
+
+    def __enter__(self) -> PrepareView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.stop()
+
+
+def _source_table(title: str, sources: dict[str, dict], docs: int, tokens: int) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("source", "docs", "tokens", "MB", "tokens/byte"):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    total_bytes = 0
+    for name, c in sources.items():
+        total_bytes += c["bytes"]
+        tpb = f"{c['tokens'] / c['bytes']:.3f}" if c["bytes"] else "-"
+        t.add_row(escape(name), f"{c['docs']:,}", f"{c['tokens']:,}", f"{c['bytes'] / 1e6:,.1f}", tpb)
+    tpb = f"{tokens / total_bytes:.3f}" if total_bytes else "-"
+    t.add_row("[bold]total[/]", f"{docs:,}", f"{tokens:,}", f"{total_bytes / 1e6:,.1f}", tpb, end_section=True)
+    return t
+
+
+def _bad_table(bad: list[dict]) -> Table:
+    t = Table(title="[yellow]bad input (skipped records; roundtrip mismatches are kept)[/]", title_justify="left")
+    for col in ("input", "problem", "count", "first line", "detail"):
+        t.add_column(col, justify="right" if col in ("count", "first line") else "left", overflow="fold")
+    for b in bad:
+        t.add_row(escape(b["input"]), b["kind"], f"{b['count']:,}", str(b["first_line"]), escape(b.get("detail", "")))
+    return t
+
+
+def _rwkv_lm_line(console: Console, rl: dict, data: str) -> None:
+    if not rl:
+        return
+    if rl.get("magic_prime") is None:
+        console.print(f"[yellow]RWKV-LM: {escape(rl.get('note', 'no magic_prime'))}[/]")
+        return
+    console.print(
+        f"RWKV-LM (after `rwkvctl merge-binidx {escape(data)} OUT`): --ctx_len {rl['ctx_len']} "
+        f"--my_exit_tokens {rl['my_exit_tokens']} --magic_prime {rl['magic_prime']}"
+    )
+
+
+def _render_totals(console: Console, splits: dict[str, dict], bad: list[dict]) -> None:
+    for split, s in splits.items():
+        if s["shards"]:
+            title = f"{split}: {s['shards']} shard(s)"
+            console.print(_source_table(title, s["sources"], s["docs"], s["tokens"]))
+    if bad:
+        console.print(_bad_table(bad))
+
+
+def render_summary(console: Console, result: Any) -> None:
+    """End-of-run report for `rwkvctl prepare`."""
+    from rwkvctl.data.inspect import describe_dataset
+
+    info = describe_dataset(result.manifest_path, window=0)
+    _render_totals(console, info["splits"], info["bad_inputs"])
+    stats = result.stats
+    rate = stats.text_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    console.print(
+        f"{result.units_done_now} input(s) tokenized, {result.units_skipped} already done (skipped) in "
+        f"{result.seconds:.1f}s ({rate:.1f} MB/s of text this run)"
+    )
+    if result.complete:
+        console.print(f"manifest: [bold]{escape(str(result.manifest_path))}[/]")
+    else:
+        console.print(
+            f"[yellow]partial manifest (this node only): {escape(str(result.manifest_path))}[/]; when every node is "
+            "done, rerun the same command without --num-nodes/--node-rank to write manifest.json"
+        )
+    _rwkv_lm_line(console, result.manifest.rwkv_lm, str(result.manifest_path.parent))
+
+
+def render_dataset(console: Console, info: dict[str, Any]) -> None:
+    """Layout for `rwkvctl inspect DATA` from `rwkvctl.data.inspect.describe_dataset`."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row("dataset", escape(info["path"]))
+    head.add_row("format", f"{info['kind']} ({info['dtype']})")
+    tok = info.get("tokenizer")
+    if tok:
+        head.add_row(
+            "tokenizer", f"{tok.get('name')} (vocab {tok.get('vocab_size')}, end-of-doc id {tok.get('eod_id')})"
+        )
+    if info["kind"] == "binidx":  # no manifest: no per-source counts, just the index totals
+        t = info["splits"]["train"]
+        head.add_row("sequences / docs", f"{info['sequences']:,} / {t['docs']:,}")
+        head.add_row("tokens", f"{t['tokens']:,}")
+    if info.get("inputs_done") is not None and info["kind"] == "manifest":
+        head.add_row("inputs done", f"{info['inputs_done']:,}")
+    console.print(head)
+    if info["kind"] == "manifest":
+        _render_totals(console, info["splits"], info["bad_inputs"])
+    _rwkv_lm_line(console, info.get("rwkv_lm") or {}, info["path"])
+    sample = info.get("sample")
+    if sample:
+        if sample["text"] is not None:
+            body = "[dim]<end of doc>[/]\n".join(escape(t) for t in sample["text"])
+            title = (
+                f"first {len(sample['ids'])} tokens of {escape(sample['shard'])} (decoded as {sample['decoded_as']})"
+            )
+        else:
+            body = " ".join(str(i) for i in sample["ids"])
+            title = f"first {len(sample['ids'])} token ids of {escape(sample['shard'])}"
+        console.print(Panel(body, title=title, title_align="left"))
