@@ -10,7 +10,6 @@ surrogates from `\\ud800`-style escapes). Nothing here raises on bad data; only 
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import zlib
 from collections.abc import Iterator
@@ -135,17 +134,27 @@ def _zstd_chunks(raw: _Counting) -> Iterator[bytes]:
 
 
 def _gzip_chunks(raw: _Counting) -> Iterator[bytes]:
-    gz = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    """Decompress all gzip members with zlib directly, so data before a cut-off is still yielded."""
+    obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    in_member = False
     while True:
-        try:
-            chunk = gz.read(READ_CHUNK)
-        except EOFError:
-            raise _CorruptInputError("truncated_compression", "gzip stream cut short at end of file") from None
-        except (OSError, zlib.error) as e:
-            raise _CorruptInputError("corrupt_compression", f"gzip: {e}") from None
+        chunk = raw.read(READ_CHUNK)
         if not chunk:
-            return
-        yield chunk
+            break
+        while chunk:
+            try:
+                out = obj.decompress(chunk)
+            except zlib.error as e:
+                raise _CorruptInputError("corrupt_compression", f"gzip: {e}") from None
+            in_member = True
+            if out:
+                yield out
+            if not obj.eof:
+                break
+            chunk, in_member = obj.unused_data, False
+            obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    if in_member:
+        raise _CorruptInputError("truncated_compression", "gzip stream cut short at end of file")
 
 
 def _plain_chunks(raw: _Counting) -> Iterator[bytes]:
