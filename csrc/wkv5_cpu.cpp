@@ -126,15 +126,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto fscan = WKV5_PICK(wkv5_bwd_forward_scan, kN, level);
     auto rscan = WKV5_PICK(wkv5_bwd_reverse_scan, kN, level);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> S(kN * kN), Q(kN * kN), vg(static_cast<size_t>(T));
+      std::vector<float> ST(kN * kN), QT(kN * kN), vg(static_cast<size_t>(T));
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         const int64_t off = (b * T * H + h) * kN;
         const int64_t soff = bh * kN * kN;
-        std::memcpy(S.data(), sp + soff, sizeof(float) * kN * kN);
-        std::fill(Q.begin(), Q.end(), 0.f);
+        for (int i = 0; i < kN; ++i) {  // the forward scan keeps S transposed: ST[i][j] = s_in[j][i]
+          for (int j = 0; j < kN; ++j) ST[i * kN + j] = sp[soff + j * kN + i];
+        }
+        std::fill(QT.begin(), QT.end(), 0.f);
         fscan(rp + off, kp + off, vp + off, dp + h * kN, up + h * kN, gyp + off, gsop ? gsop + soff : nullptr,
-              S.data(), Q.data(), grp + off, gdp + bh * kN, gup + bh * kN, vg.data(), T, H * kN);
+              ST.data(), QT.data(), grp + off, gdp + bh * kN, gup + bh * kN, vg.data(), T, H * kN);
         float* dS = gsp + soff;  // carries dS_t backwards, ends as g_s_in
         if (gsop) {
           std::memcpy(dS, gsop + soff, sizeof(float) * kN * kN);

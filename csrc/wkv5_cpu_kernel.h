@@ -6,8 +6,42 @@
 //
 // Pointers r,k,v,y,gy,gr,gk,gv address element (t=0, i=0) of this (b, h); consecutive steps are `stride`
 // floats apart (stride = H*N for contiguous (B, T, H, N) tensors). S, Q, dS are N*N row-major [key j][value i]
-// scratch/state buffers owned by the caller. The i-loops run over contiguous rows, so they vectorise; the
-// row dot products use `omp simd reduction` (built with -fopenmp-simd, no OpenMP runtime involved).
+// scratch/state buffers owned by the caller. Inner loops run over contiguous rows and vectorise (`omp simd`,
+// built with -fopenmp-simd: no OpenMP runtime involved). Without -ffast-math the compiler must keep a float
+// reduction in order (16 dependent scalar adds per row), so dot products keep kLanes partial sums and add
+// them pairwise instead, and the forward-direction backward scan keeps S and Q transposed so that its
+// per-row dot products become vertical accumulations with no reduction at all.
+
+constexpr int kLanes = 16;  // every compiled head size (16..128) is a multiple of it
+
+// Pairwise sum of kLanes partial sums.
+inline float sum_lanes(float* p) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int l = 0; l < width; ++l) p[l] += p[l + width];
+  }
+  return p[0];
+}
+
+template <int N>
+inline float dot(const float* __restrict a, const float* __restrict b) {
+  float p[kLanes] = {};
+  for (int i0 = 0; i0 < N; i0 += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) p[l] += a[i0 + l] * b[i0 + l];
+  }
+  return sum_lanes(p);
+}
+
+template <int N>
+inline float dot3(const float* __restrict a, const float* __restrict b, const float* __restrict c) {
+  float p[kLanes] = {};
+  for (int i0 = 0; i0 < N; i0 += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) p[l] += a[i0 + l] * b[i0 + l] * c[i0 + l];
+  }
+  return sum_lanes(p);
+}
 
 template <int N>
 void wkv5_fwd_head(const float* __restrict r, const float* __restrict k, const float* __restrict v,
@@ -18,9 +52,7 @@ void wkv5_fwd_head(const float* __restrict r, const float* __restrict k, const f
     const float* __restrict rt = r + t * stride;
     const float* __restrict kt = k + t * stride;
     const float* __restrict vt = v + t * stride;
-    float bonus = 0.f;
-#pragma omp simd reduction(+ : bonus)
-    for (int j = 0; j < N; ++j) bonus += rt[j] * u[j] * kt[j];
+    const float bonus = dot3<N>(rt, u, kt);
 #pragma omp simd
     for (int i = 0; i < N; ++i) acc[i] = bonus * vt[i];
     for (int j = 0; j < N; ++j) {
@@ -38,51 +70,56 @@ void wkv5_fwd_head(const float* __restrict r, const float* __restrict k, const f
   }
 }
 
-// Forward-direction backward scan: gr, and the per-(b,h) partial sums of gdecay and gu.
-// S holds s_in on entry (overwritten), Q must be zero on entry. vg receives v_t.gy_t for every t.
+// Forward-direction backward scan: gr, and the per-(b,h) partial sums of gdecay and gu. ST holds s_in
+// TRANSPOSED ([value i][key j]) on entry and is overwritten; QT (same layout) must be zero on entry. vg
+// receives v_t.gy_t for every t. g_s_out (may be null) is in the normal [key j][value i] layout.
 template <int N>
 void wkv5_bwd_forward_scan(const float* __restrict r, const float* __restrict k, const float* __restrict v,
                            const float* __restrict decay, const float* __restrict u, const float* __restrict gy,
-                           const float* __restrict g_s_out, float* __restrict S, float* __restrict Q,
+                           const float* __restrict g_s_out, float* __restrict ST, float* __restrict QT,
                            float* __restrict gr, float* __restrict gdecay, float* __restrict gu,
                            float* __restrict vg, int64_t T, int64_t stride) {
+  float a[N], q[N];
   for (int64_t t = 0; t < T; ++t) {
     const float* __restrict rt = r + t * stride;
     const float* __restrict kt = k + t * stride;
     const float* __restrict vt = v + t * stride;
     const float* __restrict gyt = gy + t * stride;
     float* __restrict grt = gr + t * stride;
-    float vgt = 0.f;
-#pragma omp simd reduction(+ : vgt)
-    for (int i = 0; i < N; ++i) vgt += vt[i] * gyt[i];
+    const float vgt = dot<N>(vt, gyt);
     vg[t] = vgt;
-    for (int j = 0; j < N; ++j) {
-      const float kj = kt[j], wj = decay[j];
-      float* __restrict Sj = S + j * N;
-      float* __restrict Qj = Q + j * N;
-      float a = 0.f, q = 0.f;
-#pragma omp simd reduction(+ : a, q)
-      for (int i = 0; i < N; ++i) {
-        const float s = Sj[i];
-        a += s * gyt[i];
-        q += Qj[i] * gyt[i];
-        Qj[i] = wj * Qj[i] + s;
-        Sj[i] = wj * s + kj * vt[i];
+#pragma omp simd
+    for (int j = 0; j < N; ++j) a[j] = q[j] = 0.f;
+    for (int i = 0; i < N; ++i) {
+      const float gi = gyt[i], vi = vt[i];
+      float* __restrict Si = ST + i * N;
+      float* __restrict Qi = QT + i * N;
+#pragma omp simd
+      for (int j = 0; j < N; ++j) {
+        const float s = Si[j];
+        a[j] += s * gi;          // (S_{t-1} gy_t)[j]
+        q[j] += Qi[j] * gi;      // (Q_{t-1} gy_t)[j]
+        Qi[j] = decay[j] * Qi[j] + s;
+        Si[j] = decay[j] * s + kt[j] * vi;
       }
-      grt[j] = a + u[j] * kj * vgt;
-      gdecay[j] += rt[j] * q;
-      gu[j] += rt[j] * kj * vgt;
+    }
+#pragma omp simd
+    for (int j = 0; j < N; ++j) {
+      grt[j] = a[j] + u[j] * kt[j] * vgt;
+      gdecay[j] += rt[j] * q[j];
+      gu[j] += rt[j] * kt[j] * vgt;
     }
   }
   if (g_s_out != nullptr) {
-    for (int j = 0; j < N; ++j) {
-      const float* __restrict Qj = Q + j * N;
-      const float* __restrict Gj = g_s_out + j * N;
-      float q = 0.f;
-#pragma omp simd reduction(+ : q)
-      for (int i = 0; i < N; ++i) q += Qj[i] * Gj[i];
-      gdecay[j] += q;
+#pragma omp simd
+    for (int j = 0; j < N; ++j) q[j] = 0.f;
+    for (int i = 0; i < N; ++i) {
+      const float* __restrict Qi = QT + i * N;
+#pragma omp simd
+      for (int j = 0; j < N; ++j) q[j] += Qi[j] * g_s_out[j * N + i];
     }
+#pragma omp simd
+    for (int j = 0; j < N; ++j) gdecay[j] += q[j];
   }
 }
 
@@ -99,23 +136,24 @@ void wkv5_bwd_reverse_scan(const float* __restrict r, const float* __restrict k,
     const float* __restrict vt = v + t * stride;
     const float* __restrict gyt = gy + t * stride;
     float* __restrict gkt = gk + t * stride;
-    float ruk = 0.f;
-#pragma omp simd reduction(+ : ruk)
-    for (int j = 0; j < N; ++j) ruk += rt[j] * u[j] * kt[j];
+    const float ruk = dot3<N>(rt, u, kt);
 #pragma omp simd
     for (int i = 0; i < N; ++i) acc[i] = ruk * gyt[i];
     for (int j = 0; j < N; ++j) {
       const float rj = rt[j], kj = kt[j], wj = decay[j];
       float* __restrict dSj = dS + j * N;
-      float a = 0.f;
-#pragma omp simd reduction(+ : a)
-      for (int i = 0; i < N; ++i) {
-        const float d = dSj[i];
-        a += d * vt[i];
-        acc[i] += d * kj;
-        dSj[i] = wj * d + rj * gyt[i];
+      float p[kLanes] = {};
+      for (int i0 = 0; i0 < N; i0 += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          const int i = i0 + l;
+          const float d = dSj[i];
+          p[l] += d * vt[i];
+          acc[i] += d * kj;
+          dSj[i] = wj * d + rj * gyt[i];
+        }
       }
-      gkt[j] = a + rj * u[j] * vg[t];
+      gkt[j] = sum_lanes(p) + rj * u[j] * vg[t];
     }
     float* __restrict gvt = gv + t * stride;
 #pragma omp simd

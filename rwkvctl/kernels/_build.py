@@ -86,6 +86,11 @@ def _build_plan(with_cuda: bool) -> tuple[str, list[Path], Path]:
     return name, sources, extensions_dir() / f"{name}-{digest.hexdigest()[:16]}"
 
 
+def build_dir() -> Path:
+    """The cache directory of the build this process would load (hash of sources, flags, torch)."""
+    return _build_plan(want_cuda())[2]
+
+
 def _check_toolchain(with_cuda: bool) -> None:
     from torch.utils.cpp_extension import is_ninja_available
 
