@@ -209,6 +209,9 @@ class RunConfig:
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys replaced: {"optim.lr_init": 1e-3, "model.n_layer": 4, "run_dir": "x"}."""
         data = self.to_dict()
+        if "model.preset" in overrides:  # a preset replaces the whole model section; field overrides follow
+            overrides = dict(overrides)
+            data["model"] = {"preset": overrides.pop("model.preset")}
         for key, value in overrides.items():
             parts = key.split(".")
             node = data
@@ -216,7 +219,7 @@ class RunConfig:
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"override {key!r}: {part!r} is not a config section")
                 node = node[part]
-            if parts[-1] not in node and not (parts[0] == "model" and parts[-1] == "preset"):
+            if parts[-1] not in node and not (parts[0] == "model" and "preset" in node):
                 raise ConfigError(f"override {key!r}: unknown key; known here: {sorted(node)}")
             node[parts[-1]] = value
         return RunConfig.from_dict(data, source="overrides")
@@ -226,7 +229,9 @@ def _model_from(data: Any, source: str) -> ModelConfig:
     """A model section: ModelConfig fields, optionally `preset: NAME` with field overrides on top."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: model must be a mapping")
-    data = dict(data)
+    # Every ModelConfig field is an int except the gate flag; CLI overrides arrive as strings.
+    data = {k: (v if k == "preset" else _coerce(v, bool if k == "gate" else int, f"{source}: model.{k}"))
+            for k, v in data.items()}
     name = data.pop("preset", None)
     if name is None:
         return ModelConfig.from_dict(data, source=source)

@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO engine: the only module in rwkvctl that imports deepspeed.
 
 Launch the standard way; every rank runs the same `rwkvctl train ... --strategy deepspeed`:
-    deepspeed --num_gpus 8 --module rwkvctl train --config examples/rwkv5-7b.yaml --strategy deepspeed
-    torchrun --nproc_per_node 8 -m rwkvctl train --config ... --strategy deepspeed
-    deepspeed --hostfile hosts.txt --module rwkvctl train ...           (multi-node; or torchrun --rdzv-*)
+    deepspeed --no_local_rank --num_gpus 8 --module rwkvctl train --config examples/rwkv5-7b-8gpu.yaml
+    torchrun --nproc_per_node 8 -m rwkvctl train --config examples/rwkv5-7b-8gpu.yaml
+    deepspeed --no_local_rank --hostfile hosts.txt --module rwkvctl train ...   (multi-node; or torchrun --rdzv-*)
+(`--no_local_rank`: the launcher would otherwise insert `--local_rank=N` before the subcommand; the
+rank comes from the LOCAL_RANK environment variable either way.)
 On a CPU-only machine DeepSpeed picks its CPU accelerator and we use gloo, so the same code path is
 tested here with two processes (the first start JIT-builds a small comm op, cached afterwards).
 """

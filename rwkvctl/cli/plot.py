@@ -1,0 +1,30 @@
+"""`rwkvctl plot`: loss curves of training runs to a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rwkvctl.cli._common import app, console, handles_errors
+
+
+@app.command("plot")
+@handles_errors
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (each holds a metrics.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Image to write (.png, .svg or .pdf).")] = Path("loss.png"),
+    x: Annotated[str, typer.Option(help="X axis: tokens or step.")] = "tokens",
+    smooth: Annotated[int, typer.Option(help="Moving-average window over steps (1: raw).")] = 1,
+    title: Annotated[str | None, typer.Option(help="Chart title.")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Legend label per run, in order (repeatable).")] = None,
+) -> None:
+    """Draw loss vs tokens for one or more runs, overlaid; dotted lines mark where a run resumed."""
+    from rwkvctl.lifecycle.plot import plot_runs
+
+    result = plot_runs(runs, out, x=x, smooth=smooth, title=title, labels=label)
+    console.print(
+        f"wrote [bold]{result.path}[/]: {len(result.runs)} run(s), {result.points} points, "
+        f"{result.resumes} resume(s) marked"
+    )

@@ -1,0 +1,83 @@
+"""Loss curves of one or more runs (metrics.jsonl) to a PNG: loss vs tokens, resumes marked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rwkvctl.errors import ConfigError, TrainingError
+from rwkvctl.io.atomic import atomic_path
+from rwkvctl.train.metrics import read_metrics
+
+
+@dataclass
+class PlotResult:
+    path: Path
+    runs: list[str]
+    points: int
+    resumes: int
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    if window <= 1:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int = 1, title: str | None = None,
+              labels: list[str] | None = None) -> PlotResult:
+    """Draw the training (and validation, if logged) loss of every run; vertical dotted lines mark resumes."""
+    if x not in ("tokens", "step"):
+        raise ConfigError(f"x axis must be 'tokens' or 'step', got {x!r}")
+    if labels and len(labels) != len(runs):
+        raise ConfigError(f"{len(labels)} labels for {len(runs)} runs")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
+    points = resumes = 0
+    names = []
+    for i, run in enumerate(runs):
+        records = read_metrics(run)
+        train = [r for r in records if r.get("loss") is not None]
+        val = [r for r in records if r.get("val_loss") is not None]
+        if not train and not val:
+            raise TrainingError(f"{run}: metrics.jsonl has no loss records yet")
+        name = labels[i] if labels else Path(run).name
+        names.append(name)
+        color = f"C{i % 10}"
+        xs = [r[x] for r in train]
+        ax.plot(xs, _smooth([r["loss"] for r in train], smooth), color=color, lw=1.2, label=name)
+        if val:
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o", ms=3,
+                    lw=1.0, label=f"{name} (val)")
+        for r in train:
+            if r.get("resumed"):
+                ax.axvline(r[x], color=color, ls=":", lw=1.0, alpha=0.8)
+                ax.annotate("resumed", (r[x], ax.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=7,
+                            color=color)
+                resumes += 1
+        points += len(train) + len(val)
+    ax.set_xlabel("tokens" if x == "tokens" else "optimizer step")
+    ax.set_ylabel("loss")
+    if x == "tokens":
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fmt = (out.suffix.lstrip(".") or "png").lower()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=fmt)
+    plt.close(fig)
+    return PlotResult(path=out, runs=names, points=points, resumes=resumes)

@@ -1,0 +1,88 @@
+"""kill -9 `prepare` at random moments, rerun with the same arguments: output is byte-identical to a clean run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("prepare_testdata", Path(__file__).with_name("prepare_testdata.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The pure-Python encoder (~1-3 MB/s) makes each input take a noticeable time, so kills land mid-unit; its ids
+# equal the native encoder's, which the reference run uses.
+RUNNER = """
+import sys
+from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
+prepare(PrepareOptions(inputs=[sys.argv[1]], out_dir=sys.argv[2], val_fraction=0.1, seed=7, ctx_len=64,
+                       tokenizer="world-python", workers=int(sys.argv[3]), batch_bytes=32 << 10))
+"""
+
+
+def _start(corpus: Path, out: Path, workers: int) -> subprocess.Popen:
+    env = {**os.environ, "RWKVCTL_NO_NATIVE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(corpus), str(out), str(workers)],
+        env=env,
+        start_new_session=True,  # its own process group, so kill -9 reaches spawned workers too
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
+    h = _helpers()
+    h.make_corpus(tmp_path / "c", n_files=10, docs_per_file=200, seed=1)
+    ref = prepare(
+        PrepareOptions(
+            inputs=[str(tmp_path / "c")],
+            out_dir=tmp_path / "ref",
+            val_fraction=0.1,
+            seed=7,
+            ctx_len=64,
+            batch_bytes=32 << 10,
+        )
+    )
+    assert ref.complete
+    rng = random.Random(1234)
+    out = tmp_path / "out"
+    interrupted, done_counts = 0, []
+    for attempt in range(5):
+        proc = _start(tmp_path / "c", out, workers=1 + attempt % 2)
+        if attempt == 0:
+            time.sleep(rng.uniform(0.0, 1.0))  # anywhere, possibly before anything is written
+        else:
+            # Wait until a unit is being written, then kill at a random moment inside the work.
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline and not list(out.rglob("*.tmp-*")):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            interrupted += 1
+        proc.wait(timeout=60)
+        done_counts.append(len(list((out / ".prepare" / "done").glob("*.json"))))
+    assert interrupted >= 3, f"only {interrupted} kills landed mid-run; timings too short for this machine?"
+    final = _start(tmp_path / "c", out, workers=2)
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err.decode()[-2000:]
+    got, want = h.tree_bytes(out), h.tree_bytes(tmp_path / "ref")
+    assert sorted(got) == sorted(want)  # no stray temp files, no missing shards
+    assert got == want, [k for k in want if got.get(k) != want[k]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["train"]["docs"] + manifest["totals"]["val"]["docs"] == 2000
+    assert done_counts == sorted(done_counts)  # completed units are never redone or lost
+    assert any(0 < c < 10 for c in done_counts), done_counts  # some kills landed between units of work

@@ -1,0 +1,68 @@
+"""Run configs: YAML round trip, overrides, one-line errors, and every shipped example loads."""
+
+from pathlib import Path
+
+import pytest
+
+from rwkvctl.errors import ConfigError
+from rwkvctl.train.config import RunConfig
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+def test_defaults_are_the_published_7b_recipe():
+    o = RunConfig().optim
+    assert (o.beta1, o.beta2, o.adam_eps, o.lr_init, o.lr_final, o.warmup_steps) == (0.9, 0.99, 1e-8, 2e-4, 1.47e-4, 10)
+    assert RunConfig().train.zero_stage == 2
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig().with_overrides({"model.preset": "0.1b", "train.accum": "4", "optim.lr_init": "1e-3"})
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    again = RunConfig.from_yaml(path)
+    assert again == cfg
+    assert again.model.n_layer == 12 and again.train.accum == 4 and again.optim.lr_init == 1e-3
+
+
+def test_token_accounting_includes_accumulation_and_world_size():
+    cfg = RunConfig().with_overrides({"train.micro_bsz": 3, "train.accum": 4, "data.ctx_len": 16})
+    assert cfg.tokens_per_step(world_size=2) == 3 * 16 * 4 * 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"train.accum": 0}, "train.accum must be a positive integer"),
+    ({"train.strategy": "ddp"}, "train.strategy='ddp'"),
+    ({"train.zero_stage": 4}, "zero_stage must be 1, 2 or 3"),
+    ({"optim.lr_init": "fast"}, "expected float"),
+    ({"optim.nope": 1}, "unknown key"),
+    ({"model.preset": "13b"}, "unknown model preset"),
+])
+def test_bad_values_are_one_line_config_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().with_overrides(bad)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  accum: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
+        RunConfig.from_yaml(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trian: {}\n")
+    with pytest.raises(ConfigError, match="unknown top-level key"):
+        RunConfig.from_yaml(unknown)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_shipped_examples_load(path):
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.data.path and cfg.run_dir
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"tiny-cpu.yaml", "rwkv5-0.1b.yaml", "rwkv5-7b-8gpu.yaml"} <= names
+    big = RunConfig.from_yaml(Path(__file__).parents[2] / "examples" / "rwkv5-7b-8gpu.yaml")
+    assert (big.model.n_layer, big.model.n_embd, big.model.vocab_size) == (32, 4096, 65536)
+    assert (big.train.strategy, big.train.zero_stage, big.train.precision) == ("deepspeed", 2, "bf16")
