@@ -24,7 +24,7 @@ log = logging.getLogger("rwkvctl.kernels")
 
 CPU_SOURCES = ("wkv5_op.cpp", "wkv5_cpu.cpp")
 CUDA_SOURCES = ("cuda/wkv5_cuda.cu",)
-HEADERS = ("wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h")
+HEADERS = ("wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h", "cuda/wkv5_kernels.cuh")
 # Plain -O3 keeps the binary portable; wkv5_cpu.cpp adds AVX2/AVX-512 variants chosen at run time.
 # -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime.
 CXX_FLAGS = ("-O3", "-fopenmp-simd")

@@ -1,0 +1,165 @@
+// WKV5 CUDA kernels (device code only), included by wkv5_cuda.cu. Kept free of host/torch-CUDA APIs so the
+// same code can also be compiled as plain C++ by the CPU emulation test (tests/kernels/wkv5_cuda_emulation.cpp),
+// which runs every "thread" of a block as a std::thread with a barrier for __syncthreads().
+//
+// Algorithm: a sequential scan over T per (batch, head), with the N x N fp32 state spread over the N threads
+// of one block (one state row or column per thread, in registers). This is the simple, verifiable form; it
+// is NOT the chunked (intra-chunk matmul) formulation, which is left as future work.
+//
+// The backward runs three independent scans as blockIdx.y = 0, 1, 2 of one launch (see ../wkv5.h for the math):
+//   0: forward in t, thread j owns row j of S and of Q = dS/d(decay_j)  -> gr, gdecay, gu
+//   1: reverse in t, thread j owns row j of dS                          -> gk, g_s_in
+//   2: reverse in t, thread i owns column i of dS                       -> gv
+#pragma once
+
+#include <cstdint>
+
+namespace rwkvctl {
+namespace wkv5_cuda {
+
+template <typename scalar_t>
+__device__ __forceinline__ float load_f(const scalar_t* p, int64_t idx) {
+  return static_cast<float>(p[idx]);
+}
+
+// One block per (b, h) (blockIdx.x = b * H + h), N threads; thread i owns column i of S: S[j] = S[j][i].
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N)
+    wkv5_fwd_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                    const float* __restrict__ decay, const float* __restrict__ u, const float* __restrict__ s_in,
+                    float* __restrict__ s_out, scalar_t* __restrict__ y, int64_t T, int64_t H) {
+  const int64_t bh = blockIdx.x;
+  const int64_t b = bh / H, h = bh % H;
+  const int i = threadIdx.x;
+  __shared__ float sr[N], sk[N], sw[N], su[N];
+  sw[i] = decay[h * N + i];
+  su[i] = u[h * N + i];
+  float S[N];
+  const float* s0 = s_in + bh * N * N;
+#pragma unroll
+  for (int j = 0; j < N; ++j) S[j] = s0[j * N + i];
+  const int64_t stride = H * N;
+  int64_t off = (b * T * H + h) * N + i;  // element (b, t, h, i) of a contiguous (B, T, H, N) tensor
+  for (int64_t t = 0; t < T; ++t, off += stride) {
+    __syncthreads();  // previous step's readers are done with sr/sk (and sw/su are visible on the first step)
+    sr[i] = load_f(r, off);
+    sk[i] = load_f(k, off);
+    const float vi = load_f(v, off);
+    __syncthreads();
+    float acc = 0.f, bonus = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float rj = sr[j], kj = sk[j];
+      bonus += rj * su[j] * kj;
+      acc += rj * S[j];
+      S[j] = sw[j] * S[j] + kj * vi;
+    }
+    y[off] = static_cast<scalar_t>(acc + bonus * vi);
+  }
+  float* s1 = s_out + bh * N * N;
+#pragma unroll
+  for (int j = 0; j < N; ++j) s1[j * N + i] = S[j];
+}
+
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N)
+    wkv5_bwd_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                    const float* __restrict__ decay, const float* __restrict__ u, const float* __restrict__ s_in,
+                    const scalar_t* __restrict__ gy, const float* __restrict__ g_s_out, scalar_t* __restrict__ gr,
+                    scalar_t* __restrict__ gk, scalar_t* __restrict__ gv, float* __restrict__ gdecay,
+                    float* __restrict__ gu, float* __restrict__ g_s_in, int64_t T, int64_t H) {
+  const int64_t bh = blockIdx.x;
+  const int64_t b = bh / H, h = bh % H;
+  const int role = blockIdx.y;
+  const int x = threadIdx.x;  // row j for roles 0 and 1, column i for role 2
+  __shared__ float sa[N], sb[N], sw[N], su[N];
+  sw[x] = decay[h * N + x];
+  su[x] = u[h * N + x];
+  const float wx = sw[x], ux = su[x];
+  const int64_t stride = H * N;
+  const int64_t first = (b * T * H + h) * N + x;  // (b, t=0, h, x)
+  const float* gso = g_s_out == nullptr ? nullptr : g_s_out + bh * N * N;
+
+  if (role == 0) {
+    float S[N], Q[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      S[i] = s_in[bh * N * N + x * N + i];
+      Q[i] = 0.f;
+    }
+    float gdec = 0.f, guj = 0.f;
+    int64_t off = first;
+    for (int64_t t = 0; t < T; ++t, off += stride) {
+      __syncthreads();
+      sa[x] = load_f(v, off);
+      sb[x] = load_f(gy, off);
+      const float rj = load_f(r, off), kj = load_f(k, off);
+      __syncthreads();
+      float vg = 0.f, a = 0.f, q = 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float g = sb[i], s = S[i];
+        vg += sa[i] * g;
+        a += s * g;
+        q += Q[i] * g;
+        Q[i] = wx * Q[i] + s;
+        S[i] = wx * s + kj * sa[i];
+      }
+      gr[off] = static_cast<scalar_t>(a + ux * kj * vg);
+      gdec += rj * q;
+      guj += rj * kj * vg;
+    }
+    if (gso != nullptr) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) gdec += Q[i] * gso[x * N + i];
+    }
+    gdecay[bh * N + x] = gdec;
+    gu[bh * N + x] = guj;
+  } else if (role == 1) {
+    float dS[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) dS[i] = gso == nullptr ? 0.f : gso[x * N + i];
+    int64_t off = first + (T - 1) * stride;
+    for (int64_t t = T - 1; t >= 0; --t, off -= stride) {
+      __syncthreads();
+      sa[x] = load_f(v, off);
+      sb[x] = load_f(gy, off);
+      const float rj = load_f(r, off);
+      __syncthreads();
+      float vg = 0.f, a = 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        vg += sa[i] * sb[i];
+        a += dS[i] * sa[i];
+        dS[i] = wx * dS[i] + rj * sb[i];
+      }
+      gk[off] = static_cast<scalar_t>(a + rj * ux * vg);
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) g_s_in[bh * N * N + x * N + i] = dS[i];
+  } else {
+    float dS[N];  // column x: dS[j] = dS[j][x]
+#pragma unroll
+    for (int j = 0; j < N; ++j) dS[j] = gso == nullptr ? 0.f : gso[j * N + x];
+    int64_t off = first + (T - 1) * stride;
+    for (int64_t t = T - 1; t >= 0; --t, off -= stride) {
+      __syncthreads();
+      sa[x] = load_f(r, off);
+      sb[x] = load_f(k, off);
+      const float gyi = load_f(gy, off);
+      __syncthreads();
+      float ruk = 0.f, acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float rj = sa[j], kj = sb[j];
+        ruk += rj * su[j] * kj;
+        acc += dS[j] * kj;
+        dS[j] = sw[j] * dS[j] + rj * gyi;
+      }
+      gv[off] = static_cast<scalar_t>(acc + ruk * gyi);
+    }
+  }
+}
+
+}  // namespace wkv5_cuda
+}  // namespace rwkvctl

@@ -1,0 +1,131 @@
+// Runs the CUDA kernels of csrc/cuda/wkv5_kernels.cuh on the CPU, so their indexing, thread roles and math
+// are tested on machines without a GPU (test_wkv5_cuda_emulated.py). Each CUDA thread of a block is a
+// std::thread; __syncthreads() is a std::barrier; __shared__ arrays are function statics (blocks run one
+// after another). The host side mirrors wkv5_fwd_cuda / wkv5_bwd_cuda in csrc/cuda/wkv5_cuda.cu.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "static_switch.h"
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local EmuDim3 threadIdx, blockIdx;
+thread_local std::barrier<>* emu_block_barrier = nullptr;
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(n)
+#define __shared__ static
+
+#include "cuda/wkv5_kernels.cuh"
+
+namespace {
+
+template <class Kernel>
+void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, const Kernel& kernel) {
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      std::barrier<> barrier(threads);
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          threadIdx.x = t;
+          blockIdx.x = bx;
+          blockIdx.y = by;
+          emu_block_barrier = &barrier;
+          kernel();
+        });
+      }
+      for (auto& th : pool) th.join();
+    }
+  }
+}
+
+at::Tensor decay_of(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kFloat))).contiguous(); }
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), sc = s_in.contiguous();
+  const at::Tensor decay = decay_of(w), uf = u.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({B, T, H, N}, r.options());
+  at::Tensor s_out = at::empty({B, H, N, N}, s_in.options());
+  WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
+    emu_launch(static_cast<unsigned>(B * H), 1, kN, [&] {
+      rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(
+          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), decay.data_ptr<float>(),
+          uf.data_ptr<float>(), sc.data_ptr<float>(), s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H);
+    });
+  });
+  return {y, s_out};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
+    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out) {
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), sc = s_in.contiguous();
+  const at::Tensor gyc = gy.to(r.scalar_type()).contiguous();
+  const at::Tensor gsoc = g_s_out.has_value() ? g_s_out->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor decay = decay_of(w), uf = u.to(at::kFloat).contiguous();
+  at::Tensor gr = at::empty({B, T, H, N}, r.options()), gk = at::empty({B, T, H, N}, r.options());
+  at::Tensor gv = at::empty({B, T, H, N}, r.options());
+  const auto f32 = s_in.options().dtype(at::kFloat);
+  at::Tensor gdecay = at::empty({B, H, N}, f32), gu_part = at::empty({B, H, N}, f32);
+  at::Tensor g_s_in = at::empty({B, H, N, N}, f32);
+  WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
+    emu_launch(static_cast<unsigned>(B * H), 3, kN, [&] {
+      rwkvctl::wkv5_cuda::wkv5_bwd_kernel<scalar_t, kN>(
+          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), decay.data_ptr<float>(),
+          uf.data_ptr<float>(), sc.data_ptr<float>(), gyc.data_ptr<scalar_t>(),
+          gsoc.defined() ? gsoc.data_ptr<float>() : nullptr, gr.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+          gv.data_ptr<scalar_t>(), gdecay.data_ptr<float>(), gu_part.data_ptr<float>(), g_s_in.data_ptr<float>(), T,
+          H);
+    });
+  });
+  const at::Tensor wf = w.to(at::kFloat);
+  at::Tensor gw = (gdecay.sum(0) * (-at::exp(wf)) * decay).to(w.scalar_type());
+  return {gr, gk, gv, gw, gu_part.sum(0).to(u.scalar_type()), g_s_in};
+}
+
+std::tuple<at::Tensor, at::Tensor> emu_fwd(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
+  if (r.scalar_type() == at::kBFloat16) return fwd_impl<c10::BFloat16>(r, k, v, w, u, s_in);
+  TORCH_CHECK(r.scalar_type() == at::kFloat, "emulation: float32 or bfloat16 inputs");
+  return fwd_impl<float>(r, k, v, w, u, s_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bwd(
+    const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
+    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out) {
+  if (r.scalar_type() == at::kBFloat16) return bwd_impl<c10::BFloat16>(r, k, v, w, u, s_in, gy, g_s_out);
+  TORCH_CHECK(r.scalar_type() == at::kFloat, "emulation: float32 or bfloat16 inputs");
+  return bwd_impl<float>(r, k, v, w, u, s_in, gy, g_s_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rwkvctl_cuda_emulation, m) {
+  m.def("wkv5_fwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in) -> (Tensor, Tensor)");
+  m.def(
+      "wkv5_bwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, Tensor gy, Tensor? g_s_out)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rwkvctl_cuda_emulation, CPU, m) {
+  m.impl("wkv5_fwd", &emu_fwd);
+  m.impl("wkv5_bwd", &emu_bwd);
+}
