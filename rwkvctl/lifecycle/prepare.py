@@ -204,6 +204,8 @@ class _UnitWriter:
                 s, e = int(starts[k]), int(ends[k]) - 1  # drop the end-of-doc id
                 if self.tok.decode(ids[s:e]) != d.data.decode("utf-8"):
                     self.problem(Problem(d.line, "roundtrip_mismatch", "decode(encode(text)) != text (kept)"))
+            if copies == 0:
+                continue
             c = self.counts[split].setdefault(d.source, SourceCounts())
             c.docs += copies
             c.tokens += copies * int(counts[k])

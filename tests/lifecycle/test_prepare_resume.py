@@ -65,9 +65,15 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
         if attempt == 0:
             time.sleep(rng.uniform(0.0, 1.0))  # anywhere, possibly before anything is written
         else:
-            # Wait until a unit is being written, then kill at a random moment inside the work.
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline and not list(out.rglob("*.tmp-*")):
+            # Wait until a unit is being written (the last attempts: until one more unit is complete), then
+            # kill at a random moment inside the work.
+            before = len(list((out / ".prepare" / "done").glob("*.json")))
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if attempt < 3 and list(out.rglob("*.tmp-*")):
+                    break
+                if attempt >= 3 and len(list((out / ".prepare" / "done").glob("*.json"))) > before:
+                    break
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
