@@ -98,27 +98,36 @@ def _error(a: Tensor, b: Tensor, metric: str) -> float:
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-30)).item()
 
 
-def check_shape(
-    compiled: WkvFn, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu", reps: int = 3
-) -> CheckRow:
-    """Errors vs the float64 reference and fwd+bwd time vs the chunked reference (same dtype and device)."""
-    B, T, H, N = shape
-    x = random_inputs(B, T, H, N, device=device)
-    if dtype != torch.float32:  # the reference sees exactly the rounded inputs the kernel sees
-        x.update({n: x[n].to(dtype).double() for n in ("r", "k", "v")})
+def errors_vs_reference(compiled: WkvFn, x: dict[str, Tensor], dtype: torch.dtype) -> tuple[str, float, float, str]:
+    """(metric, forward error, worst gradient error, its name) of `compiled` vs the float64 reference on x.
+
+    For dtype other than fp32, r, k, v of x must already be representable in dtype (see check_shape).
+    """
+    T = x["r"].shape[1]
     ref = forward_backward(wkv5_loop if T <= 64 else wkv5_chunked, x, torch.float64)
     got = forward_backward(compiled, x, dtype)
     metric = "rel max" if dtype == torch.float32 else "rel rms"
     err_fwd = max(_error(got[0], ref[0], metric), _error(got[1], ref[1], metric))
     grad_errs = {n: _error(got[2][n], ref[2][n], metric) for n in NAMES}
     worst = max(grad_errs, key=grad_errs.__getitem__)
+    return metric, err_fwd, grad_errs[worst], worst
+
+
+def check_shape(
+    compiled: WkvFn, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str = "cpu", reps: int = 3
+) -> CheckRow:
+    """Errors vs the float64 reference and fwd+bwd time vs the chunked reference (same dtype and device)."""
+    x = random_inputs(*shape, device=device)
+    if dtype != torch.float32:  # the reference sees exactly the rounded inputs the kernel sees
+        x.update({n: x[n].to(dtype).double() for n in ("r", "k", "v")})
+    metric, err_fwd, err_bwd, worst = errors_vs_reference(compiled, x, dtype)
     return CheckRow(
         shape=shape,
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         metric=metric,
         err_forward=err_fwd,
-        err_backward=grad_errs[worst],
+        err_backward=err_bwd,
         worst_grad=worst,
         seconds_compiled=fwd_bwd_seconds(compiled, x, dtype, reps),
         seconds_reference=fwd_bwd_seconds(wkv5_chunked, x, dtype, reps),
