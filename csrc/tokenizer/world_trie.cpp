@@ -30,6 +30,9 @@ struct Trie {
     std::vector<int32_t> dense;       // 256 child indices per dense node (-1 = no child)
     std::vector<uint8_t> edge_byte;   // sparse edges, grouped per node, sorted by byte
     std::vector<int32_t> edge_child;
+    // Shortcut for the first two bytes of every match: node reached by (b0, b1), or -1. 256 KiB, L2-resident.
+    std::vector<int32_t> pair_node;
+    int32_t byte_token[256];
 
     inline int32_t child(int32_t n, uint8_t b) const {
         const Node& node = nodes[n];
@@ -44,9 +47,16 @@ struct Trie {
 
     // Longest token starting at src[0]; returns its length (>= 1) and writes its id.
     inline int64_t longest(const uint8_t* src, int64_t n, int32_t* id) const {
-        int32_t node = 0;
-        int64_t best = 0;
-        for (int64_t p = 0; p < n; ++p) {
+        *id = byte_token[src[0]];  // every byte is a token: the fallback match
+        if (n < 2) return 1;
+        int32_t node = pair_node[(static_cast<uint32_t>(src[0]) << 8) | src[1]];
+        if (node < 0) return 1;
+        int64_t best = 1;
+        if (nodes[node].token >= 0) {
+            best = 2;
+            *id = nodes[node].token;
+        }
+        for (int64_t p = 2; p < n; ++p) {
             node = child(node, src[p]);
             if (node < 0) break;
             if (nodes[node].token >= 0) {
@@ -120,7 +130,12 @@ void* wt_new(const uint8_t* data, const int64_t* offsets, const int32_t* ids, in
                 delete trie;
                 return nullptr;
             }
+            trie->byte_token[c] = trie->nodes[k].token;
         }
+        trie->pair_node.assign(65536, -1);
+        for (int c0 = 0; c0 < 256; ++c0)
+            for (int c1 = 0; c1 < 256; ++c1)
+                trie->pair_node[(c0 << 8) | c1] = trie->child(trie->dense[c0], static_cast<uint8_t>(c1));
         return trie;
     } catch (const std::bad_alloc&) {
         return nullptr;

@@ -13,9 +13,9 @@ import glob
 import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from rwkvctl.errors import DataError
 
@@ -32,15 +32,13 @@ UNKNOWN_SOURCE = "unknown"
 READ_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Doc:
+class Doc(NamedTuple):  # a NamedTuple, not a dataclass: one is built per document on the hot path
     line: int
     data: bytes  # the text, UTF-8 encoded
     source: str
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     line: int
     kind: str
     detail: str = ""
@@ -187,7 +185,7 @@ def _lines(path: Path, raw: _Counting) -> Iterator[tuple[int, bytes]]:
 def _get_path(obj: Any, dotted: str) -> Any:
     """`meta.redpajama_set_name` on a dict, where `meta` may itself be a JSON string (some parquet exports)."""
     cur = obj
-    for key in dotted.split("."):
+    for key in _split_key(dotted):
         if isinstance(cur, str):
             try:
                 cur = json.loads(cur)
@@ -197,6 +195,11 @@ def _get_path(obj: Any, dotted: str) -> Any:
             return None
         cur = cur.get(key)
     return cur
+
+
+@lru_cache(maxsize=16)
+def _split_key(dotted: str) -> tuple[str, ...]:
+    return tuple(dotted.split("."))
 
 
 def record_to_doc(obj: Any, line: int, text_key: str, source_key: str) -> Doc | Problem:

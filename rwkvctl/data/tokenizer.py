@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -85,12 +86,18 @@ class SentencePieceTokenizer:
         return flat, counts
 
 
+@lru_cache(maxsize=4)
+def _world(backend: str) -> WorldTokenizer:
+    # Immutable once built, so one instance per process is shared (building it costs ~0.3 s).
+    return WorldTokenizer(backend=backend)
+
+
 def load_tokenizer(spec: str = "world") -> WorldTokenizer | SentencePieceTokenizer:
     """`world` (default), `world-python` (no C++), or `spm:PATH` for a SentencePiece model."""
     if spec in ("world", "rwkv", "world-native"):
-        return WorldTokenizer(backend="native" if spec == "world-native" else "auto")
+        return _world("native" if spec == "world-native" else "auto")
     if spec == "world-python":
-        return WorldTokenizer(backend="python")
+        return _world("python")
     if spec.startswith("spm:"):
         return SentencePieceTokenizer(spec[4:])
     if spec.endswith(".model") and Path(spec).is_file():

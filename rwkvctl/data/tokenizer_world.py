@@ -28,6 +28,13 @@ VOCAB_SIZE = 65536  # model rows; ids 65530..65535 are unused
 EOD_ID = 0
 
 
+def _literal(src: str) -> str | bytes:
+    """A Python str/bytes literal, without eval. Most vocab lines are plain quoted text: take those directly."""
+    if "\\" not in src and len(src) >= 2 and src[0] == src[-1] and src[0] in "'\"" and src[0] not in src[1:-1]:
+        return src[1:-1]
+    return ast.literal_eval(src)
+
+
 def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
     """`<id> <python str/bytes literal> <byte length>` per line -> {id: bytes}, validated line by line."""
     try:
@@ -38,7 +45,7 @@ def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
     for n, line in enumerate(lines, 1):
         try:
             idx = int(line[: line.index(" ")])
-            literal = ast.literal_eval(line[line.index(" ") : line.rindex(" ")].strip())
+            literal = _literal(line[line.index(" ") : line.rindex(" ")].strip())
             tok = literal.encode("utf-8") if isinstance(literal, str) else literal
             if not isinstance(tok, bytes) or len(tok) != int(line[line.rindex(" ") :]):
                 raise ValueError("length field does not match the token")
@@ -47,7 +54,8 @@ def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
         if not 0 < idx < VOCAB_SIZE:
             raise TokenizerError(f"{path}:{n}: token id {idx} outside 1..{VOCAB_SIZE - 1}")
         vocab[idx] = tok
-    missing = [b for b in range(256) if bytes([b]) not in set(vocab.values())]
+    present = set(vocab.values())
+    missing = [b for b in range(256) if bytes([b]) not in present]
     if missing:
         raise TokenizerError(f"{path}: vocab lacks single-byte token {missing[0]}; it could not encode all input")
     return vocab

@@ -22,7 +22,7 @@ import queue as queue_mod
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,55 +176,80 @@ class _UnitWriter:
             self.writers[split] = BinIdxWriter(self.opts.out_dir / split / self.unit.name, self.dtype)
         return self.writers[split]
 
-    def flush(self, batch: list) -> None:
-        if not batch:
-            return
-        data = b"".join(d.data for d in batch)
+    def _encode(self, batch: list) -> tuple[int, np.ndarray, np.ndarray]:
+        """Runs on the encoder thread: the C++ encoder releases the GIL, so it overlaps with parsing."""
+        data = b"".join([d.data for d in batch])
         offsets = np.zeros(len(batch) + 1, dtype=np.int64)
         np.cumsum([len(d.data) for d in batch], out=offsets[1:])
         ids, counts = self.tok.encode_batch(data, offsets)
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        dest: dict[str, list[int]] = {"train": [], "val": []}
-        opts, weights = self.opts, self.opts.source_weights
-        for k, d in enumerate(batch):
-            self.seen += 1
-            split = self.unit.split or "train"
-            if (
-                split == "train"
-                and opts.val_fraction > 0
-                and _u64_fraction(d.data, self.key, b"val") < opts.val_fraction
-            ):
-                split = "val"
-            copies = 1
-            w = weights.get(d.source, 1.0) if split == "train" else 1.0
-            if w != 1.0:
-                copies = int(math.floor(w)) + (_u64_fraction(d.data, self.key, b"weight") < w - math.floor(w))
-            if self.seen % opts.verify_every == 0:
-                s, e = int(starts[k]), int(ends[k]) - 1  # drop the end-of-doc id
-                if self.tok.decode(ids[s:e]) != d.data.decode("utf-8"):
-                    self.problem(Problem(d.line, "roundtrip_mismatch", "decode(encode(text)) != text (kept)"))
-            if copies == 0:
-                continue
-            c = self.counts[split].setdefault(d.source, SourceCounts())
-            c.docs += copies
-            c.tokens += copies * int(counts[k])
-            c.bytes += copies * len(d.data)
-            dest[split].extend([k] * copies)
-        for split, picked in dest.items():
-            if not picked:
-                continue
-            if len(picked) == len(batch) and picked == list(range(len(batch))):
-                self._writer(split).add_documents(ids, counts)
-            else:
-                self._writer(split).add_documents(
-                    np.concatenate([ids[starts[k] : ends[k]] for k in picked]), counts[picked]
-                )
-        self.report({"docs": len(batch), "tokens": int(counts.sum()), "text_bytes": len(data)})
+        return len(data), ids, counts
+
+    def _verify(self, batch: list, ids: np.ndarray, starts: list[int], ends: list[int]) -> None:
+        every = self.opts.verify_every
+        for k in range(-(self.seen + 1) % every, len(batch), every):  # document number seen+k+1 divisible by every
+            d = batch[k]
+            if self.tok.decode(ids[starts[k] : ends[k] - 1]) != d.data.decode("utf-8"):  # minus the end-of-doc id
+                self.problem(Problem(d.line, "roundtrip_mismatch", "decode(encode(text)) != text (kept)"))
+
+    def _split_and_weight(self, d: Any) -> tuple[str, int]:
+        opts = self.opts
+        split = self.unit.split or "train"
+        if split == "train" and opts.val_fraction > 0 and _u64_fraction(d.data, self.key, b"val") < opts.val_fraction:
+            split = "val"
+        w = opts.source_weights.get(d.source, 1.0) if split == "train" else 1.0
+        if w == 1.0:
+            return split, 1
+        return split, int(math.floor(w)) + (_u64_fraction(d.data, self.key, b"weight") < w - math.floor(w))
+
+    def flush(self, batch: list, n_bytes: int, ids: np.ndarray, counts: np.ndarray) -> None:
+        ends = np.cumsum(counts).tolist()
+        cl = counts.tolist()
+        starts = [e - c for e, c in zip(ends, cl, strict=True)]
+        self._verify(batch, ids, starts, ends)
+        self.seen += len(batch)
+        mixed = (self.unit.split is None and self.opts.val_fraction > 0) or bool(self.opts.source_weights)
+        if not mixed:  # the common case: every document goes once to one split, written in one call
+            table = self.counts[self.unit.split or "train"]
+            for d, c in zip(batch, cl, strict=True):
+                sc = table.get(d.source) or table.setdefault(d.source, SourceCounts())
+                sc.docs += 1
+                sc.tokens += c
+                sc.bytes += len(d.data)
+            self._writer(self.unit.split or "train").add_documents(ids, counts)
+        else:
+            dest: dict[str, list[int]] = {"train": [], "val": []}
+            for k, d in enumerate(batch):
+                split, copies = self._split_and_weight(d)
+                if copies == 0:
+                    continue
+                sc = self.counts[split].setdefault(d.source, SourceCounts())
+                sc.docs += copies
+                sc.tokens += copies * cl[k]
+                sc.bytes += copies * len(d.data)
+                dest[split].extend([k] * copies)
+            for split, picked in dest.items():
+                if picked:
+                    flat = np.concatenate([ids[starts[k] : ends[k]] for k in picked])
+                    self._writer(split).add_documents(flat, counts[picked])
+        self.report({"docs": len(batch), "tokens": int(counts.sum()), "text_bytes": n_bytes})
+
+    def _submit(self, batch: list) -> None:
+        """Start encoding `batch` in the background; finish (write) the previous batch meanwhile."""
+        fut = self._pool.submit(self._encode, batch)
+        self._drain()
+        self._pending = (batch, fut)
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            batch, fut = self._pending
+            self._pending = None
+            self.flush(batch, *fut.result())
 
     def run(self) -> dict[str, Any]:
         stream = DocumentStream(self.unit.input, self.opts.text_key, self.opts.source_key)
         batch, size, reported = [], 0, 0
+        self._pending: tuple[list, Future] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rwkvctl-encode")
         try:
             try:
                 for item in stream:
@@ -234,11 +259,13 @@ class _UnitWriter:
                     batch.append(item)
                     size += len(item.data)
                     if size >= self.opts.batch_bytes:
-                        self.flush(batch)
+                        self._submit(batch)
                         batch, size = [], 0
                         self.report({"in_bytes": stream.consumed - reported})
                         reported = stream.consumed
-                self.flush(batch)
+                if batch:
+                    self._submit(batch)
+                self._drain()
             except (DataError, OSError) as e:
                 # An input we cannot read at all: recorded like any other bad input, nothing written for it.
                 for w in self.writers.values():
@@ -263,6 +290,8 @@ class _UnitWriter:
             for w in self.writers.values():
                 w.abort()
             raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         bad = [asdict(BadInput(self.unit.input, k, v[0], v[1], v[2])) for k, v in sorted(self.bad.items())]
         return {"unit": self.unit.name, "input": self.unit.input, "shards": shards, "bad_inputs": bad}
 
