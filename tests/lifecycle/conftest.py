@@ -87,3 +87,9 @@ def run_cli():
 def train_cli():
     """(run_dir, data, *extra flags) -> the argv of a tiny `rwkvctl train` subprocess."""
     return _cli_args
+
+
+@pytest.fixture
+def train_env():
+    """Environment for training subprocesses (fixed thread count, official runtime on its CPU path)."""
+    return dict(TRAIN_ENV)
