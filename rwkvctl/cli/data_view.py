@@ -36,9 +36,13 @@ class PrepareView:
             TimeRemainingColumn(),
             console=console,
         )
+        self._started = False
         self.task = self.progress.add_task("prepare", total=None, files="0/0", docs="0", tokens="0", rate="-")
 
     def update(self, p: Any) -> None:
+        if not self._started:  # start on the first report, so argument errors print without a bar
+            self.progress.start()
+            self._started = True
         rate = f"{p.text_bytes / p.elapsed / 1e6:.1f}" if p.elapsed > 0 else "-"
         self.progress.update(
             self.task,
@@ -51,11 +55,11 @@ class PrepareView:
         )
 
     def __enter__(self) -> PrepareView:
-        self.progress.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.progress.stop()
+        if self._started:
+            self.progress.stop()
 
 
 def _source_table(title: str, sources: dict[str, dict], docs: int, tokens: int) -> Table:
@@ -146,12 +150,11 @@ def render_dataset(console: Console, info: dict[str, Any]) -> None:
     _rwkv_lm_line(console, info.get("rwkv_lm") or {}, info["path"])
     sample = info.get("sample")
     if sample:
+        console.print(f"sample window: start of {escape(sample['shard'])}")
         if sample["text"] is not None:
             body = "[dim]<end of doc>[/]\n".join(escape(t) for t in sample["text"])
-            title = (
-                f"first {len(sample['ids'])} tokens of {escape(sample['shard'])} (decoded as {sample['decoded_as']})"
-            )
+            title = f"first {len(sample['ids'])} tokens, decoded as {sample['decoded_as']}"
         else:
             body = " ".join(str(i) for i in sample["ids"])
-            title = f"first {len(sample['ids'])} token ids of {escape(sample['shard'])}"
+            title = f"first {len(sample['ids'])} token ids"
         console.print(Panel(body, title=title, title_align="left"))

@@ -102,9 +102,26 @@ def _unit_name(index: int, spec: str) -> str:
     return f"{index:06d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)[:60] or 'input'}"
 
 
+def _split_layout(inputs: list[str], val_inputs: list[str]) -> tuple[list[str], list[str]]:
+    """A SlimPajama-style root (train/ + validation/ subdirs) given as input: train/ trains, validation/
+    validates (unless --val-input is given), test/ is left alone, never mixed into training."""
+    train, val = [], list(val_inputs)
+    for spec in inputs:
+        p = Path(spec)
+        vdir = next((p / v for v in ("validation", "valid", "val") if (p / v).is_dir()), None)
+        if p.is_dir() and (p / "train").is_dir() and vdir is not None:
+            train.append(str(p / "train"))
+            if not val_inputs:
+                val.append(str(vdir))
+        else:
+            train.append(spec)
+    return train, val
+
+
 def plan_units(opts: PrepareOptions) -> list[Unit]:
-    train = expand_inputs(opts.inputs)
-    val = expand_inputs(opts.val_inputs) if opts.val_inputs else []
+    train_specs, val_specs = _split_layout(opts.inputs, opts.val_inputs)
+    train = expand_inputs(train_specs)
+    val = expand_inputs(val_specs) if val_specs else []
     if not train and not val:
         given = " ".join(opts.inputs + opts.val_inputs)
         raise DataError(f"no input files matched {given!r} (need .jsonl[.zst|.gz], .parquet or a dataset dir)")

@@ -1,0 +1,91 @@
+"""CLI: sample-corpus -> prepare -> inspect/merge (the README path), and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rwkvctl.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    """Output without whitespace: Rich wraps long lines (paths) at the test terminal's width."""
+    return "".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    r = run("sample-corpus", root / "corpus")
+    assert r.exit_code == 0, r.output
+    assert "validation/chunk1/example_holdout_0.jsonl.zst" in flat(r.output)
+    # A SlimPajama root: train/ is used for training, validation/ for the val split.
+    r = run("prepare", root / "corpus", "--out", root / "data", "--ctx-len", "512", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    for text in ("RedPajamaGithub", "tokens/byte", "manifest:", "--magic_prime"):
+        assert text in flat(r.output)
+    return root
+
+
+def test_rerun_skips_everything(prepared: Path) -> None:
+    r = run("prepare", prepared / "corpus", "--out", prepared / "data")
+    assert r.exit_code == 0 and "0input(s)tokenized,5alreadydone" in flat(r.output)
+
+
+def test_inspect_and_merge(prepared: Path) -> None:
+    r = run("inspect", prepared / "data")
+    assert r.exit_code == 0, r.output
+    assert (
+        "RedPajamaStackExchange" in r.output and "decodedasworld" in flat(r.output) and "<endofdoc>" in flat(r.output)
+    )
+    r = run("merge-binidx", prepared / "data", prepared / "merged", "--ctx-len", "512")
+    assert r.exit_code == 0, r.output
+    assert "--magic_prime" in flat(r.output) and (prepared / "merged.bin").is_file()
+    r = run("inspect", prepared / "merged.idx")
+    assert r.exit_code == 0 and "sequences/docs" in flat(r.output)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare", "{tmp}/missing*.zst", "--out", "{tmp}/o"], "no input files matched"),
+        (["prepare", "{corpus}", "--out", "{tmp}/busy"], "not an rwkvctl prepare output"),
+        (["prepare", "{corpus}", "--out", "{tmp}/o", "--source-weight", "oops"], "expected SOURCE=WEIGHT"),
+        (["prepare", "{corpus}", "--out", "{tmp}/o", "--tokenizer", "spm:{tmp}/nope.model"], "no such SentencePiece"),
+        (["inspect", "{tmp}/busy"], "not a dataset"),
+    ],
+)
+def test_bad_arguments_are_one_line(prepared: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    args = [a.format(tmp=tmp_path, corpus=prepared / "corpus") for a in args]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0 and r.exception is None or isinstance(r.exception, SystemExit)
+    assert flat(message) in flat(r.output) and "Traceback" not in r.output
+    assert r.output.count("error:") == 1 and flat(r.output).startswith("error:")  # one message, nothing else
+
+
+def test_tokenizer_commands(tmp_path: Path, prepared: Path) -> None:
+    r = run("tokenizer", "encode", "Hello world")
+    assert r.exit_code == 0 and "[33155,40213]" in flat(r.output)
+    r = run(
+        "tokenizer",
+        "train",
+        prepared / "corpus" / "train",
+        "--out",
+        tmp_path / "t.model",
+        "--vocab-size",
+        "400",
+        "--sample-mb",
+        "1",
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "t.model").is_file() and (tmp_path / "t.vocab").is_file()
