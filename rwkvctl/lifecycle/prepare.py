@@ -159,7 +159,8 @@ def _check_out_dir(out: Path, fp: dict[str, Any]) -> None:
                 f"{out} was prepared with a different {key!r}; rerun with the original arguments or use a new --out"
             )
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # Empty, or holding only our state dir (a first run killed before options.json was in place): ours.
+    if out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())):
         raise DataError(f"{out} exists and is not an rwkvctl prepare output; choose a new or empty --out")
     atomic_write_text(state, json.dumps(fp, indent=1) + "\n")
 
@@ -318,8 +319,9 @@ def _done_path(out: Path, unit: Unit) -> Path:
 
 
 def _run_unit(unit: Unit, opts: PrepareOptions, tok: Any, report: Callable[[dict], None]) -> dict[str, Any]:
-    for split in ("train", "val"):  # leftovers of a killed attempt at this unit
-        for stale in (opts.out_dir / split).glob(f".{unit.name}.*.tmp-*"):
+    # Leftovers of a killed attempt at this unit: shard temps and a half-written completion record.
+    for d in (opts.out_dir / "train", opts.out_dir / "val", _done_path(opts.out_dir, unit).parent):
+        for stale in d.glob(f".{unit.name}.*.tmp-*"):
             stale.unlink(missing_ok=True)
     record = _UnitWriter(unit, opts, tok, report).run()
     atomic_write_text(_done_path(opts.out_dir, unit), json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -412,6 +414,11 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
     _check_out_dir(opts.out_dir, _fingerprint(opts, tok_desc, units))
 
     mine = [u for u in units if u.index % opts.num_nodes == opts.node_rank]
+    own_manifest = f"manifest.node-{opts.node_rank}-of-{opts.num_nodes}.json"
+    for name in (MANIFEST_NAME, own_manifest, "options.json"):  # temps of a run killed while writing these
+        for d in (opts.out_dir, opts.out_dir / STATE_DIR):
+            for stale in d.glob(f".{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
     records = {u.name: r for u in units if (r := _load_record(opts.out_dir, u)) is not None}
     todo = [u for u in mine if u.name not in records]
     sizes = {u.name: input_size(u.input) for u in todo}
@@ -441,7 +448,7 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
     done_all = all(u.name in records for u in units)
     listed = units if done_all else [u for u in units if u.name in records and u in mine]
     manifest = build_manifest(opts.out_dir, listed, records, opts, tok_desc)
-    name = MANIFEST_NAME if done_all else f"manifest.node-{opts.node_rank}-of-{opts.num_nodes}.json"
+    name = MANIFEST_NAME if done_all else own_manifest
     path = manifest.save(opts.out_dir / name)
     report({}, force=True)
     return PrepareResult(manifest, path, done_all, len(todo), prog.files_skipped, time.monotonic() - t0, prog)
