@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "../static_switch.h"
 #include "../wkv5.h"
 #include "wkv5_kernels.cuh"
@@ -23,6 +25,18 @@
 namespace rwkvctl {
 namespace {
 
+// Steps per forward chunk: enough chunks for ~8 blocks per SM (see wkv5_fwd_chunk_length), chunks of >= 64
+// steps. RWKVCTL_CUDA_FWD_CHUNK=<steps> forces a length (benchmarks, tests); 0 or unset = automatic.
+int64_t fwd_chunk_length(int64_t batch_heads, int64_t T, int device) {
+  if (const char* env = std::getenv("RWKVCTL_CUDA_FWD_CHUNK")) {
+    const long long forced = std::atoll(env);
+    if (forced > 0) return forced;
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return wkv5_cuda::wkv5_fwd_chunk_length(batch_heads, T, 8 * static_cast<int64_t>(sms), 64);
+}
+
 std::tuple<at::Tensor, at::Tensor> wkv5_fwd_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
   wkv5_check_inputs("wkv5_fwd", r, k, v, w, u, s_in, at::Tensor(), at::Tensor());
@@ -33,12 +47,30 @@ std::tuple<at::Tensor, at::Tensor> wkv5_fwd_cuda(const at::Tensor& r, const at::
   const at::Tensor decay = wkv5_decay(w), uf = u.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({B, T, H, N}, r.options());
   at::Tensor s_out = at::empty({B, H, N, N}, s_in.options().dtype(at::kFloat));
+  const int64_t chunk = fwd_chunk_length(B * H, T, r.get_device());
+  const int64_t n_chunks = T > 0 ? (T + chunk - 1) / chunk : 1;
+  at::Tensor ws = n_chunks > 1 ? at::empty({B * H, n_chunks, N, N}, s_out.options()) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto bh = static_cast<unsigned>(B * H);
   AT_DISPATCH_SWITCH(r.scalar_type(), "wkv5_fwd_cuda", WKV5_CUDA_DTYPES([&] {
     WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
-      wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN><<<dim3(static_cast<unsigned>(B * H)), dim3(kN), 0, stream>>>(
-          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), decay.data_ptr<float>(),
-          uf.data_ptr<float>(), sc.data_ptr<float>(), s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H);
+      const scalar_t *rp = rc.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+      const float *dp = decay.data_ptr<float>(), *up = uf.data_ptr<float>();
+      if (n_chunks == 1) {
+        wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN><<<dim3(bh, 1), dim3(kN), 0, stream>>>(
+            rp, kp, vp, dp, up, sc.data_ptr<float>(), s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H, chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      const auto nc = static_cast<unsigned>(n_chunks);
+      wkv5_cuda::wkv5_chunk_state_kernel<scalar_t, kN><<<dim3(bh, nc), dim3(kN), 0, stream>>>(
+          kp, vp, dp, ws.data_ptr<float>(), T, H, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      wkv5_cuda::wkv5_chunk_scan_kernel<kN><<<dim3(bh), dim3(kN), 0, stream>>>(
+          dp, sc.data_ptr<float>(), ws.data_ptr<float>(), s_out.data_ptr<float>(), T, H, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN><<<dim3(bh, nc), dim3(kN), 0, stream>>>(
+          rp, kp, vp, dp, up, ws.data_ptr<float>(), nullptr, y.data_ptr<scalar_t>(), T, H, chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }));

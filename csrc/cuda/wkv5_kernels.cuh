@@ -3,8 +3,11 @@
 // which runs every "thread" of a block as a std::thread with a barrier for __syncthreads().
 //
 // Algorithm: a sequential scan over T per (batch, head), with the N x N fp32 state spread over the N threads
-// of one block (one state row or column per thread, in registers). This is the simple, verifiable form; it
-// is NOT the chunked (intra-chunk matmul) formulation, which is left as future work.
+// of one block (one state row or column per thread, in registers). Where B*H blocks alone would leave the GPU
+// idle (prompt ingestion, small batches) the forward cuts T into chunks and passes states between them:
+// chunk contributions in parallel, a short scan over chunks, then every chunk's outputs in parallel, all with
+// the same exact recurrence (no decay^-t factorisation, so no overflow for strong decays). This is NOT the
+// intra-chunk-matmul (tensor core) formulation, which is left as future work; the backward is a single pass.
 //
 // The backward runs three independent scans as blockIdx.y = 0, 1, 2 of one launch (see ../wkv5.h for the math):
 //   0: forward in t, thread j owns row j of S and of Q = dS/d(decay_j)  -> gr, gdecay, gu
@@ -22,25 +25,29 @@ __device__ __forceinline__ float load_f(const scalar_t* p, int64_t idx) {
   return static_cast<float>(p[idx]);
 }
 
-// One block per (b, h) (blockIdx.x = b * H + h), N threads; thread i owns column i of S: S[j] = S[j][i].
+// Forward over one chunk of time steps [c * chunk, min(T, (c + 1) * chunk)) with c = blockIdx.y; one block per
+// (b, h, chunk) (blockIdx.x = b * H + h), N threads; thread i owns column i of S: S[j] = S[j][i].
+// s_init is (B*H, gridDim.y, N, N): the state entering each chunk (with one chunk: s_in itself). s_final, when
+// not null, receives the state after the chunk (used with a single chunk, where it is s_out).
 template <typename scalar_t, int N>
 __global__ void __launch_bounds__(N)
     wkv5_fwd_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                    const float* __restrict__ decay, const float* __restrict__ u, const float* __restrict__ s_in,
-                    float* __restrict__ s_out, scalar_t* __restrict__ y, int64_t T, int64_t H) {
-  const int64_t bh = blockIdx.x;
+                    const float* __restrict__ decay, const float* __restrict__ u, const float* __restrict__ s_init,
+                    float* __restrict__ s_final, scalar_t* __restrict__ y, int64_t T, int64_t H, int64_t chunk) {
+  const int64_t bh = blockIdx.x, c = blockIdx.y;
   const int64_t b = bh / H, h = bh % H;
   const int i = threadIdx.x;
   __shared__ float sr[N], sk[N], sw[N], su[N];
   sw[i] = decay[h * N + i];
   su[i] = u[h * N + i];
   float S[N];
-  const float* s0 = s_in + bh * N * N;
+  const float* s0 = s_init + (bh * gridDim.y + c) * N * N;
 #pragma unroll
   for (int j = 0; j < N; ++j) S[j] = s0[j * N + i];
   const int64_t stride = H * N;
-  int64_t off = (b * T * H + h) * N + i;  // element (b, t, h, i) of a contiguous (B, T, H, N) tensor
-  for (int64_t t = 0; t < T; ++t, off += stride) {
+  const int64_t t0 = c * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+  int64_t off = (b * T * H + h) * N + i + t0 * stride;  // element (b, t0, h, i) of a contiguous (B, T, H, N) tensor
+  for (int64_t t = t0; t < t1; ++t, off += stride) {
     __syncthreads();  // previous step's readers are done with sr/sk (and sw/su are visible on the first step)
     sr[i] = load_f(r, off);
     sk[i] = load_f(k, off);
@@ -56,9 +63,79 @@ __global__ void __launch_bounds__(N)
     }
     y[off] = static_cast<scalar_t>(acc + bonus * vi);
   }
-  float* s1 = s_out + bh * N * N;
+  if (s_final != nullptr) {
+    float* s1 = s_final + bh * N * N;
 #pragma unroll
-  for (int j = 0; j < N; ++j) s1[j * N + i] = S[j];
+    for (int j = 0; j < N; ++j) s1[j * N + i] = S[j];
+  }
+}
+
+// Chunked forward, pass 1 (grid (B*H, n_chunks), N threads): the state each chunk adds when it starts from
+// zero, sum_s decay^(end-1-s) k_s v_s^T over its steps, written to ws (B*H, n_chunks, N, N).
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N)
+    wkv5_chunk_state_kernel(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                            const float* __restrict__ decay, float* __restrict__ ws, int64_t T, int64_t H,
+                            int64_t chunk) {
+  const int64_t bh = blockIdx.x, c = blockIdx.y;
+  const int64_t b = bh / H, h = bh % H;
+  const int i = threadIdx.x;
+  __shared__ float sk[N], sw[N];
+  sw[i] = decay[h * N + i];
+  float S[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) S[j] = 0.f;
+  const int64_t stride = H * N;
+  const int64_t t0 = c * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+  int64_t off = (b * T * H + h) * N + i + t0 * stride;
+  for (int64_t t = t0; t < t1; ++t, off += stride) {
+    __syncthreads();
+    sk[i] = load_f(k, off);
+    const float vi = load_f(v, off);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) S[j] = sw[j] * S[j] + sk[j] * vi;
+  }
+  float* out = ws + (bh * gridDim.y + c) * N * N;
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j * N + i] = S[j];
+}
+
+// Chunked forward, pass 2 (grid B*H, N threads): the short sequential scan over chunks. Replaces each ws[c]
+// (the chunk's own contribution) by the state entering chunk c, and writes the final state to s_out:
+// S_enter(c + 1) = decay^len(c) * S_enter(c) + contribution(c), S_enter(0) = s_in.
+template <int N>
+__global__ void __launch_bounds__(N)
+    wkv5_chunk_scan_kernel(const float* __restrict__ decay, const float* __restrict__ s_in,
+                           float* __restrict__ ws, float* __restrict__ s_out, int64_t T, int64_t H,
+                           int64_t chunk) {
+  const int64_t bh = blockIdx.x, n_chunks = (T + chunk - 1) / chunk;
+  const int64_t h = bh % H;
+  const int i = threadIdx.x;
+  float S[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) S[j] = s_in[bh * N * N + j * N + i];
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t len = (c + 1) * chunk < T ? chunk : T - c * chunk;
+    float* p = ws + (bh * n_chunks + c) * N * N;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float contribution = p[j * N + i];
+      p[j * N + i] = S[j];
+      S[j] = powf(decay[h * N + j], static_cast<float>(len)) * S[j] + contribution;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) s_out[bh * N * N + j * N + i] = S[j];
+}
+
+// How many chunks the forward cuts T into so that about `target_blocks` blocks run at once: one (the single
+// pass) when B*H alone fills the GPU or T is short; chunks are at least `min_chunk` steps long.
+inline int64_t wkv5_fwd_chunk_length(int64_t batch_heads, int64_t T, int64_t target_blocks, int64_t min_chunk) {
+  if (T < 2 * min_chunk || batch_heads >= target_blocks) return T > 0 ? T : 1;
+  int64_t n_chunks = (target_blocks + batch_heads - 1) / batch_heads;
+  if (n_chunks > T / min_chunk) n_chunks = T / min_chunk;
+  return (T + n_chunks - 1) / n_chunks;
 }
 
 template <typename scalar_t, int N>

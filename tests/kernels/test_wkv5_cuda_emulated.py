@@ -36,19 +36,23 @@ def emulated():
 
     class Emulated(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, r, k, v, w, u, s):
+        def forward(ctx, r, k, v, w, u, s, chunk, sms):
             ctx.save_for_backward(r, k, v, w, u, s)
-            return ops.wkv5_fwd(r, k, v, w, u, s)
+            return ops.wkv5_fwd(r, k, v, w, u, s, chunk, sms)
 
         @staticmethod
         def backward(ctx, gy, gs):
-            return ops.wkv5_bwd(*ctx.saved_tensors, gy.contiguous(), gs)
+            return *ops.wkv5_bwd(*ctx.saved_tensors, gy.contiguous(), gs), None, None
 
-    return Emulated.apply
+    def run(r, k, v, w, u, s, chunk: int = 0, sms: int = 132):
+        """chunk=0: the automatic forward chunking wkv5_fwd_cuda would use on a GPU with `sms` SMs."""
+        return Emulated.apply(r, k, v, w, u, s, chunk, sms)
+
+    return run
 
 
 @pytest.mark.parametrize(
-    "B, T, H, N", [(1, 1, 1, 64), (2, 2, 1, 64), (1, 17, 2, 64), (2, 64, 2, 64), (2, 40, 3, 16), (1, 129, 1, 64)]
+    "B, T, H, N", [(1, 1, 1, 64), (2, 2, 1, 16), (1, 17, 2, 64), (2, 64, 2, 16), (2, 40, 3, 16), (1, 129, 1, 64)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_emulated_cuda_kernels_against_reference(emulated, B, T, H, N, dtype):
@@ -63,6 +67,19 @@ def test_emulated_cuda_kernels_against_reference(emulated, B, T, H, N, dtype):
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, f"{metric} errors above {tol}: {bad}"
     assert got[0].dtype == dtype and got[2]["r"].dtype == dtype and got[2]["s_in"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("T, chunk, sms", [(130, 0, 132), (130, 64, 1), (100, 7, 1), (5, 2, 1), (64, 64, 1), (1, 0, 1)])
+def test_emulated_chunked_forward(emulated, T, chunk, sms):
+    """The state-passing chunked forward (automatic or forced chunk lengths, uneven last chunk) is exact."""
+    x = random_inputs(1, T, 2, 16, seed=T + chunk)
+    want = forward_backward(wkv5_loop, x, torch.float64)
+    got = forward_backward(lambda *a: emulated(*a, chunk=chunk, sms=sms), x, torch.float32)
+    for name, a, b in [("y", got[0], want[0]), ("s_out", got[1], want[1])] + [
+        (f"g{n}", got[2][n], want[2][n]) for n in NAMES
+    ]:
+        if b.numel():
+            assert _error(a, b, "rel max") < 2e-5, name
 
 
 def test_emulated_without_state_gradient(emulated):

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <thread>
 #include <tuple>
@@ -17,7 +18,7 @@
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-thread_local EmuDim3 threadIdx, blockIdx;
+thread_local EmuDim3 threadIdx, blockIdx, gridDim;
 thread_local std::barrier<>* emu_block_barrier = nullptr;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
@@ -43,6 +44,8 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, const Kernel
           threadIdx.x = t;
           blockIdx.x = bx;
           blockIdx.y = by;
+          gridDim.x = grid_x;
+          gridDim.y = grid_y;
           emu_block_barrier = &barrier;
           kernel();
         });
@@ -54,19 +57,42 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, const Kernel
 
 at::Tensor decay_of(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kFloat))).contiguous(); }
 
+// chunk <= 0: the automatic choice for a GPU with `sms` multiprocessors (as wkv5_fwd_cuda does).
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
-                                            const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
+                                            const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in,
+                                            int64_t chunk, int64_t sms) {
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const at::Tensor rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), sc = s_in.contiguous();
   const at::Tensor decay = decay_of(w), uf = u.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({B, T, H, N}, r.options());
   at::Tensor s_out = at::empty({B, H, N, N}, s_in.options());
+  if (chunk <= 0) chunk = rwkvctl::wkv5_cuda::wkv5_fwd_chunk_length(B * H, T, 8 * sms, 64);
+  const int64_t n_chunks = T > 0 ? (T + chunk - 1) / chunk : 1;
+  at::Tensor ws = at::empty({B * H, n_chunks, N, N}, s_out.options());
+  const auto bh = static_cast<unsigned>(B * H);
+  const auto nc = static_cast<unsigned>(n_chunks);
   WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
-    emu_launch(static_cast<unsigned>(B * H), 1, kN, [&] {
-      rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(
-          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), decay.data_ptr<float>(),
-          uf.data_ptr<float>(), sc.data_ptr<float>(), s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H);
+    const scalar_t *rp = rc.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    const float *dp = decay.data_ptr<float>(), *up = uf.data_ptr<float>();
+    if (n_chunks == 1) {
+      emu_launch(bh, 1, kN, [&] {
+        rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(rp, kp, vp, dp, up, sc.data_ptr<float>(),
+                                                         s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H,
+                                                         chunk);
+      });
+      return;
+    }
+    emu_launch(bh, nc, kN, [&] {
+      rwkvctl::wkv5_cuda::wkv5_chunk_state_kernel<scalar_t, kN>(kp, vp, dp, ws.data_ptr<float>(), T, H, chunk);
+    });
+    emu_launch(bh, 1, kN, [&] {
+      rwkvctl::wkv5_cuda::wkv5_chunk_scan_kernel<kN>(dp, sc.data_ptr<float>(), ws.data_ptr<float>(),
+                                                     s_out.data_ptr<float>(), T, H, chunk);
+    });
+    emu_launch(bh, nc, kN, [&] {
+      rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(rp, kp, vp, dp, up, ws.data_ptr<float>(), nullptr,
+                                                       y.data_ptr<scalar_t>(), T, H, chunk);
     });
   });
   return {y, s_out};
@@ -102,10 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> emu_fwd(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in) {
-  if (r.scalar_type() == at::kBFloat16) return fwd_impl<c10::BFloat16>(r, k, v, w, u, s_in);
+                                           const at::Tensor& w, const at::Tensor& u, const at::Tensor& s_in,
+                                           int64_t chunk, int64_t sms) {
+  if (r.scalar_type() == at::kBFloat16) return fwd_impl<c10::BFloat16>(r, k, v, w, u, s_in, chunk, sms);
   TORCH_CHECK(r.scalar_type() == at::kFloat, "emulation: float32 or bfloat16 inputs");
-  return fwd_impl<float>(r, k, v, w, u, s_in);
+  return fwd_impl<float>(r, k, v, w, u, s_in, chunk, sms);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bwd(
@@ -119,7 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(rwkvctl_cuda_emulation, m) {
-  m.def("wkv5_fwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in) -> (Tensor, Tensor)");
+  m.def(
+      "wkv5_fwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, int chunk, int sms)"
+      " -> (Tensor, Tensor)");
   m.def(
       "wkv5_bwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, Tensor gy, Tensor? g_s_out)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
