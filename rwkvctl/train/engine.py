@@ -170,8 +170,8 @@ class DeepSpeedEngine(Engine):
         return super().export_state_dict()
 
     def close(self) -> None:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except RuntimeError:
-            pass
+        # The process group stays up: deepspeed.comm caches it, and a second engine in the same process
+        # (a benchmark, a notebook) must find it; it ends with the process.
+        destroy = getattr(self.ds, "destroy", None)
+        if destroy is not None:
+            destroy()
