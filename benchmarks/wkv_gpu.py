@@ -6,7 +6,8 @@ PyTorch reference at B=8 T=4096 C=4096 (H=64, N=64) bf16. Ready to run in a sess
 Correctness: forward, final state and every gradient (r, k, v, w, u, s_in) against the float64 reference
 (exact loop for T <= 64, chunked form beyond, both on the GPU in float64), T in {1,2,15,16,17,64,129,1000},
 B in {1,3}, H in {1,4}, N=64, fp32 (relative max error, tolerance 1e-4) and bf16 (relative RMS, 1e-2).
-Exit status 1 if any case is above tolerance.
+Exit status 1 if any case is above tolerance. Last, prompt ingestion (B=1, forward only): the automatic
+state-passing chunked CUDA forward vs a forced single pass (RWKVCTL_CUDA_FWD_CHUNK).
 """
 
 from __future__ import annotations
@@ -64,6 +65,35 @@ def speed(B: int, T: int, C: int, N: int, reps: int, device: str) -> list[str]:
     return rows
 
 
+def prefill(T: int, C: int, N: int, reps: int, device: str) -> list[str]:
+    """Forward only at B=1 (prompt ingestion): automatic chunked forward vs a forced single pass."""
+    import os
+    import time
+
+    H = C // N
+    x = random_inputs(1, T, H, N, device=device)
+    r, k, v = (x[n].to(torch.bfloat16) for n in ("r", "k", "v"))
+    w, u, s = x["w"].float(), x["u"].float(), x["s_in"].float()
+    rows = []
+    for label, setting in (("single pass", str(T + 1)), ("automatic chunks", "0")):
+        os.environ["RWKVCTL_CUDA_FWD_CHUNK"] = setting
+        times = []
+        with torch.no_grad():
+            for i in range(reps + 1):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                wkv5_compiled(r, k, v, w, u, s)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - start)
+        rows.append(f"| 1x{T}x{H}x{N} forward | bfloat16 | {label} | {sorted(times)[len(times) // 2] * 1e3:.2f} |")
+        print(rows[-1], flush=True)
+    os.environ.pop("RWKVCTL_CUDA_FWD_CHUNK")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -80,6 +110,8 @@ def main() -> None:
     print("\n| B x T x H x N | dtype | ours fwd+bwd ms | chunked reference ms | speed-up |")
     print("|---|---|---|---|---|")
     rows = speed(*args.speed_shape, 64, args.reps, args.device)
+    print("\n| prefill | dtype | CUDA forward | ms |\n|---|---|---|---|")
+    prefill_rows = prefill(args.speed_shape[1], args.speed_shape[2], 64, args.reps, args.device)
     print(f"\n### WKV5 on GPU ({datetime.date.today()})\n")
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run"
     print(
@@ -89,6 +121,8 @@ def main() -> None:
     print("| B x T x H x N | dtype | ours fwd+bwd ms | chunked reference ms | speed-up |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\n| prefill | dtype | CUDA forward | ms |\n|---|---|---|---|")
+    print("\n".join(prefill_rows))
     sys.exit(1 if failures else 0)
 
 
