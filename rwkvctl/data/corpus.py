@@ -160,7 +160,8 @@ def _plain_chunks(raw: _Counting) -> Iterator[bytes]:
         yield chunk
 
 
-def _lines(path: Path, raw: _Counting) -> Iterator[tuple[int, bytes]]:
+def _blocks(path: Path, raw: _Counting) -> Iterator[bytes]:
+    """Decompressed data in blocks of whole lines, each block ending with b"\\n" (one is added to a last line)."""
     name = path.name
     if name.endswith((".zst", ".zstd")):
         chunks = _zstd_chunks(raw)
@@ -168,15 +169,17 @@ def _lines(path: Path, raw: _Counting) -> Iterator[tuple[int, bytes]]:
         chunks = _gzip_chunks(raw)
     else:
         chunks = _plain_chunks(raw)
-    pending, n = b"", 0
+    pending = b""
     for chunk in chunks:
-        parts = (pending + chunk).split(b"\n")
-        pending = parts.pop()
-        for part in parts:
-            n += 1
-            yield n, part
+        buf = pending + chunk if pending else chunk
+        cut = buf.rfind(b"\n")
+        if cut < 0:
+            pending = buf
+            continue
+        pending = buf[cut + 1 :]
+        yield buf[: cut + 1]
     if pending:
-        yield n + 1, pending
+        yield pending + b"\n"
 
 
 # --- records -> documents ----------------------------------------------------------------------------------------
@@ -234,8 +237,8 @@ def _parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | 
         return Problem(line, "invalid_utf8", f"byte {e.start}")
     try:
         obj = json.loads(s)
-    except ValueError as e:
-        return Problem(line, "malformed_json", str(e)[:80])
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        return Problem(line, "malformed_json", str(e)[:80] or type(e).__name__)
     return record_to_doc(obj, line, text_key, source_key)
 
 
@@ -266,12 +269,13 @@ class DocumentStream:
         self._raw = raw = _Counting(f)
         last = 0
         try:
-            for line, data in _lines(p, raw):
-                last = line
+            for block in _blocks(p, raw):
                 self.consumed = raw.pos
-                item = _parse_line(data, line, self.text_key, self.source_key)
-                if item is not None:
-                    yield item
+                for data in block.split(b"\n")[:-1]:
+                    last += 1
+                    item = _parse_line(data, last, self.text_key, self.source_key)
+                    if item is not None:
+                        yield item
         except _CorruptInputError as e:
             yield Problem(last + 1, e.kind, str(e))
         finally:

@@ -43,6 +43,7 @@ def test_clean_zst_multi_frame_and_sources(tmp_path: Path) -> None:
     [
         (b'{"text": "unterminated', "malformed_json"),
         (b"[1, 2, 3]", "malformed_json"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "malformed_json"),  # too deep for json: RecursionError
         (b'{"content": "no text key"}', "missing_text"),
         (b'{"text": 42}', "non_string_text"),
         (b'{"text": null}', "non_string_text"),
