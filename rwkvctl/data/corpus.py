@@ -229,7 +229,7 @@ def _parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | 
     if _fast_loads is not None:
         try:
             return record_to_doc(_fast_loads(raw), line, text_key, source_key)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass  # classify below with the stdlib, which also accepts escaped lone surrogates
     try:
         s = raw.decode("utf-8")
