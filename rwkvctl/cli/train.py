@@ -240,6 +240,7 @@ def train_command(
             resume=resume_step if resume_step is not None else ("latest" if resuming else None),
             on_progress=display,
         )
+    console.line()  # the live display leaves its last line open when stdout is not a terminal
     console.print(_summary(result))
     if result.interrupted:
         console.print(
