@@ -207,3 +207,31 @@ def test_gz_and_plain_jsonl_inputs(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text("\n".join(rows) + "\n\n")
     res = prepare(PrepareOptions(inputs=[str(tmp_path / "*.jsonl*")], out_dir=tmp_path / "o"))
     assert res.manifest.docs() == 10 and set(res.manifest.source_totals()) == {"unknown"}
+
+
+def test_roundtrip_failures_are_counted_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tokenizer whose decode loses text: every checked doc is reported, and every doc is still written."""
+    from rwkvctl.data.tokenizer import load_tokenizer
+    from rwkvctl.lifecycle import prepare as prepare_mod
+
+    class Lossy:
+        def __init__(self) -> None:
+            self.inner = load_tokenizer("world")
+            self.name, self.vocab_size, self.eod_id = "world", self.inner.vocab_size, 0
+
+        def describe(self) -> dict:
+            return self.inner.describe()
+
+        def encode_batch(self, data, offsets, append_eod=True):
+            return self.inner.encode_batch(data, offsets, append_eod)
+
+        def decode(self, ids) -> str:
+            return self.inner.decode(ids)[:-1]  # drops the last character
+
+    monkeypatch.setattr(prepare_mod, "load_tokenizer", lambda spec: Lossy())
+    rows = [json.dumps({"text": f"doc {i} text"}) for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("\n".join(rows))
+    res = prepare(PrepareOptions(inputs=[str(tmp_path / "a.jsonl")], out_dir=tmp_path / "o", verify_every=3))
+    bad = [b for b in res.manifest.bad_inputs if b.kind == "roundtrip_mismatch"]
+    assert len(bad) == 1 and bad[0].count == 3 and bad[0].first_line == 3  # docs 3, 6, 9 were checked
+    assert res.manifest.docs() == 10
