@@ -57,7 +57,7 @@ class PrepareOptions:
     num_nodes: int = 1
     node_rank: int = 0
     ctx_len: int | None = None
-    batch_bytes: int = 4 << 20
+    batch_bytes: int = 1 << 20
 
 
 @dataclass
