@@ -73,6 +73,12 @@ def bench_tokenizers(texts: list[str]) -> dict[str, float]:
     ours = WorldTokenizer()
     out = {"text_mb": n / 1e6, "ours_backend": ours.backend}
     out["ours"] = cpu_rate(lambda: ours.encode_batch(data, offsets), n)
+    walls = []
+    for _ in range(3):
+        t = time.perf_counter()
+        ours.encode_batch(data, offsets)
+        walls.append(time.perf_counter() - t)
+    out["ours_wall"] = n / min(walls) / 1e6  # same load conditions as the wall-clock end-to-end runs
     try:
         import pyrwkv_tokenizer
 
@@ -144,7 +150,7 @@ def main() -> None:
             "ratios": {
                 "ours_vs_pyrwkv": tok["ours"] / tok["pyrwkv"],
                 "ours_vs_reference": tok["ours"] / tok["rwkv_reference"],
-                "e2e_1w_vs_tokenizer": e1["mb_s"] / tok["ours"],
+                "e2e_1w_vs_tokenizer": e1["mb_s"] / tok["ours_wall"],
                 "e2e_1w_cpu_vs_tokenizer": e1["mb_per_cpu_s"] / tok["ours"],
                 "speedup_2w": e2["mb_s"] / e1["mb_s"],
             },
@@ -166,7 +172,8 @@ def main() -> None:
     for name, e in (("1 worker ", e1), ("2 workers", e2)):
         print(f"  {name} {e['mb_s']:7.1f} MB/s wall ({e['seconds']:.1f}s), {e['mb_per_cpu_s']:6.1f} MB/cpu-s")
     wall_ratio, cpu_ratio = r["e2e_1w_vs_tokenizer"], r["e2e_1w_cpu_vs_tokenizer"]
-    print(f"  e2e/tokenizer (1 worker): wall {wall_ratio:.2f}, cpu {cpu_ratio:.2f} (goal 0.8)")
+    print(f"  e2e/tokenizer (1 worker): wall {wall_ratio:.2f} (vs {t['ours_wall']:.0f} MB/s tokenizer wall), ", end="")
+    print(f"cpu {cpu_ratio:.2f} (goal 0.8)")
     print(f"  2-worker speedup (wall): {r['speedup_2w']:.2f}x (goal >= 1.8; needs 2 idle cores)")
     print(f"load average after: {os.getloadavg()}")
 
