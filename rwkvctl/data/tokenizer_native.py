@@ -16,7 +16,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "tokenizer" / "world_trie.cpp"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# rwkvctl/_csrc/ in a wheel/sdist install (as the WKV5 kernel sources), csrc/ in a source checkout.
+_CANDIDATES = [root / "tokenizer" / "world_trie.cpp" for root in (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")]
+SOURCE = next((c for c in _CANDIDATES if c.is_file()), _CANDIDATES[-1])
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-plt"]
 
 _lib: ctypes.CDLL | None = None
