@@ -143,13 +143,17 @@ def train(cfg: RunConfig, *, resume: str | int | None = None,
     """Train (or continue training) the run described by `cfg`; see the module docstring."""
     cfg.validate()
     ckpt = _prepare_run_dir(cfg, resume)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     configure_determinism(cfg)
-    model, scheme = _build_model(cfg)
-    engine = _build_engine(model, cfg)
     try:
-        return _run(cfg, engine, ckpt, scheme, on_progress)
-    finally:
-        engine.close()
+        model, scheme = _build_model(cfg)
+        engine = _build_engine(model, cfg)
+        try:
+            return _run(cfg, engine, ckpt, scheme, on_progress)
+        finally:
+            engine.close()
+    finally:  # a process-wide switch: give the caller back what it had
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
