@@ -42,17 +42,31 @@ def _fallback(reason: str, mode: str) -> bool:
     return False
 
 
+@torch.compiler.disable
+def _load_or_failure():
+    from rwkvctl.kernels._build import load_extension
+
+    try:
+        return load_extension()
+    except KernelUnavailable as e:
+        return e
+
+
 def uses_compiled(r: Tensor) -> bool:
     """Whether `wkv5` runs the compiled op for inputs like `r` (builds/loads the extension on first call)."""
     mode = backend_mode()
     if mode == "reference":
         return False
-    from rwkvctl.kernels._build import load_extension
+    from rwkvctl.kernels import _build
 
-    try:
-        info = load_extension()
-    except KernelUnavailable as e:
-        return _fallback(str(e), mode)
+    # Plain reads of module state once loaded, so torch.compile traces straight through this function;
+    # the first build/load happens in a function dynamo skips.
+    info = _build.loaded()
+    if info is None:
+        failed = _build.failure() or _load_or_failure()
+        if isinstance(failed, KernelUnavailable):
+            return _fallback(str(failed), mode)
+        info = failed
     if r.shape[-1] not in SUPPORTED_HEAD_SIZES:
         return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
     if r.device.type == "cuda" and not info.with_cuda:

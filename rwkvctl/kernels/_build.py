@@ -175,3 +175,8 @@ def _load(verbose: bool) -> ExtensionInfo:
 def loaded() -> ExtensionInfo | None:
     """The extension loaded in this process, if any (never builds)."""
     return _loaded
+
+
+def failure() -> KernelUnavailable | None:
+    """Why building/loading failed in this process, if it was tried and failed."""
+    return _failure

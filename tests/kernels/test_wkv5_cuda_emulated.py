@@ -38,14 +38,15 @@ def emulated():
         @staticmethod
         def forward(ctx, r, k, v, w, u, s, chunk, sms):
             ctx.save_for_backward(r, k, v, w, u, s)
+            ctx.chunking = (chunk, sms)
             return ops.wkv5_fwd(r, k, v, w, u, s, chunk, sms)
 
         @staticmethod
         def backward(ctx, gy, gs):
-            return *ops.wkv5_bwd(*ctx.saved_tensors, gy.contiguous(), gs), None, None
+            return *ops.wkv5_bwd(*ctx.saved_tensors, gy.contiguous(), gs, *ctx.chunking), None, None
 
     def run(r, k, v, w, u, s, chunk: int = 0, sms: int = 132):
-        """chunk=0: the automatic forward chunking wkv5_fwd_cuda would use on a GPU with `sms` SMs."""
+        """chunk=0: the automatic chunking wkv5_fwd_cuda/wkv5_bwd_cuda would use on a GPU with `sms` SMs."""
         return Emulated.apply(r, k, v, w, u, s, chunk, sms)
 
     return run
@@ -70,8 +71,8 @@ def test_emulated_cuda_kernels_against_reference(emulated, B, T, H, N, dtype):
 
 
 @pytest.mark.parametrize("T, chunk, sms", [(130, 0, 132), (130, 64, 1), (100, 7, 1), (5, 2, 1), (64, 64, 1), (1, 0, 1)])
-def test_emulated_chunked_forward(emulated, T, chunk, sms):
-    """The state-passing chunked forward (automatic or forced chunk lengths, uneven last chunk) is exact."""
+def test_emulated_chunked_forward_and_backward(emulated, T, chunk, sms):
+    """The state-passing chunked forward and backward (automatic or forced chunk lengths, uneven last chunk)."""
     x = random_inputs(1, T, 2, 16, seed=T + chunk)
     want = forward_backward(wkv5_loop, x, torch.float64)
     got = forward_backward(lambda *a: emulated(*a, chunk=chunk, sms=sms), x, torch.float32)
@@ -88,7 +89,8 @@ def test_emulated_without_state_gradient(emulated):
     args = [x[n].float() for n in NAMES]
     gy = x["gy"].float()
     ops = torch.ops.rwkvctl_cuda_emulation
-    none = ops.wkv5_bwd(*args, gy, None)
-    zeros = ops.wkv5_bwd(*args, gy, torch.zeros_like(args[-1]))
-    for a, b in zip(none, zeros, strict=True):
-        assert torch.equal(a, b)
+    for chunk in (0, 4):
+        none = ops.wkv5_bwd(*args, gy, None, chunk, 1)
+        zeros = ops.wkv5_bwd(*args, gy, torch.zeros_like(args[-1]), chunk, 1)
+        for a, b in zip(none, zeros, strict=True):
+            assert torch.equal(a, b)

@@ -34,9 +34,10 @@ inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 namespace {
 
 template <class Kernel>
-void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, const Kernel& kernel) {
-  for (unsigned by = 0; by < grid_y; ++by) {
-    for (unsigned bx = 0; bx < grid_x; ++bx) {
+void emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned threads, const Kernel& kernel) {
+  for (unsigned bz = 0; bz < grid_z; ++bz) {
+    for (unsigned by = 0; by < grid_y; ++by) {
+      for (unsigned bx = 0; bx < grid_x; ++bx) {
       std::barrier<> barrier(threads);
       std::vector<std::thread> pool;
       for (unsigned t = 0; t < threads; ++t) {
@@ -44,18 +45,26 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, const Kernel
           threadIdx.x = t;
           blockIdx.x = bx;
           blockIdx.y = by;
+          blockIdx.z = bz;
           gridDim.x = grid_x;
           gridDim.y = grid_y;
+          gridDim.z = grid_z;
           emu_block_barrier = &barrier;
           kernel();
         });
       }
       for (auto& th : pool) th.join();
+      }
     }
   }
 }
 
 at::Tensor decay_of(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kFloat))).contiguous(); }
+
+// The chunk length the CUDA host code would pick: `chunk` if positive, else the automatic one for `sms` SMs.
+int64_t pick_chunk(int64_t chunk, int64_t batch_heads, int64_t T, int64_t sms) {
+  return chunk > 0 ? chunk : rwkvctl::wkv5_cuda::wkv5_fwd_chunk_length(batch_heads, T, 8 * sms, 64);
+}
 
 // chunk <= 0: the automatic choice for a GPU with `sms` multiprocessors (as wkv5_fwd_cuda does).
 template <typename scalar_t>
@@ -67,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& r, const at::Tenso
   const at::Tensor decay = decay_of(w), uf = u.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({B, T, H, N}, r.options());
   at::Tensor s_out = at::empty({B, H, N, N}, s_in.options());
-  if (chunk <= 0) chunk = rwkvctl::wkv5_cuda::wkv5_fwd_chunk_length(B * H, T, 8 * sms, 64);
+  chunk = pick_chunk(chunk, B * H, T, sms);
   const int64_t n_chunks = T > 0 ? (T + chunk - 1) / chunk : 1;
   at::Tensor ws = at::empty({B * H, n_chunks, N, N}, s_out.options());
   const auto bh = static_cast<unsigned>(B * H);
@@ -76,21 +85,21 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& r, const at::Tenso
     const scalar_t *rp = rc.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
     const float *dp = decay.data_ptr<float>(), *up = uf.data_ptr<float>();
     if (n_chunks == 1) {
-      emu_launch(bh, 1, kN, [&] {
+      emu_launch(bh, 1, 1, kN, [&] {
         rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(rp, kp, vp, dp, up, sc.data_ptr<float>(),
                                                          s_out.data_ptr<float>(), y.data_ptr<scalar_t>(), T, H,
                                                          chunk);
       });
       return;
     }
-    emu_launch(bh, nc, kN, [&] {
+    emu_launch(bh, nc, 1, kN, [&] {
       rwkvctl::wkv5_cuda::wkv5_chunk_state_kernel<scalar_t, kN>(kp, vp, dp, ws.data_ptr<float>(), T, H, chunk);
     });
-    emu_launch(bh, 1, kN, [&] {
+    emu_launch(bh, 1, 1, kN, [&] {
       rwkvctl::wkv5_cuda::wkv5_chunk_scan_kernel<kN>(dp, sc.data_ptr<float>(), ws.data_ptr<float>(),
                                                      s_out.data_ptr<float>(), T, H, chunk);
     });
-    emu_launch(bh, nc, kN, [&] {
+    emu_launch(bh, nc, 1, kN, [&] {
       rwkvctl::wkv5_cuda::wkv5_fwd_kernel<scalar_t, kN>(rp, kp, vp, dp, up, ws.data_ptr<float>(), nullptr,
                                                        y.data_ptr<scalar_t>(), T, H, chunk);
     });
@@ -101,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& r, const at::Tenso
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
-    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out) {
+    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out, int64_t chunk,
+    int64_t sms) {
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const at::Tensor rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), sc = s_in.contiguous();
   const at::Tensor gyc = gy.to(r.scalar_type()).contiguous();
@@ -110,21 +120,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gr = at::empty({B, T, H, N}, r.options()), gk = at::empty({B, T, H, N}, r.options());
   at::Tensor gv = at::empty({B, T, H, N}, r.options());
   const auto f32 = s_in.options().dtype(at::kFloat);
-  at::Tensor gdecay = at::empty({B, H, N}, f32), gu_part = at::empty({B, H, N}, f32);
+  chunk = pick_chunk(chunk, B * H, T, sms);
+  const int64_t n_chunks = T > 0 ? (T + chunk - 1) / chunk : 1;
+  at::Tensor gdecay = at::empty({B, H, n_chunks, N}, f32), gu_part = at::empty({B, H, n_chunks, N}, f32);
   at::Tensor g_s_in = at::empty({B, H, N, N}, f32);
+  at::Tensor ws = at::empty({3, B * H, n_chunks, N, N}, f32);
+  const auto bh = static_cast<unsigned>(B * H), nc = static_cast<unsigned>(n_chunks);
   WKV5_HEAD_SIZE_SWITCH(N, kN, [&] {
-    emu_launch(static_cast<unsigned>(B * H), 3, kN, [&] {
+    const scalar_t *rp = rc.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    const scalar_t* gyp = gyc.data_ptr<scalar_t>();
+    const float *dp = decay.data_ptr<float>(), *sp = sc.data_ptr<float>();
+    const float* gsop = gsoc.defined() ? gsoc.data_ptr<float>() : nullptr;
+    const float *s_enter = sp, *q_enter = nullptr, *d_end = gsop;
+    if (n_chunks > 1) {
+      float *ws_s = ws[0].data_ptr<float>(), *ws_q = ws[1].data_ptr<float>(), *ws_d = ws[2].data_ptr<float>();
+      emu_launch(bh, nc, 2, kN, [&] {
+        rwkvctl::wkv5_cuda::wkv5_bwd_chunk_local_kernel<scalar_t, kN>(rp, kp, vp, gyp, dp, ws_s, ws_q, ws_d, T, H,
+                                                                     chunk);
+      });
+      emu_launch(bh, 2, 1, kN, [&] {
+        rwkvctl::wkv5_cuda::wkv5_bwd_chunk_scan_kernel<kN>(dp, sp, gsop, ws_s, ws_q, ws_d, T, H, chunk);
+      });
+      s_enter = ws_s;
+      q_enter = ws_q;
+      d_end = ws_d;
+    }
+    emu_launch(bh, nc, 3, kN, [&] {
       rwkvctl::wkv5_cuda::wkv5_bwd_kernel<scalar_t, kN>(
-          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), decay.data_ptr<float>(),
-          uf.data_ptr<float>(), sc.data_ptr<float>(), gyc.data_ptr<scalar_t>(),
-          gsoc.defined() ? gsoc.data_ptr<float>() : nullptr, gr.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
-          gv.data_ptr<scalar_t>(), gdecay.data_ptr<float>(), gu_part.data_ptr<float>(), g_s_in.data_ptr<float>(), T,
-          H);
+          rp, kp, vp, dp, uf.data_ptr<float>(), s_enter, q_enter, d_end, gyp, gsop, gr.data_ptr<scalar_t>(),
+          gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), gdecay.data_ptr<float>(), gu_part.data_ptr<float>(),
+          g_s_in.data_ptr<float>(), T, H, chunk);
     });
   });
   const at::Tensor wf = w.to(at::kFloat);
-  at::Tensor gw = (gdecay.sum(0) * (-at::exp(wf)) * decay).to(w.scalar_type());
-  return {gr, gk, gv, gw, gu_part.sum(0).to(u.scalar_type()), g_s_in};
+  at::Tensor gw = (gdecay.sum(2).sum(0) * (-at::exp(wf)) * decay).to(w.scalar_type());
+  return {gr, gk, gv, gw, gu_part.sum(2).sum(0).to(u.scalar_type()), g_s_in};
 }
 
 std::tuple<at::Tensor, at::Tensor> emu_fwd(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
@@ -137,10 +167,11 @@ std::tuple<at::Tensor, at::Tensor> emu_fwd(const at::Tensor& r, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bwd(
     const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
-    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out) {
-  if (r.scalar_type() == at::kBFloat16) return bwd_impl<c10::BFloat16>(r, k, v, w, u, s_in, gy, g_s_out);
+    const at::Tensor& s_in, const at::Tensor& gy, const std::optional<at::Tensor>& g_s_out, int64_t chunk,
+    int64_t sms) {
+  if (r.scalar_type() == at::kBFloat16) return bwd_impl<c10::BFloat16>(r, k, v, w, u, s_in, gy, g_s_out, chunk, sms);
   TORCH_CHECK(r.scalar_type() == at::kFloat, "emulation: float32 or bfloat16 inputs");
-  return bwd_impl<float>(r, k, v, w, u, s_in, gy, g_s_out);
+  return bwd_impl<float>(r, k, v, w, u, s_in, gy, g_s_out, chunk, sms);
 }
 
 }  // namespace
@@ -150,8 +181,8 @@ TORCH_LIBRARY(rwkvctl_cuda_emulation, m) {
       "wkv5_fwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, int chunk, int sms)"
       " -> (Tensor, Tensor)");
   m.def(
-      "wkv5_bwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, Tensor gy, Tensor? g_s_out)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "wkv5_bwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s_in, Tensor gy, Tensor? g_s_out,"
+      " int chunk, int sms) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rwkvctl_cuda_emulation, CPU, m) {
