@@ -252,10 +252,19 @@ def test_cuda_grid_against_reference(T, B, H, dtype, ext):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_opcheck_and_chaining(ext):
+@pytest.mark.parametrize("chunk", ["0", "7", "1000"], ids=["auto", "chunks-of-7", "single-pass"])
+def test_cuda_opcheck_and_chaining(ext, chunk, monkeypatch):
+    monkeypatch.setenv("RWKVCTL_CUDA_CHUNK", chunk)  # the CUDA host code reads it on every call
     x = {n: t.float().cuda() for n, t in make_inputs(2, 40, 2, 64, seed=8).items()}
     args = tuple(x[n].requires_grad_() for n in NAMES)
     torch.library.opcheck(torch.ops.rwkvctl.wkv5_fwd.default, args)
     whole = run_with_grads(op, x)
     chained = run_with_grads(functools.partial(two_segments, split=17), x)
     check_against_reference(chained, whole, torch.float32, "cuda chained")
+    want = run_with_grads(reference.wkv5_loop, {n: t.double().cpu() for n, t in x.items()})
+    check_against_reference(
+        (whole[0].cpu(), whole[1].cpu(), {n: g.cpu() for n, g in whole[2].items()}),
+        want,
+        torch.float32,
+        f"cuda chunk={chunk}",
+    )
