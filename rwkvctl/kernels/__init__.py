@@ -79,7 +79,15 @@ def uses_compiled(r: Tensor) -> bool:
 
 
 def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """WKV5 over a sequence: r,k,v (B,T,H,N); w,u (H,N); state (B,H,N,N) fp32 or None -> (y, state)."""
+    """WKV5 over a sequence: r,k,v (B,T,H,N) or (B,T,C=H*N); w,u (H,N); state (B,H,N,N) fp32 or None -> (y, state).
+
+    y has the shape of r.
+    """
+    if r.dim() == 3:  # (B, T, C) -> (B, T, H, N), heads taken from w
+        B, T, _ = r.shape
+        H, N = w.shape
+        y, state = wkv5(*(x.view(B, T, H, N) for x in (r, k, v)), w, u, state)
+        return y.view(B, T, H * N), state
     if uses_compiled(r):
         from rwkvctl.kernels.ops import wkv5_compiled
 

@@ -104,6 +104,16 @@ def test_auto_uses_the_compiled_op(monkeypatch):
 
 
 @has_compiler
+def test_flat_channel_layout(monkeypatch):
+    """r, k, v given as (B, T, C) with C = H*N give the same result, shaped (B, T, C)."""
+    monkeypatch.delenv("RWKVCTL_WKV", raising=False)
+    r, k, v, w, u, _ = small_inputs()
+    y4, s4 = kernels.wkv5(r, k, v, w, u)
+    y3, s3 = kernels.wkv5(*(x.flatten(2) for x in (r, k, v)), w, u)
+    assert y3.shape == (2, 9, 128) and torch.equal(y3, y4.flatten(2)) and torch.equal(s3, s4)
+
+
+@has_compiler
 def test_unsupported_head_size_falls_back(monkeypatch, caplog):
     monkeypatch.delenv("RWKVCTL_WKV", raising=False)
     monkeypatch.setattr(kernels, "_warned", set())
