@@ -1,4 +1,5 @@
-"""Two real DeepSpeed ZeRO-2 processes (CPU accelerator, gloo): train, checkpoint, resume.
+"""Two real DeepSpeed ZeRO-2 processes (CPU accelerator, gloo): train under the `deepspeed` launcher,
+checkpoint, resume under `torchrun`.
 
 Slow-ish (two launches of two processes; the first ever launch also JIT-builds DeepSpeed's small CPU
 comm op, cached in ~/.cache/torch_extensions), so it is kept to a handful of steps of a tiny model.
@@ -21,13 +22,18 @@ MODEL = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model
          "--set", "model.head_size=32"]
 
 
-def _launch(run_dir, data, *extra):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), "--module", "rwkvctl", "train",
-           "--run-dir", str(run_dir), "--data", str(data), *MODEL, "--ctx-len", "32", "--micro-bsz", "2",
-           "--lr-init", "3e-3", "--lr-final", "3e-3", "--warmup-steps", "1",
-           "--strategy", "deepspeed", "--zero-stage", "2",
-           "--precision", "bf16", "--save-every", "3", "--val-every", "2", "--set", f"data.val_path={data}",
+def _launch(run_dir, data, *extra, launcher="deepspeed"):
+    port = str(29500 + os.getpid() % 1000)
+    if launcher == "deepspeed":
+        start = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", "2",
+                 "--master_port", port, "--module", "rwkvctl"]
+    else:
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                 "-m", "rwkvctl"]
+    cmd = [*start, "train", "--run-dir", str(run_dir), "--data", str(data), *MODEL, "--ctx-len", "32",
+           "--micro-bsz", "2", "--lr-init", "3e-3", "--lr-final", "3e-3", "--warmup-steps", "1",
+           "--strategy", "deepspeed", "--zero-stage", "2", "--precision", "bf16",
+           "--save-every", "3", "--val-every", "2", "--set", f"data.val_path={data}",
            "--set", "data.val_batches=8", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -59,7 +65,8 @@ def test_two_process_zero2_trains_and_resumes(tmp_path, data):
     assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
 
-    second = _launch(run, data, "--max-steps", "10", "--resume")
+    # resumed under the other standard launcher: the checkpoint does not depend on how ranks were started
+    second = _launch(run, data, "--max-steps", "10", "--resume", launcher="torchrun")
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "resuming from step 6" in second.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
