@@ -123,3 +123,33 @@ def test_grad_checkpointing_gives_the_same_losses(tmp_path, pattern_data, make_c
     la = [r["loss"] for r in read_metrics(plain_run.run_dir)]
     lb = [r["loss"] for r in read_metrics(cp_run.run_dir)]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(la, lb, strict=True))
+
+
+def test_wandb_mirror_resumes_the_same_run(tmp_path, pattern_data, make_config, monkeypatch):
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+    fake = types.ModuleType("wandb")
+    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = make_config(tmp_path / "run", pattern_data, train={"wandb": "proj", "max_steps": 4, "stop_after_steps": 2})
+    train(cfg)
+    train(cfg.with_overrides({"train.stop_after_steps": 0}), resume="latest")
+    assert [c["id"] for c in calls["init"]] == ["abc123", "abc123"] and calls["init"][0]["project"] == "proj"
+    assert calls["init"][0]["resume"] == "allow" and calls["finish"] == 2
+    assert [s for s, _ in calls["log"]] == [1, 2, 3, 4]
+    assert {"loss", "lr", "tokens", "grad_norm"} <= set(calls["log"][0][1])
