@@ -178,6 +178,9 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
         if saved_model is not None and saved_model != cfg.model.to_dict():
             raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
                                   f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
+        if saved.engine.startswith("deepspeed") and engine.name.startswith("deepspeed") and saved.world_size != world:
+            raise CheckpointError(f"{ckpt}: written by {saved.world_size} DeepSpeed processes, resumed with {world}; "
+                                  "ZeRO optimizer state is sharded per rank, so resume with the same process count")
         engine.load(ckpt)
         load_rng(ckpt, engine.rank)
         state = TrainerState(step=saved.step, samples_seen=saved.samples_seen, tokens=saved.tokens,
