@@ -45,7 +45,7 @@ def _start(corpus: Path, out: Path, workers: int) -> subprocess.Popen:
 
 def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     h = _helpers()
-    h.make_corpus(tmp_path / "c", n_files=10, docs_per_file=200, seed=1)
+    h.make_corpus(tmp_path / "c", n_files=10, docs_per_file=400, seed=1)
     ref = prepare(
         PrepareOptions(
             inputs=[str(tmp_path / "c")],
@@ -63,23 +63,24 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     for attempt in range(5):
         proc = _start(tmp_path / "c", out, workers=1 + attempt % 2)
         if attempt == 0:
-            time.sleep(rng.uniform(0.0, 1.0))  # anywhere, possibly before anything is written
+            time.sleep(rng.uniform(0.05, 0.6))  # early: during start-up, planning or the first unit
         else:
-            # Wait until a unit is being written (the last attempts: until one more unit is complete), then
-            # kill at a random moment inside the work.
-            before = len(list((out / ".prepare" / "done").glob("*.json")))
+            # Progress-based kill points: after 0-2 more units complete, optionally once a shard is being
+            # written, then a few random milliseconds later (inside a unit, a rename or a record write).
+            done_dir = out / ".prepare" / "done"
+            target = len(list(done_dir.glob("*.json"))) + rng.randint(0, 2)
+            want_tmp = rng.random() < 0.5
             deadline = time.monotonic() + 60
             while proc.poll() is None and time.monotonic() < deadline:
-                if attempt < 3 and list(out.rglob("*.tmp-*")):
+                if len(list(done_dir.glob("*.json"))) >= target and (not want_tmp or list(out.rglob("*.tmp-*"))):
                     break
-                if attempt >= 3 and len(list((out / ".prepare" / "done").glob("*.json"))) > before:
-                    break
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             interrupted += 1
-        proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]  # ended by our kill or by finishing
         done_counts.append(len(list((out / ".prepare" / "done").glob("*.json"))))
     assert interrupted >= 3, f"only {interrupted} kills landed mid-run; timings too short for this machine?"
     final = _start(tmp_path / "c", out, workers=2)
@@ -89,6 +90,6 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     assert sorted(got) == sorted(want)  # no stray temp files, no missing shards
     assert got == want, [k for k in want if got.get(k) != want[k]]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["totals"]["train"]["docs"] + manifest["totals"]["val"]["docs"] == 2000
+    assert manifest["totals"]["train"]["docs"] + manifest["totals"]["val"]["docs"] == 4000
     assert done_counts == sorted(done_counts)  # completed units are never redone or lost
     assert any(0 < c < 10 for c in done_counts), done_counts  # some kills landed between units of work
