@@ -29,7 +29,7 @@ class TokenizerError(RwkvctlError):
     """A tokenizer file is missing or malformed, or a token id is out of range."""
 
 
-class KernelUnavailable(RwkvctlError):
+class KernelUnavailable(RwkvctlError):  # noqa: N818 (public name used across the package)
     """The compiled extension cannot be built or loaded on this machine."""
 
 
