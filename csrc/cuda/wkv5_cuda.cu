@@ -25,7 +25,7 @@
 namespace rwkvctl {
 namespace {
 
-// Steps per chunk: enough chunks for ~8 blocks per SM (see wkv5_fwd_chunk_length), chunks of >= 64 steps.
+// Steps per chunk: enough chunks for ~8 blocks per SM (see wkv5_chunk_length), chunks of >= 64 steps.
 // RWKVCTL_CUDA_CHUNK=<steps> forces a length (benchmarks, tests); 0 or unset = automatic.
 int64_t chunk_length(int64_t batch_heads, int64_t T, int device) {
   if (const char* env = std::getenv("RWKVCTL_CUDA_CHUNK")) {
@@ -34,7 +34,7 @@ int64_t chunk_length(int64_t batch_heads, int64_t T, int device) {
   }
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return wkv5_cuda::wkv5_fwd_chunk_length(batch_heads, T, 8 * static_cast<int64_t>(sms), 64);
+  return wkv5_cuda::wkv5_chunk_length(batch_heads, T, 8 * static_cast<int64_t>(sms), 64);
 }
 
 int64_t count_chunks(int64_t T, int64_t chunk) {

@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(N)
   for (int j = 0; j < N; ++j) s_out[bh * N * N + j * N + i] = S[j];
 }
 
-// How many chunks the forward cuts T into so that about `target_blocks` blocks run at once: one (the single
+// Steps per chunk so that about `target_blocks` blocks run at once (forward and backward): T itself (a single
 // pass) when B*H alone fills the GPU or T is short; chunks are at least `min_chunk` steps long.
-inline int64_t wkv5_fwd_chunk_length(int64_t batch_heads, int64_t T, int64_t target_blocks, int64_t min_chunk) {
+inline int64_t wkv5_chunk_length(int64_t batch_heads, int64_t T, int64_t target_blocks, int64_t min_chunk) {
   if (T < 2 * min_chunk || batch_heads >= target_blocks) return T > 0 ? T : 1;
   int64_t n_chunks = (target_blocks + batch_heads - 1) / batch_heads;
   if (n_chunks > T / min_chunk) n_chunks = T / min_chunk;

@@ -63,7 +63,7 @@ at::Tensor decay_of(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kFlo
 
 // The chunk length the CUDA host code would pick: `chunk` if positive, else the automatic one for `sms` SMs.
 int64_t pick_chunk(int64_t chunk, int64_t batch_heads, int64_t T, int64_t sms) {
-  return chunk > 0 ? chunk : rwkvctl::wkv5_cuda::wkv5_fwd_chunk_length(batch_heads, T, 8 * sms, 64);
+  return chunk > 0 ? chunk : rwkvctl::wkv5_cuda::wkv5_chunk_length(batch_heads, T, 8 * sms, 64);
 }
 
 // chunk <= 0: the automatic choice for a GPU with `sms` multiprocessors (as wkv5_fwd_cuda does).
