@@ -70,6 +70,23 @@ void wkv5_fwd_head(const float* __restrict r, const float* __restrict k, const f
   }
 }
 
+// The state one chunk of steps adds, starting from S = 0 (caller zeroes it): sum_s decay^(T-1-s) k_s v_s^T.
+// Used by the time-chunked forward (wkv5_cpu.cpp) when B*H alone cannot keep every thread busy.
+template <int N>
+void wkv5_state_head(const float* __restrict k, const float* __restrict v, const float* __restrict decay,
+                     float* __restrict S, int64_t T, int64_t stride) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* __restrict kt = k + t * stride;
+    const float* __restrict vt = v + t * stride;
+    for (int j = 0; j < N; ++j) {
+      const float kj = kt[j], wj = decay[j];
+      float* __restrict Sj = S + j * N;
+#pragma omp simd
+      for (int i = 0; i < N; ++i) Sj[i] = wj * Sj[i] + kj * vt[i];
+    }
+  }
+}
+
 // Forward-direction backward scan: gr, and the per-(b,h) partial sums of gdecay and gu. ST holds s_in
 // TRANSPOSED ([value i][key j]) on entry and is overwritten; QT (same layout) must be zero on entry. vg
 // receives v_t.gy_t for every t. g_s_out (may be null) is in the normal [key j][value i] layout.

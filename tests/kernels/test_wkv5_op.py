@@ -191,6 +191,24 @@ def test_state_only_loss_and_zero_state():
             assert rel_max(a.grad, b.grad) < 2e-5, name
 
 
+@pytest.mark.parametrize("chunk", ["1", "7", "64", "auto"])
+def test_time_chunked_cpu_forward(chunk, monkeypatch):
+    """The state-passing forward used when B*H is smaller than the thread count (forced, uneven, automatic)."""
+    if chunk == "auto":
+        monkeypatch.delenv("RWKVCTL_CPU_CHUNK", raising=False)
+        before = torch.get_num_threads()
+        torch.set_num_threads(4)  # >= 4 threads per (b, h) pair and T >= 128: chunks automatically
+    else:
+        monkeypatch.setenv("RWKVCTL_CPU_CHUNK", chunk)
+    try:
+        x, want = reference_run(1, 129, 1, 64)
+        got = run_with_grads(op, {n: t.float() for n, t in x.items()})
+    finally:
+        if chunk == "auto":
+            torch.set_num_threads(before)
+    check_against_reference(got, want, torch.float32, f"chunk={chunk}")
+
+
 def test_threads_do_not_change_results():
     x = {n: t.float() for n, t in make_inputs(3, 50, 4, 64, seed=5).items()}
     before = torch.get_num_threads()
