@@ -12,12 +12,6 @@ from rwkvctl.cli._common import app, console, handles_errors
 from rwkvctl.cli.model_cmds import _human
 
 
-def _is_dataset(path: Path) -> bool:
-    if path.is_dir() or path.name == "manifest.json" or path.suffix in (".idx", ".bin"):
-        return True
-    return path.with_suffix(".idx").exists() and not path.exists()
-
-
 @app.command("inspect")
 @handles_errors
 def inspect_command(
@@ -26,7 +20,9 @@ def inspect_command(
     limit: Annotated[int, typer.Option(help="Rows of the per-tensor table (0 = all).")] = 40,
 ) -> None:
     """Show architecture, detected version, parameter count, dtypes and tensors of a checkpoint."""
-    if _is_dataset(path):
+    from rwkvctl.data.inspect import is_dataset_path
+
+    if is_dataset_path(path):
         from rwkvctl.cli.data_view import render_dataset
         from rwkvctl.data.inspect import describe_dataset
 
