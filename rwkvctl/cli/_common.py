@@ -47,3 +47,12 @@ def handles_errors(fn: F) -> F:
             raise fail(f"{e.strerror or e}{where}", 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def human(n: float, unit: str = "") -> str:
+    """3 significant digits with a K/M/G/T suffix: 17207296 -> '17.2M'."""
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"

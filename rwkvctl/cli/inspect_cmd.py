@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, handles_errors
-from rwkvctl.cli.model_cmds import _human
+from rwkvctl.cli._common import app, console, handles_errors, human
 
 
 @app.command("inspect")
@@ -37,9 +36,9 @@ def inspect_command(
     summary.add_row("layers / width", f"{cfg.n_layer} x {cfg.n_embd} (att {cfg.dim_att}, ffn {cfg.dim_ffn})")
     summary.add_row("heads", f"{cfg.n_head} x {cfg.head_size} (head_size_divisor {cfg.head_size_divisor})")
     summary.add_row("vocab", f"{cfg.vocab_size} ({info.meta.tokenizer})")
-    summary.add_row("parameters", f"{info.params:,} ({_human(info.params)})")
-    summary.add_row("dtypes", ", ".join(f"{d}: {_human(n)}" for d, n in info.dtypes.items()))
-    summary.add_row("file size", f"{info.file_bytes:,} bytes ({_human(info.file_bytes, 'B')})")
+    summary.add_row("parameters", f"{info.params:,} ({human(info.params)})")
+    summary.add_row("dtypes", ", ".join(f"{d}: {human(n)}" for d, n in info.dtypes.items()))
+    summary.add_row("file size", f"{info.file_bytes:,} bytes ({human(info.file_bytes, 'B')})")
     summary.add_row("config source", "sidecar" if info.has_sidecar else "inferred from tensor shapes")
     if info.meta.step is not None:
         summary.add_row("step / tokens", f"{info.meta.step:,} / {info.meta.tokens or 0:,}")

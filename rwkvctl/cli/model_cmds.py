@@ -8,16 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, fail, handles_errors
+from rwkvctl.cli._common import app, console, fail, handles_errors, human
 from rwkvctl.config import INIT_SCHEMES, PRESETS, param_count, preset
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
 
 
 @app.command("init")
@@ -48,7 +40,7 @@ def init_command(
         table.add_row(key, str(value))
     table.add_row("n_head", str(cfg.n_head))
     n = param_count(cfg)
-    table.add_row("parameters", f"[bold]{n:,}[/] ({_human(n)})")
+    table.add_row("parameters", f"[bold]{n:,}[/] ({human(n)})")
     if meta:
         console.print(table)
         return
@@ -58,7 +50,7 @@ def init_command(
         raise fail(f"{out} exists; pass --force to overwrite it")
     from rwkvctl.lifecycle.models import create_checkpoint
 
-    with console.status(f"initialising {preset_name} ({_human(n)} parameters)..."):
+    with console.status(f"initialising {preset_name} ({human(n)} parameters)..."):
         result = create_checkpoint(out, cfg, scheme=init, seed=seed, dtype=dtype)
     console.print(table)
-    console.print(f"wrote [bold]{result.path}[/] ({_human(result.bytes_written, 'B')}) and {result.path.name}.json")
+    console.print(f"wrote [bold]{result.path}[/] ({human(result.bytes_written, 'B')}) and {result.path.name}.json")

@@ -12,15 +12,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, handles_errors
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
+from rwkvctl.cli._common import app, console, handles_errors, human
 
 
 def _duration(seconds: float | None) -> str:
@@ -74,8 +66,8 @@ class LiveDisplay:
                     "loss": _fmt(event.loss, ".4f") + (" [red](skipped)[/]" if event.skipped else ""),
                     "lr": _fmt(event.lr, ".3g"),
                     "grad-norm": _fmt(event.grad_norm, ".3g"),
-                    "tokens/s": _human(event.tokens_per_s or 0),
-                    "tokens": _human(event.tokens),
+                    "tokens/s": human(event.tokens_per_s or 0),
+                    "tokens": human(event.tokens),
                     "ETA": _duration(event.eta_s),
                 }
             )
@@ -95,10 +87,10 @@ def _summary(result: Any) -> Table:
         ("val loss", _fmt(result.val_loss, ".4f")),
         (
             "throughput",
-            f"{_human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {result.device})",
+            f"{human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {result.device})",
         ),
         ("MFU", f"{result.mfu:.1%}" if result.mfu is not None else "n/a (no known peak; --peak-tflops)"),
-        ("peak memory", _human(result.peak_memory_bytes, "B")),
+        ("peak memory", human(result.peak_memory_bytes, "B")),
         ("wall time", _duration(result.elapsed_s)),
         ("NaN-skipped steps", str(result.nan_skips)),
         ("checkpoint", str(result.last_checkpoint or "-")),

@@ -167,46 +167,37 @@ class RWKV5(nn.Module):
     def _zero_state(self, batch: int, device: torch.device) -> RecurrentState:
         return RecurrentState.zeros(self.cfg, batch, device, self.emb.weight.dtype)
 
-    def forward(self, idx: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
-        """idx: (B, T) token ids -> (logits (B, T, V), state after the last token)."""
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-        if state is None:
-            state = self._zero_state(idx.shape[0], idx.device)
-        x = self.emb(idx)
+    def _run_blocks(self, x: Tensor, state: RecurrentState, one_token: bool) -> tuple[Tensor, RecurrentState]:
+        """All blocks in sequence (x: (B, T, C)) or RNN (x: (B, C)) form, collecting each layer's new state."""
         att_shifts, ffn_shifts, wkvs = [], [], []
         for i, block in enumerate(self.blocks):
             args = (x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if one_token:
+                x, a, f, s = block.step(*args)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, a, f, s = checkpoint(block, *args, use_reentrant=False)
             else:
                 x, a, f, s = block(*args)
             att_shifts.append(a)
             ffn_shifts.append(f)
             wkvs.append(s)
-        logits = self.head(self.ln_out(x))
         new_state = RecurrentState(
-            torch.stack(att_shifts).to(state.att_shift.dtype),
-            torch.stack(ffn_shifts).to(state.ffn_shift.dtype),
-            torch.stack(wkvs),
+            torch.stack(att_shifts).to(state.att_shift.dtype),  # (L, B, C)
+            torch.stack(ffn_shifts).to(state.ffn_shift.dtype),  # (L, B, C)
+            torch.stack(wkvs),  # (L, B, H, N, N)
         )
-        return logits, new_state
+        return self.head(self.ln_out(x)), new_state
+
+    def forward(self, idx: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
+        """idx: (B, T) token ids -> (logits (B, T, V), state after the last token)."""
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+        if state is None:
+            state = self._zero_state(idx.shape[0], idx.device)
+        return self._run_blocks(self.emb(idx), state, one_token=False)
 
     def step(self, tokens: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """RNN mode, one token per sequence: tokens (B,) -> (logits (B, V), new state)."""
         if state is None:
             state = self._zero_state(tokens.shape[0], tokens.device)
-        x = self.emb(tokens)
-        att_shifts, ffn_shifts, wkvs = [], [], []
-        for i, block in enumerate(self.blocks):
-            x, a, f, s = block.step(x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
-            att_shifts.append(a)
-            ffn_shifts.append(f)
-            wkvs.append(s)
-        logits = self.head(self.ln_out(x))
-        new_state = RecurrentState(
-            torch.stack(att_shifts).to(state.att_shift.dtype),
-            torch.stack(ffn_shifts).to(state.ffn_shift.dtype),
-            torch.stack(wkvs),
-        )
-        return logits, new_state
+        return self._run_blocks(self.emb(tokens), state, one_token=True)
