@@ -4,7 +4,7 @@
 streams one input in constant memory and yields either a `Doc` (line number, UTF-8 bytes, source label)
 or a `Problem` (line number, kind, detail) for every bad record: corrupt or truncated compression,
 malformed JSON, a missing or non-string text field, empty text, invalid UTF-8 (including lone
-surrogates from `\\ud800`-style escapes). Nothing here raises on bad data; only unreadable files do.
+surrogates from `\\ud800`-style escapes). Nothing here raises on bad data; I/O errors (OSError) propagate.
 """
 
 from __future__ import annotations
@@ -242,6 +242,12 @@ def _parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | 
     return record_to_doc(obj, line, text_key, source_key)
 
 
+def _reraise_system_error(e: Exception) -> None:
+    """pyarrow reports bad data as OSError too, but without an errno; one with an errno came from the system."""
+    if isinstance(e, OSError) and e.errno is not None:
+        raise e
+
+
 class DocumentStream:
     """Iterate one input's documents; `consumed` is on-disk bytes read so far (for progress)."""
 
@@ -262,10 +268,8 @@ class DocumentStream:
             yield from self._jsonl(p)
 
     def _jsonl(self, p: Path) -> Iterator[Doc | Problem]:
-        try:
-            f = open(p, "rb")  # noqa: SIM115  (closed below; generator may be abandoned)
-        except OSError as e:
-            raise DataError(f"{p}: cannot open ({e.strerror})") from None
+        # An OSError (opening or reading) propagates: it says nothing about the data, and may pass.
+        f = open(p, "rb")  # noqa: SIM115  (closed below; generator may be abandoned)
         self._raw = raw = _Counting(f)
         last = 0
         try:
@@ -288,6 +292,7 @@ class DocumentStream:
         try:
             pf = pq.ParquetFile(p)
         except Exception as e:  # pyarrow raises several unrelated types for a bad file
+            _reraise_system_error(e)
             yield Problem(0, "corrupt_compression", f"parquet: {str(e)[:80]}")
             return
         line = 0
@@ -299,6 +304,7 @@ class DocumentStream:
                     yield record_to_doc(row, line, self.text_key, self.source_key)
                 self.consumed = min(total, int(total * line / max(pf.metadata.num_rows, 1)))
         except Exception as e:  # a damaged row group mid-file
+            _reraise_system_error(e)
             yield Problem(line + 1, "corrupt_compression", f"parquet: {str(e)[:80]}")
         self.consumed = total
 

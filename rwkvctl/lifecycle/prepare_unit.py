@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rwkvctl.data.binidx import BinIdxWriter, dtype_for_vocab
-from rwkvctl.data.corpus import DocumentStream, Problem
+from rwkvctl.data.corpus import Doc, DocumentStream, Problem
 from rwkvctl.data.manifest import BadInput, Shard, SourceCounts
 from rwkvctl.errors import DataError
 from rwkvctl.io.atomic import atomic_write_text
@@ -157,7 +157,7 @@ class _UnitWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rwkvctl-encode")
         try:
             try:
-                for item in stream:
+                for item in _read_guarded(stream):
                     if isinstance(item, Problem):
                         self.problem(item)
                         continue
@@ -171,13 +171,8 @@ class _UnitWriter:
                 if batch:
                     self._submit(batch)
                 self._drain()
-            except (DataError, OSError) as e:
-                # An input we cannot read at all: recorded like any other bad input, nothing written for it.
-                for w in self.writers.values():
-                    w.abort()
-                self.writers.clear()
-                self.counts = {"train": {}, "val": {}}
-                self.problem(Problem(0, "unreadable", str(e)[:200]))
+            except _InputReadError as failed:
+                self._unreadable(failed.error)
             self.report({"in_bytes": stream.consumed - reported})
             shards = []
             for split in ("train", "val"):
@@ -199,6 +194,41 @@ class _UnitWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
         bad = [asdict(BadInput(self.unit.input, k, v[0], v[1], v[2])) for k, v in sorted(self.bad.items())]
         return {"unit": self.unit.name, "input": self.unit.input, "shards": shards, "bad_inputs": bad}
+
+    def _unreadable(self, e: DataError | OSError) -> None:
+        """Reading the input failed. Only an input that is itself unusable becomes a (permanent) bad input."""
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+        if isinstance(e, OSError):
+            # EIO, a dropped network mount, a permission fixed later: recording the input as done would skip it
+            # forever, so stop this run instead; a rerun resumes with this input.
+            what = e.strerror or str(e)
+            msg = f"{self.unit.input}: read error ({what}); nothing recorded for it, rerun to resume"
+            raise DataError(msg) from None
+        self.counts = {"train": {}, "val": {}}
+        self.problem(Problem(0, "unreadable", str(e)[:200]))
+
+
+class _InputReadError(Exception):
+    """Carries an error raised while reading the input, kept apart from errors while encoding or writing shards,
+    which always propagate (a full disk must never mark an input done)."""
+
+    def __init__(self, error: DataError | OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _read_guarded(stream: DocumentStream) -> Iterator[Doc | Problem]:
+    it = iter(stream)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except (DataError, OSError) as e:
+            raise _InputReadError(e) from e
+        yield item
 
 
 def done_path(out: Path, unit: Unit) -> Path:
