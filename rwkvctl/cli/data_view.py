@@ -81,7 +81,8 @@ def _bad_table(bad: list[dict]) -> Table:
     for col in ("input", "problem", "count", "first line", "detail"):
         t.add_column(col, justify="right" if col in ("count", "first line") else "left", overflow="fold")
     for b in bad:
-        t.add_row(escape(b["input"]), b["kind"], f"{b['count']:,}", str(b["first_line"]), escape(b.get("detail", "")))
+        detail = escape(b.get("detail", ""))
+        t.add_row(escape(b["input"]), escape(b["kind"]), f"{b['count']:,}", str(b["first_line"]), detail)
     return t
 
 
@@ -135,9 +136,8 @@ def render_dataset(console: Console, info: dict[str, Any]) -> None:
     head.add_row("format", f"{info['kind']} ({info['dtype']})")
     tok = info.get("tokenizer")
     if tok:
-        head.add_row(
-            "tokenizer", f"{tok.get('name')} (vocab {tok.get('vocab_size')}, end-of-doc id {tok.get('eod_id')})"
-        )
+        name = escape(str(tok.get("name")))
+        head.add_row("tokenizer", f"{name} (vocab {tok.get('vocab_size')}, end-of-doc id {tok.get('eod_id')})")
     if info["kind"] == "binidx":  # no manifest: no per-source counts, just the index totals
         t = info["splits"]["train"]
         head.add_row("sequences / docs", f"{info['sequences']:,} / {t['docs']:,}")
@@ -153,7 +153,7 @@ def render_dataset(console: Console, info: dict[str, Any]) -> None:
         console.print(f"sample window: start of {escape(sample['shard'])}")
         if sample["text"] is not None:
             body = "[dim]<end of doc>[/]\n".join(escape(t) for t in sample["text"])
-            title = f"first {len(sample['ids'])} tokens, decoded as {sample['decoded_as']}"
+            title = f"first {len(sample['ids'])} tokens, decoded as {escape(str(sample['decoded_as']))}"
         else:
             body = " ".join(str(i) for i in sample["ids"])
             title = f"first {len(sample['ids'])} token ids"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, handles_errors
 
@@ -20,9 +21,9 @@ def sample_corpus(
 
     paths = write_sample_corpus(out_dir, seed=seed)
     size = sum(p.stat().st_size for p in paths)
-    console.print(f"wrote {len(paths)} files ({size / 1e6:.1f} MB compressed) under [bold]{out_dir}[/]")
+    console.print(f"wrote {len(paths)} files ({size / 1e6:.1f} MB compressed) under [bold]{escape(str(out_dir))}[/]")
     for p in paths:
-        console.print(f"  {p}")
+        console.print(f"  {p}", markup=False, highlight=False)
 
 
 def _parse_weights(items: list[str]) -> dict[str, float]:
@@ -109,15 +110,16 @@ def merge_cmd(
     prefixes = resolve_prefixes(data, split)
     info = merge_binidx(prefixes, out_prefix)
     console.print(
-        f"merged {len(prefixes)} shards -> [bold]{out_prefix}.bin/.idx[/] "
+        f"merged {len(prefixes)} shards -> [bold]{escape(str(out_prefix))}.bin/.idx[/] "
         f"({info['docs']:,} docs, {info['tokens']:,} tokens, {info['dtype']})"
     )
     if ctx_len:
         n = rwkv_lm_numbers(info["tokens"], ctx_len)
         if n["magic_prime"] is None:
-            console.print(f"[yellow]{n['note']}[/]")
+            console.print(f"[yellow]{escape(n['note'])}[/]")
         else:
             console.print(
                 f"RWKV-LM: --data_file {out_prefix} --data_type binidx --ctx_len {ctx_len} "
-                f"--my_exit_tokens {n['my_exit_tokens']} --magic_prime {n['magic_prime']}"
+                f"--my_exit_tokens {n['my_exit_tokens']} --magic_prime {n['magic_prime']}",
+                markup=False,
             )

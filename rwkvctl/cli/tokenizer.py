@@ -6,6 +6,7 @@ from itertools import islice
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, handles_errors
 
@@ -44,8 +45,8 @@ def train_cmd(
     with console.status("training SentencePiece (BPE, byte fallback)..."):
         stats = train_sentencepiece(texts(), out, vocab_size=vocab_size, max_sample_bytes=int(sample_mb * 1e6))
     console.print(
-        f"wrote [bold]{out}[/] (vocab {stats['vocab_size']}, trained on {stats['docs']:,} docs, "
-        f"{stats['bytes'] / 1e6:.1f} MB); use: rwkvctl prepare ... --tokenizer spm:{out}"
+        f"wrote [bold]{escape(str(out))}[/] (vocab {stats['vocab_size']}, trained on {stats['docs']:,} docs, "
+        f"{stats['bytes'] / 1e6:.1f} MB); use: rwkvctl prepare ... --tokenizer spm:{escape(str(out))}"
     )
 
 
@@ -60,8 +61,9 @@ def encode_cmd(
 
     tok = load_tokenizer(tokenizer)
     ids = tok.encode(text)
-    console.print(f"{len(ids)} tokens: {ids}")
-    console.print(" | ".join(repr(tok.decode([i])) for i in islice(ids, 200)), highlight=False)
+    console.print(f"{len(ids)} tokens: {ids}", markup=False)
+    # Decoded pieces are user text: never parsed as Rich markup.
+    console.print(" | ".join(repr(tok.decode([i])) for i in islice(ids, 200)), markup=False, highlight=False)
 
 
 @tokenizer_app.command("decode")
@@ -73,4 +75,4 @@ def decode_cmd(
     """Print the text for a list of token ids."""
     from rwkvctl.data.tokenizer import load_tokenizer
 
-    console.print(repr(load_tokenizer(tokenizer).decode(ids)), highlight=False)
+    console.print(repr(load_tokenizer(tokenizer).decode(ids)), markup=False, highlight=False)

@@ -81,11 +81,31 @@ def test_tokenizer_commands(tmp_path: Path, prepared: Path) -> None:
         "train",
         prepared / "corpus" / "train",
         "--out",
-        tmp_path / "t.model",
+        tmp_path / "[bold]" / "t.model",
         "--vocab-size",
         "400",
         "--sample-mb",
         "1",
     )
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "t.model").is_file() and (tmp_path / "t.vocab").is_file()
+    assert (tmp_path / "[bold]" / "t.model").is_file() and (tmp_path / "[bold]" / "t.vocab").is_file()
+    assert "[bold]/t.model" in flat(r.output)  # a path is shown as-is, never read as Rich markup
+
+
+def test_user_text_is_never_rich_markup(tmp_path: Path, prepared: Path) -> None:
+    # World ids of "x[/x] [bold]": x | [/ | x | ] | " [" | bold | ]
+    r = run("tokenizer", "encode", "x[/x] [bold]")
+    assert r.exit_code == 0, r.output
+    assert "'[/' | 'x' | ']' | ' [' | 'bold' | ']'" in r.output
+    r = run("tokenizer", "decode", "121", "1651", "121", "94", "326", "24900", "94")
+    assert r.exit_code == 0 and "'x[/x] [bold]'" in r.output
+    r = run("sample-corpus", tmp_path / "[bold]corpus")
+    assert r.exit_code == 0 and f"{tmp_path}/[bold]corpus".replace(" ", "") in flat(r.output)
+    holdout = next((tmp_path / "[bold]corpus" / "validation").rglob("*.zst"))
+    r = run("prepare", holdout, "--out", tmp_path / "[bold]data", "--ctx-len", "16")
+    assert r.exit_code == 0, r.output
+    assert "[bold]data/manifest.json" in flat(r.output) and "merge-binidx" in flat(r.output)
+    r = run("inspect", tmp_path / "[bold]data")
+    assert r.exit_code == 0 and "[bold]data" in flat(r.output)
+    r = run("merge-binidx", prepared / "data", tmp_path / "[/x]merged", "--ctx-len", "512")
+    assert r.exit_code == 0 and "[/x]merged.bin/.idx" in flat(r.output) and "[/x]merged--data_type" in flat(r.output)
