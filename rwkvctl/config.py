@@ -56,6 +56,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.gate, bool):
+            raise ConfigError(f"model config: gate must be true or false, got {self.gate!r}")
         for name in ("n_embd", "dim_att", "dim_ffn"):
             if getattr(self, name) % 32:
                 raise ConfigError(

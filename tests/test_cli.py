@@ -72,3 +72,70 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def registered_commands():
+    from typer.main import get_command
+
+    group = get_command(app)
+    for name, cmd in group.commands.items():
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            yield from ([name, sub] for sub in subs)
+        else:
+            yield [name]
+
+
+@pytest.mark.parametrize("argv", list(registered_commands()), ids=" ".join)
+def test_every_registered_command_has_help_text(argv):
+    result = invoke(*argv, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output) > 200
+
+
+def test_paths_and_key_names_are_printed_literally_not_as_markup(tmp_path):
+    odd = tmp_path / "x[bold]y" / "a[b].pth"
+    odd.parent.mkdir()
+    assert invoke("init", "--vocab-size", "256", odd).exit_code == 0
+    shown = invoke("inspect", odd, "--no-tensors").output.replace("\n", "")
+    assert "x[bold]y" in shown
+    # a checkpoint with missing/unexpected keys: the error line names them
+    import torch
+
+    sd = torch.load(odd, weights_only=True)
+    del sd["head.weight"]
+    sd["extra[/x].weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    (tmp_path / "bad.pth.json").write_text((odd.parent / "a[b].pth.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "rwkvctl", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "head.weight" in proc.stderr and "extra[/x].weight" in proc.stderr
+
+
+def test_init_checks_suffix_and_memory_before_allocating(tmp_path):
+    result = invoke("init", "--preset", "7b", tmp_path / "m.bin")
+    assert result.exit_code == 2 and "suffix" in result.output
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkvctl", "init", "--preset", "7b", str(tmp_path / "m.pth")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # a 7B fp32 model needs ~28 GiB: refused up front on a smaller machine, never OOM-killed mid-way
+    if proc.returncode != 0:
+        assert "GiB of RAM" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.pth").exists() or proc.returncode == 0
+
+
+def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch, tmp_path):
+    import rwkvctl.lifecycle.models as models
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("division by zero somewhere deep")
+
+    monkeypatch.setattr(models, "describe_checkpoint", boom)
+    (tmp_path / "m.pth").write_bytes(b"")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "m.pth")])
+    assert result.exit_code == 1
+    assert "unexpected ZeroDivisionError" in result.output and "RWKVCTL_DEBUG=1" in result.output

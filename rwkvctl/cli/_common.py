@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rwkvctl.errors import RwkvctlError
 
@@ -26,13 +28,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print a one-line error and return the Exit to raise. The message is plain text, never markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def handles_errors(fn: F) -> F:
-    """Decorate a command so typed errors become one red line and an exit code, never a traceback."""
+    """Decorate a command so errors become one red line and an exit code, never a traceback.
+
+    Typed errors carry their own message. Anything else is a bug or an unforeseen environment problem:
+    it still gets one line (type and message) plus how to see the traceback (RWKVCTL_DEBUG=1).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -45,6 +51,17 @@ def handles_errors(fn: F) -> F:
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             raise fail(f"{e.strerror or e}{where}", 1) from None
+        except MemoryError:
+            raise fail("out of memory; use a smaller model/batch or a machine with more RAM", 1) from None
+        except Exception as e:
+            # exits and usage errors of typer/click (typer may vendor its own click) pass through untouched
+            if isinstance(e, (typer.Exit, typer.Abort)) or type(e).__module__.startswith(("click", "typer")):
+                raise
+            if os.environ.get("RWKVCTL_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            hint = "set RWKVCTL_DEBUG=1 for the traceback"
+            raise fail(f"unexpected {type(e).__name__}: {first[:200]} ({hint})", 1) from None
 
     return wrapper  # type: ignore[return-value]
 

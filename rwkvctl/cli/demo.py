@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.rule import Rule
+from rich.text import Text
 
 from rwkvctl.cli._common import app, console, handles_errors
 
@@ -20,7 +22,7 @@ PROMPT = "def main():\n"
 
 def _run(title: str, argv: list[str]) -> None:
     console.print(Rule(f"[bold cyan]{title}"))
-    console.print(f"[dim]$ rwkvctl {' '.join(argv)}[/]")
+    console.print(Text(f"$ rwkvctl {' '.join(argv)}", style="dim"))
     code = app(argv, standalone_mode=False)
     if code:  # the failing command already printed its one-line error
         raise typer.Exit(code)
@@ -57,7 +59,7 @@ def demo_command(
             "train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--ctx-len", "64",
             "--micro-bsz", "8", "--max-steps", str(steps), "--lr-init", "2e-3", "--lr-final", "2e-4",
             "--warmup-steps", "10", "--val-every", str(max(steps // 4, 1)), "--save-every", str(steps),
-            "--device", "cpu", "--precision", "fp32",
+            "--device", "cpu", "--precision", "fp32", "--resume",  # a rerun continues instead of refusing
         ],
     )  # fmt: skip
     _run("4. plot the loss curve", ["plot", str(run), "-o", str(workdir / "loss.png")])
@@ -86,7 +88,7 @@ def _generate(checkpoint: Path, n_tokens: int) -> None:
             logits, state = model.step(torch.tensor([t]), state)
             rnn_logits.append(logits[0])
     diff = (seq_logits[0] - torch.stack(rnn_logits)).abs().max().item()
-    console.print(f"prompt {PROMPT!r} = World tokens {ids}; max |sequence - RNN| logit difference {diff:.1e}")
+    console.print(escape(f"prompt {PROMPT!r} = World tokens {ids}; max |sequence - RNN| logit difference {diff:.1e}"))
     out = list(generate(model, ids, n_tokens, SamplingConfig(temperature=0.8, top_p=0.9), seed=0))
     text = tokenizer.decode(out) if out else "(end of document)"
-    console.print(Panel(PROMPT + text, title=f"{checkpoint.name} continues the prompt"))
+    console.print(Panel(Text(PROMPT + text), title=escape(f"{checkpoint.name} continues the prompt")))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rwkvctl.cli._common import app, console, handles_errors, human
@@ -21,7 +22,7 @@ def inspect_command(
     """Show architecture, detected version, parameter count, dtypes and tensors of a checkpoint."""
     from rwkvctl.data.inspect import is_dataset_path
 
-    if is_dataset_path(path):
+    if path.is_dir() or is_dataset_path(path):
         from rwkvctl.cli.data_view import render_dataset
         from rwkvctl.data.inspect import describe_dataset
 
@@ -31,11 +32,11 @@ def inspect_command(
 
     info = describe_checkpoint(path)
     cfg = info.meta.model
-    summary = Table(title=str(info.path), show_header=False, title_justify="left")
+    summary = Table(title=escape(str(info.path)), show_header=False, title_justify="left")
     summary.add_row("architecture", f"RWKV-{info.version} (x052){'' if cfg.gate else ', no output gate'}")
     summary.add_row("layers / width", f"{cfg.n_layer} x {cfg.n_embd} (att {cfg.dim_att}, ffn {cfg.dim_ffn})")
     summary.add_row("heads", f"{cfg.n_head} x {cfg.head_size} (head_size_divisor {cfg.head_size_divisor})")
-    summary.add_row("vocab", f"{cfg.vocab_size} ({info.meta.tokenizer})")
+    summary.add_row("vocab", f"{cfg.vocab_size} ({escape(str(info.meta.tokenizer))})")
     summary.add_row("parameters", f"{info.params:,} ({human(info.params)})")
     summary.add_row("dtypes", ", ".join(f"{d}: {human(n)}" for d, n in info.dtypes.items()))
     summary.add_row("file size", f"{info.file_bytes:,} bytes ({human(info.file_bytes, 'B')})")
@@ -43,14 +44,14 @@ def inspect_command(
     if info.meta.step is not None:
         summary.add_row("step / tokens", f"{info.meta.step:,} / {info.meta.tokens or 0:,}")
     if info.meta.init:
-        summary.add_row("init", info.meta.init)
+        summary.add_row("init", escape(str(info.meta.init)))
     console.print(summary)
     if not tensors:
         return
     table = Table("tensor", "shape", "dtype", "params")
     rows = info.tensors if limit <= 0 else info.tensors[:limit]
     for t in rows:
-        table.add_row(t.name, "x".join(map(str, t.shape)), t.dtype, f"{t.numel:,}")
+        table.add_row(escape(t.name), "x".join(map(str, t.shape)), t.dtype, f"{t.numel:,}")
     if len(rows) < len(info.tensors):
         table.caption = f"{len(info.tensors) - len(rows)} more tensors (--limit 0 shows all)"
     console.print(table)

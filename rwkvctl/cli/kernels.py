@@ -42,8 +42,8 @@ def build_cmd(
     status = f"built in {seconds:.1f} s" if info.built_now else "already built (cached)"
     console.print(f"[bold]WKV5 extension[/]: {status}, CUDA {'yes' if info.with_cuda else 'no (CPU only)'}")
     # plain lines (not a table) so long paths are never cut and can be copied
-    console.print(f"library: {info.library}", soft_wrap=True, highlight=False)
-    console.print(f"sources: {info.sources}", soft_wrap=True, highlight=False)
+    console.print(f"library: {info.library}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"sources: {info.sources}", soft_wrap=True, highlight=False, markup=False)
 
 
 @kernels_app.command("check")

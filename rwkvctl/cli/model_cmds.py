@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rwkvctl.cli._common import app, console, fail, handles_errors, human
@@ -53,4 +54,5 @@ def init_command(
     with console.status(f"initialising {preset_name} ({human(n)} parameters)..."):
         result = create_checkpoint(out, cfg, scheme=init, seed=seed, dtype=dtype)
     console.print(table)
-    console.print(f"wrote [bold]{result.path}[/] ({human(result.bytes_written, 'B')}) and {result.path.name}.json")
+    size = human(result.bytes_written, "B")
+    console.print(f"wrote [bold]{escape(str(result.path))}[/] ({size}) and {escape(result.path.name)}.json")

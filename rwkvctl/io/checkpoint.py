@@ -65,14 +65,19 @@ class CheckpointMeta:
             raise CheckpointError(f"{source}: sidecar has no 'model' section") from None
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        return cls(
-            model=model,
-            tokenizer=data.get("tokenizer", "world"),
-            step=data.get("step"),
-            tokens=data.get("tokens"),
-            init=data.get("init"),
-            extra=data.get("extra") or {},
-        )
+        fields = {
+            "tokenizer": (data.get("tokenizer", "world"), str, False),
+            "step": (data.get("step"), int, True),
+            "tokens": (data.get("tokens"), int, True),
+            "init": (data.get("init"), str, True),
+            "extra": (data.get("extra") or {}, dict, False),
+        }
+        for name, (value, kind, optional) in fields.items():
+            if (value is None and not optional) or (
+                value is not None and (not isinstance(value, kind) or isinstance(value, bool))
+            ):
+                raise CheckpointError(f"{source}: sidecar field {name!r} must be {kind.__name__}, got {value!r}")
+        return cls(model=model, **{name: value for name, (value, _, _) in fields.items()})
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -209,7 +214,11 @@ def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ..
             ) from None
         return CheckpointMeta.from_dict(data, source=str(side))
     if embedded:
-        return CheckpointMeta.from_dict(json.loads(embedded), source=f"{path} (metadata)")
+        try:
+            data = json.loads(embedded)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: corrupt rwkvctl metadata in the safetensors header ({e})") from None
+        return CheckpointMeta.from_dict(data, source=f"{path} (metadata)")
     version = detect_version(shapes)
     if version == "unknown":
         raise CheckpointError(f"{path}: not an RWKV checkpoint (no emb.weight / blocks.0.* tensors)")
@@ -221,6 +230,14 @@ def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ..
         return CheckpointMeta(model=infer_config(shapes, source=str(path)), tokenizer="world")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def _describes_other_model(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> bool:
+    try:
+        inferred = infer_config(shapes)
+    except ConfigError:
+        return False
+    return param_shapes(inferred) == shapes and inferred != cfg
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
@@ -238,6 +255,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
     state_dict = normalize_keys(state_dict)
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     meta = _read_meta(path, embedded, shapes)
-    validate_state_dict(state_dict, meta.model, source=str(path))
+    try:
+        validate_state_dict(state_dict, meta.model, source=str(path))
+    except CheckpointError as e:
+        side = sidecar_path(path)
+        if side.exists() and _describes_other_model(shapes, meta.model):
+            # weights and sidecar are renamed one after the other: a crash in between leaves a stale sidecar
+            raise CheckpointError(
+                f"{side}: describes a different model than {path.name} (stale sidecar from an interrupted save?); "
+                "delete the sidecar to infer the config from the tensors"
+            ) from None
+        raise e from None
     # canonical RWKV-LM registration order (safetensors stores keys sorted)
     return {k: state_dict[k] for k in param_shapes(meta.model)}, meta

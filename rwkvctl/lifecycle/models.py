@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 
 from rwkvctl.config import ModelConfig, param_count
-from rwkvctl.errors import ConfigError
-from rwkvctl.io.checkpoint import CheckpointMeta, detect_version, load_checkpoint, save_checkpoint, sidecar_path
+from rwkvctl.errors import CheckpointError, ConfigError
+from rwkvctl.io.checkpoint import (
+    SUFFIXES,
+    CheckpointMeta,
+    detect_version,
+    load_checkpoint,
+    save_checkpoint,
+    sidecar_path,
+)
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
 
@@ -35,12 +42,42 @@ class InitResult:
 def create_checkpoint(
     out: str | Path, cfg: ModelConfig, *, scheme: str = "v5.2-2023", seed: int = 0, dtype: str = "fp32"
 ) -> InitResult:
-    """Initialise a model with an RWKV-LM scheme and write it as an RWKV-LM compatible checkpoint."""
+    """Initialise a model with an RWKV-LM scheme and write it as an RWKV-LM compatible checkpoint.
+
+    The model is allocated directly in the stored dtype (a 7B model in bf16 needs ~15 GB, not 30 GB), and
+    the memory check runs before anything is allocated, so a model that cannot fit fails with a clear
+    message instead of being killed by the OS.
+    """
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise CheckpointError(f"{out}: unknown checkpoint suffix {out.suffix!r}; use .pth or .safetensors")
     torch_dtype = parse_dtype(dtype)
-    model = init_weights(RWKV5(cfg), scheme, seed=seed)
+    need = param_count(cfg) * torch.tensor([], dtype=torch_dtype).element_size()
+    available = _available_memory()
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(
+            f"initialising this model needs ~{need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
+            "available; try --dtype bf16, a smaller preset, or --meta to only count parameters"
+        )
+    with torch.device("meta"):
+        model = RWKV5(cfg)
+    model = model.to(torch_dtype).to_empty(device="cpu")
+    init_weights(model, scheme, seed=seed)
     meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=scheme, extra={"seed": seed})
     path = save_checkpoint(out, model.state_dict(), meta, dtype=torch_dtype)
     return InitResult(path, cfg, param_count(cfg), path.stat().st_size)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def load_model(

@@ -157,3 +157,42 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, saved, tiny_config):
     assert path.read_bytes() == before
     assert zipfile.is_zipfile(path)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize(
+    "field, value", [("step", "12"), ("tokens", 1.5), ("tokenizer", 7), ("extra", [1]), ("init", True)]
+)
+def test_sidecar_field_types_are_checked(saved, field, value):
+    path, _ = saved
+    data = json.loads(sidecar_path(path).read_text())
+    data[field] = value
+    sidecar_path(path).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"sidecar field '{field}'"):
+        load_checkpoint(path)
+
+
+def test_sidecar_gate_must_be_boolean(saved):
+    path, _ = saved
+    data = json.loads(sidecar_path(path).read_text())
+    data["model"]["gate"] = "no"
+    sidecar_path(path).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="gate must be true or false"):
+        load_checkpoint(path)
+
+
+def test_stale_sidecar_is_named(tmp_path, saved, tiny_config, random_model):
+    path, _ = saved
+    other = ModelConfig(n_layer=1, n_embd=64, vocab_size=256)
+    save_checkpoint(tmp_path / "other.pth", random_model(other).state_dict(), CheckpointMeta(other))
+    sidecar_path(path).write_text(sidecar_path(tmp_path / "other.pth").read_text())
+    with pytest.raises(CheckpointError, match="stale sidecar"):
+        load_checkpoint(path)
+
+
+def test_corrupt_embedded_safetensors_metadata(tmp_path, tiny_config, random_model):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in random_model(tiny_config).state_dict().items()}
+    save_file(sd, str(tmp_path / "m.safetensors"), metadata={"rwkvctl": "{broken"})
+    with pytest.raises(CheckpointError, match="corrupt rwkvctl metadata"):
+        load_checkpoint(tmp_path / "m.safetensors")
