@@ -26,6 +26,27 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp files of earlier writers of `final` that were killed (kill -9, OOM) mid-write.
+
+    Only temps whose writer process no longer exists are removed, so a concurrent writer is safe.
+    """
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it over `path`.
@@ -34,6 +55,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp

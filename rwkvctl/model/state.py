@@ -44,6 +44,3 @@ class RecurrentState:
     def clone(self) -> RecurrentState:
         """An independent copy, e.g. to branch a conversation."""
         return RecurrentState(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.att_shift, self.ffn_shift, self.wkv))

@@ -1,13 +1,12 @@
 """Conformance oracle: the official `rwkv` pip package loads our checkpoints with the same logits."""
 
 import pytest
+import rwkv.model as rwkv_model  # a pinned dev dependency: a broken install must fail, not skip
 import torch
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvctl.lifecycle.models import load_model
-
-rwkv_model = pytest.importorskip("rwkv.model")
 
 
 @pytest.mark.parametrize("n_layer, n_embd", [(2, 128), (3, 256)])
