@@ -119,6 +119,11 @@ def render_summary(console: Console, result: Any) -> None:
         f"{result.units_done_now} input(s) tokenized, {result.units_skipped} already done (skipped) in "
         f"{result.seconds:.1f}s ({rate:.1f} MB/s of text this run)"
     )
+    enc = result.manifest.encoder
+    if enc.get("note"):
+        console.print(f"[yellow]encoder: {escape(enc['backend'])} - {escape(enc['note'])}[/]")
+    elif enc:
+        console.print(f"encoder: {escape(enc['backend'])}")
     if result.complete:
         console.print(f"manifest: [bold]{escape(str(result.manifest_path))}[/]")
     else:

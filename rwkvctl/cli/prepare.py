@@ -105,7 +105,11 @@ def merge_cmd(
     """Concatenate a dataset's shards into one .bin/.idx pair that RWKV-LM's trainer reads as-is."""
     from rwkvctl.data.manifest import resolve_prefixes
     from rwkvctl.data.merge import merge_binidx
+    from rwkvctl.errors import DataError
     from rwkvctl.lifecycle.prepare import rwkv_lm_numbers
+
+    if ctx_len is not None and ctx_len < 1:
+        raise DataError(f"--ctx-len must be at least 1, got {ctx_len}")
 
     prefixes = resolve_prefixes(data, split)
     info = merge_binidx(prefixes, out_prefix)
@@ -113,7 +117,7 @@ def merge_cmd(
         f"merged {len(prefixes)} shards -> [bold]{escape(str(out_prefix))}.bin/.idx[/] "
         f"({info['docs']:,} docs, {info['tokens']:,} tokens, {info['dtype']})"
     )
-    if ctx_len:
+    if ctx_len is not None:
         n = rwkv_lm_numbers(info["tokens"], ctx_len)
         if n["magic_prime"] is None:
             console.print(f"[yellow]{escape(n['note'])}[/]")

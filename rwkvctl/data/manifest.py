@@ -68,6 +68,7 @@ class Manifest:
     bad_inputs: list[BadInput] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # seed, val_fraction, source weights, text key, ...
     rwkv_lm: dict[str, Any] = field(default_factory=dict)  # {"ctx_len", "magic_prime", "my_exit_tokens"} if asked
+    encoder: dict[str, str] = field(default_factory=dict)  # {"backend", "note"} of the run that wrote it
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -127,6 +128,7 @@ class Manifest:
                 bad_inputs=[BadInput(**b) for b in d.get("bad_inputs", [])],
                 options=dict(d.get("options", {})),
                 rwkv_lm=dict(d.get("rwkv_lm", {})),
+                encoder=dict(d.get("encoder", {})),
             )
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -27,6 +27,8 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eod_id: int
+    backend: str  # the encoder in use: "native", "python", "sentencepiece"
+    backend_note: str  # why a slow fallback runs ("" when none)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -41,6 +43,9 @@ class Tokenizer(Protocol):
 
 class SentencePieceTokenizer:
     """A SentencePiece model; its `eos` id is the end-of-document token (our trainer sets it to 0)."""
+
+    backend = "sentencepiece"
+    backend_note = ""
 
     def __init__(self, path: str | Path) -> None:
         import sentencepiece as spm

@@ -151,6 +151,7 @@ class WorldTokenizer:
         self.idx2token = parse_vocab(self.vocab_file)
         if backend not in ("auto", "native", "python"):
             raise TokenizerError(f"unknown tokenizer backend {backend!r} (auto, native or python)")
+        self.backend_note = ""  # why the slow pure-Python encoder runs, for prepare's summary and manifest
         if backend != "python" and tokenizer_native.load() is not None:
             self._trie: _NativeTrie | _PythonTrie = _NativeTrie(self.idx2token)
             self.backend = "native"
@@ -159,6 +160,13 @@ class WorldTokenizer:
         else:
             self._trie = _PythonTrie(self.idx2token)
             self.backend = "python"
+            if backend == "python":
+                self.backend_note = "pure-Python encoder requested (world-python)"
+            else:
+                self.backend_note = (
+                    f"C++ encoder unavailable ({tokenizer_native.unavailable_reason()}); "
+                    "the pure-Python fallback is 20-40x slower"
+                )
         # id -> bytes as a dense list for fast decoding; id 0 (end of document) decodes to nothing.
         self._table: list[bytes] = [b""] * VOCAB_SIZE
         for i, tok in self.idx2token.items():
@@ -172,9 +180,6 @@ class WorldTokenizer:
             "vocab": self.vocab_file.name,
             "sha256": _sha256(self.vocab_file),
         }
-
-    def encode_bytes(self, data: bytes) -> np.ndarray:
-        return self._trie.encode(data)
 
     def encode(self, text: str) -> list[int]:
         return self._trie.encode(text.encode("utf-8", "surrogatepass")).tolist()

@@ -106,18 +106,21 @@ def plan_units(opts: PrepareOptions) -> list[Unit]:
     return [Unit(i, s, split, _unit_name(i, s)) for i, (s, split) in enumerate(specs)]
 
 
-def _fingerprint(opts: PrepareOptions, tok_desc: dict, units: list[Unit]) -> dict[str, Any]:
-    """Everything that changes the bytes written; worker/node counts and ctx_len deliberately excluded."""
+def _data_options(opts: PrepareOptions) -> dict[str, Any]:
+    """The options that change the bytes written; worker/node counts and ctx_len deliberately excluded."""
     return {
-        "tokenizer": tok_desc,
         "text_key": opts.text_key,
         "source_key": opts.source_key,
         "val_fraction": opts.val_fraction,
         "seed": opts.seed,
         "source_weights": dict(sorted(opts.source_weights.items())),
         "verify_every": opts.verify_every,
-        "units": [[u.name, u.input, u.split] for u in units],
     }
+
+
+def _fingerprint(opts: PrepareOptions, tok_desc: dict, units: list[Unit]) -> dict[str, Any]:
+    """Everything that changes the bytes written: a rerun into the same --out must match it."""
+    return {"tokenizer": tok_desc, **_data_options(opts), "units": [[u.name, u.input, u.split] for u in units]}
 
 
 def _check_out_dir(out: Path, fp: dict[str, Any]) -> None:
@@ -183,16 +186,8 @@ def build_manifest(
         for s in rec["shards"]:
             m.shards.append(Shard(**{**s, "sources": {k: SourceCounts(**v) for k, v in s["sources"].items()}}))
         m.bad_inputs.extend(BadInput(**b) for b in rec["bad_inputs"])
-    m.options = {
-        "text_key": opts.text_key,
-        "source_key": opts.source_key,
-        "val_fraction": opts.val_fraction,
-        "seed": opts.seed,
-        "source_weights": dict(sorted(opts.source_weights.items())),
-        "verify_every": opts.verify_every,
-        "inputs": len(units),
-    }
-    if opts.ctx_len:
+    m.options = {**_data_options(opts), "inputs": len(units)}
+    if opts.ctx_len is not None:
         m.rwkv_lm = rwkv_lm_numbers(m.tokens("train"), opts.ctx_len)
     return m
 
@@ -214,6 +209,8 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
         raise DataError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
     if opts.num_nodes < 1 or not 0 <= opts.node_rank < opts.num_nodes:
         raise DataError(f"--node-rank {opts.node_rank} must be in 0..{opts.num_nodes - 1}")
+    if opts.ctx_len is not None and opts.ctx_len < 1:
+        raise DataError(f"--ctx-len must be at least 1, got {opts.ctx_len}")
     if opts.workers < 1 or opts.verify_every < 1:
         raise DataError("--workers and --verify-every must be at least 1")
     if any(w < 0 or not math.isfinite(w) for w in opts.source_weights.values()):
@@ -259,6 +256,7 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
     done_all = all(u.name in records for u in units)
     listed = units if done_all else [u for u in units if u.name in records and u in mine]
     manifest = build_manifest(opts.out_dir, listed, records, opts, tok_desc)
+    manifest.encoder = {"backend": tok.backend, "note": tok.backend_note}
     name = MANIFEST_NAME if done_all else own_manifest
     path = manifest.save(opts.out_dir / name)
     report({}, force=True)

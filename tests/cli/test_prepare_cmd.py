@@ -61,12 +61,14 @@ def test_inspect_and_merge(prepared: Path) -> None:
         (["prepare", "{corpus}", "--out", "{tmp}/o", "--source-weight", "oops"], "expected SOURCE=WEIGHT"),
         (["prepare", "{corpus}", "--out", "{tmp}/o", "--tokenizer", "spm:{tmp}/nope.model"], "no such SentencePiece"),
         (["inspect", "{tmp}/busy"], "not a dataset"),
+        (["prepare", "{corpus}", "--out", "{tmp}/o", "--ctx-len", "0"], "--ctx-len must be at least 1"),
+        (["merge-binidx", "{data}", "{tmp}/m", "--ctx-len", "0"], "--ctx-len must be at least 1"),
     ],
 )
 def test_bad_arguments_are_one_line(prepared: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    args = [a.format(tmp=tmp_path, corpus=prepared / "corpus") for a in args]
+    args = [a.format(tmp=tmp_path, corpus=prepared / "corpus", data=prepared / "data") for a in args]
     r = runner.invoke(app, args)
     assert r.exit_code != 0 and r.exception is None or isinstance(r.exception, SystemExit)
     assert flat(message) in flat(r.output) and "Traceback" not in r.output
@@ -109,3 +111,18 @@ def test_user_text_is_never_rich_markup(tmp_path: Path, prepared: Path) -> None:
     assert r.exit_code == 0 and "[bold]data" in flat(r.output)
     r = run("merge-binidx", prepared / "data", tmp_path / "[/x]merged", "--ctx-len", "512")
     assert r.exit_code == 0 and "[/x]merged.bin/.idx" in flat(r.output) and "[/x]merged--data_type" in flat(r.output)
+
+
+def test_prepare_summary_names_a_slow_encoder(tmp_path: Path, prepared: Path, monkeypatch) -> None:
+    from rwkvctl.data import tokenizer, tokenizer_native
+
+    monkeypatch.setattr(tokenizer_native, "_lib", None)
+    monkeypatch.setattr(tokenizer_native, "_reason", "g++ failed on world_trie.cpp: boom")
+    tokenizer._world.cache_clear()
+    try:
+        holdout = next((prepared / "corpus" / "validation").rglob("*.zst"))
+        r = run("prepare", holdout, "--out", tmp_path / "data")
+    finally:
+        tokenizer._world.cache_clear()
+    assert r.exit_code == 0, r.output
+    assert "encoder:python" in flat(r.output) and "g++failedonworld_trie.cpp:boom" in flat(r.output)

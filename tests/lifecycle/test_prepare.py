@@ -181,6 +181,40 @@ def test_bad_arguments(tmp_path: Path) -> None:
         prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o", num_nodes=2, node_rank=2))
     with pytest.raises(DataError, match="val-fraction"):
         prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o", val_fraction=1.5))
+    for bad_ctx in (0, -3):  # not silently ignored
+        with pytest.raises(DataError, match="ctx-len must be at least 1"):
+            prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o", ctx_len=bad_ctx))
+
+
+@pytest.fixture
+def no_native(monkeypatch: pytest.MonkeyPatch):
+    """The C++ encoder 'failed to build': the World tokenizer falls back to pure Python."""
+    from rwkvctl.data import tokenizer, tokenizer_native
+
+    monkeypatch.setattr(tokenizer_native, "_lib", None)
+    monkeypatch.setattr(tokenizer_native, "_reason", "no C++ compiler (g++) on PATH")
+    tokenizer._world.cache_clear()
+    yield
+    tokenizer._world.cache_clear()
+
+
+def test_encoder_backend_is_reported(tmp_path: Path, no_native) -> None:
+    make_corpus(tmp_path / "c", n_files=1, docs_per_file=3)
+    res = prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o"))
+    assert res.manifest.encoder["backend"] == "python"
+    assert "no C++ compiler (g++) on PATH" in res.manifest.encoder["note"]
+    saved = Manifest.load(tmp_path / "o")
+    assert saved.encoder == res.manifest.encoder
+
+
+def test_native_encoder_is_reported(tmp_path: Path) -> None:
+    from rwkvctl.data.tokenizer import load_tokenizer
+
+    make_corpus(tmp_path / "c", n_files=1, docs_per_file=3)
+    res = prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o"))
+    tok = load_tokenizer("world")
+    want = {"backend": tok.backend, "note": tok.backend_note}
+    assert Manifest.load(tmp_path / "o").encoder == res.manifest.encoder == want
 
 
 def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
@@ -218,6 +252,7 @@ def test_roundtrip_failures_are_counted_not_fatal(tmp_path: Path, monkeypatch: p
         def __init__(self) -> None:
             self.inner = load_tokenizer("world")
             self.name, self.vocab_size, self.eod_id = "world", self.inner.vocab_size, 0
+            self.backend, self.backend_note = "test-lossy", ""
 
         def describe(self) -> dict:
             return self.inner.describe()
