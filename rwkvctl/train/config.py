@@ -8,6 +8,8 @@ reader months later) knows exactly what was run. stdlib + yaml only, like rwkvct
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ SAMPLING_MODES = ("magic_prime", "random")
 STRATEGIES = ("single", "deepspeed")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("skip", "stop")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -149,6 +152,16 @@ class RunConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"run config: {key}={value!r}; choose one of {', '.join(allowed)}")
+        for section in (d, o, t):  # `nan` and `inf` parse as floats but would poison or stall the run
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"run config: {type(section).__name__.removesuffix('Config').lower()}."
+                                      f"{f.name} must be a finite number, got {value!r}")
+        if not isinstance(t.device, str) or not DEVICE_PATTERN.match(t.device):
+            raise ConfigError(f"run config: train.device={t.device!r}; use cpu, cuda, cuda:N or auto")
+        if t.peak_tflops < 0:
+            raise ConfigError(f"run config: train.peak_tflops must be >= 0, got {t.peak_tflops}")
         if t.zero_stage not in (1, 2, 3):
             raise ConfigError(f"run config: train.zero_stage must be 1, 2 or 3, got {t.zero_stage!r}")
         if o.lr_init <= 0 or o.lr_final < 0:

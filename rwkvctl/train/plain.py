@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from rwkvctl.data.loader import Batch
-from rwkvctl.errors import CheckpointError
+from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.optim import build_adamw, l2wrap, set_lr
 
@@ -27,9 +27,22 @@ STATE_FILE = "engine_state.pt"
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this torch build and machine actually have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"train.device={name!r}: {why}; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 # fp32 elements of one cross-entropy chunk (256 MiB): bounds the fp32 copy of bf16 logits.
@@ -64,6 +77,26 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def total_grad_norm(params: list[Tensor]) -> Tensor:
+    """Global L2 norm of the gradients, without modifying them."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm([p.grad for p in params])
+    # Older torch: clip_grad_norm_ returns the total norm; with max_norm=inf its scale factor is exactly 1.
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+
+
+def clip_grads_to(params: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    """Scale the gradients down so their global norm is at most max_norm (total_norm: their current norm)."""
+    clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if clip_with_norm is not None:
+        clip_with_norm(params, max_norm, total_norm)
+        return
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)  # the same factor clip_grads_with_norm_ uses
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device))
 
 
 class Engine:
@@ -161,12 +194,12 @@ class PlainEngine(Engine):
 
     def optimizer_step(self, lr: float) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = total_grad_norm(params)
         if not torch.isfinite(norm):  # clipping by a NaN norm would poison every weight: skip instead
             self.skip_step()
             return float(norm)
         if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
+            clip_grads_to(params, self.cfg.optim.grad_clip, norm)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -177,9 +177,19 @@ class CheckpointWriter:
         shutil.rmtree(self.temp_dir(step), ignore_errors=True)
 
     def prune(self) -> None:
+        """Delete all but the newest keep_last checkpoints. Each is first renamed out of the `step-N` namespace,
+        so a crash mid-delete never leaves a half-deleted directory that `--resume` would take as complete;
+        leftovers of such a crash are removed here the next time."""
         found = list_checkpoints(self.root.parent)
+        doomed = []
         for step in list(found)[: max(len(found) - self.keep_last, 0)]:
-            shutil.rmtree(found[step], ignore_errors=True)
+            target = self.root / f".deleting-{found[step].name}-{time.time_ns()}"
+            os.replace(found[step], target)
+            doomed.append(target)
+        if doomed:
+            fsync_dir(self.root)
+        for d in [*doomed, *(p for p in self.root.glob(".deleting-*") if p not in doomed)]:
+            shutil.rmtree(d, ignore_errors=True)
 
     def supersede_after(self, step: int) -> list[Path]:
         """Resuming from an earlier step: later checkpoints belong to an abandoned trajectory. They are

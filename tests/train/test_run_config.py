@@ -66,3 +66,22 @@ def test_examples_exist():
     big = RunConfig.from_yaml(Path(__file__).parents[2] / "examples" / "rwkv5-7b-8gpu.yaml")
     assert (big.model.n_layer, big.model.n_embd, big.model.vocab_size) == (32, 4096, 65536)
     assert (big.train.strategy, big.train.zero_stage, big.train.precision) == ("deepspeed", 2, "bf16")
+
+
+@pytest.mark.parametrize("key", ["optim.lr_init", "optim.lr_final", "optim.grad_clip", "optim.adam_eps",
+                                 "optim.weight_decay", "train.peak_tflops"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_options_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        RunConfig().with_overrides({key: value})
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "cuda:", "gpu", "cpu:0:1", ""])
+def test_malformed_devices_are_rejected(device):
+    with pytest.raises(ConfigError, match="train.device"):
+        RunConfig().with_overrides({"train.device": device})
+
+
+def test_wellformed_devices_are_accepted():
+    for device in ("auto", "cpu", "cuda", "cuda:3"):
+        assert RunConfig().with_overrides({"train.device": device}).train.device == device
