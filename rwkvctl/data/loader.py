@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rwkvctl.data.binidx import BinIdxReader, magic_prime
-from rwkvctl.data.manifest import find_manifest, resolve_prefixes
+from rwkvctl.data.manifest import Manifest, find_manifest, resolve_prefixes
 from rwkvctl.errors import DataError
 
 _MASK64 = (1 << 64) - 1
@@ -194,3 +194,19 @@ def open_val(
             return None
         stream = TokenStream.from_prefixes(prefixes)
     return ValWindows(stream, ctx_len, max_windows=max_windows, vocab_size=vocab_size)
+
+
+def dataset_tokenizer(path: str | Path) -> str:
+    """The tokenizer spec (as `load_tokenizer` takes it) the dataset at `path` was tokenized with.
+
+    From the manifest: `world`, or `spm:NAME.model` for SentencePiece (the manifest records only the model's
+    file name). A bare binidx prefix carries no tokenizer; RWKV-LM's data is World-tokenized, so `world`.
+    """
+    mpath = find_manifest(path)
+    if mpath is None:
+        return "world"
+    tok = Manifest.load(mpath).tokenizer
+    name = str(tok.get("name", "world"))
+    if name == "sentencepiece" and tok.get("model"):
+        return f"spm:{tok['model']}"
+    return name

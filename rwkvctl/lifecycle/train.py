@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rwkvctl.data.loader import open_train, open_val
+from rwkvctl.data.loader import dataset_tokenizer, open_train, open_val
 from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.model.init import init_weights
@@ -28,7 +28,7 @@ from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.loop import LoopContext, TrainProgress, fit
 from rwkvctl.train.metrics import MetricsLog, WandbSink, mfu, peak_flops, truncate_after
-from rwkvctl.train.plain import Engine, PlainEngine, configure_determinism
+from rwkvctl.train.plain import Engine, PlainEngine, configure_determinism, resolve_device
 from rwkvctl.train.run_state import (
     CheckpointWriter,
     TrainerState,
@@ -138,10 +138,31 @@ def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> Path | None:
     return find_checkpoint(run_dir, resume)
 
 
+# Settings that decide which tokens each step reads (and how tokens are counted): a resume that changed one
+# would silently train on a different data order than the run it continues.
+_DATA_SETTINGS = ("data.path", "data.ctx_len", "data.sampling", "train.micro_bsz", "train.accum", "train.seed")
+
+
+def _check_data_settings(ckpt: Path, saved: dict[str, Any], cfg: RunConfig) -> None:
+    now = cfg.to_dict()
+    for key in _DATA_SETTINGS:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue  # written by a version that did not record it
+        old, new = saved[section][name], now[section][name]
+        # the same dataset may be named relatively or absolutely
+        same = Path(old).resolve() == Path(new).resolve() if key == "data.path" else old == new
+        if not same:
+            raise CheckpointError(f"{ckpt}: saved with {key}={old!r}, but this run has {key}={new!r}; resuming "
+                                  f"would change the data order: use {old!r} (or start a new --run-dir)")
+
+
 def train(cfg: RunConfig, *, resume: str | int | None = None,
           on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
     """Train (or continue training) the run described by `cfg`; see the module docstring."""
     cfg.validate()
+    if cfg.train.strategy == "single":
+        resolve_device(cfg.train.device)  # a bad or unavailable device fails before any model is built
     ckpt = _prepare_run_dir(cfg, resume)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     configure_determinism(cfg)
@@ -178,6 +199,7 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
         if saved_model is not None and saved_model != cfg.model.to_dict():
             raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
                                   f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
+        _check_data_settings(ckpt, saved.config, cfg)
         if saved.engine.startswith("deepspeed") and engine.name.startswith("deepspeed") and saved.world_size != world:
             raise CheckpointError(f"{ckpt}: written by {saved.world_size} DeepSpeed processes, resumed with {world}; "
                                   "ZeRO optimizer state is sharded per rank, so resume with the same process count")
@@ -190,6 +212,10 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
         if engine.is_main:
             writer.supersede_after(saved.step)
             truncate_after(run_dir, saved.step)
+    elif engine.is_main:
+        # A fresh start (e.g. after a run killed before its first checkpoint) must not append to old records:
+        # they would repeat step numbers. They are moved to metrics.superseded.jsonl, not deleted.
+        truncate_after(run_dir, 0)
     engine.barrier()
     metrics = wandb = None
     if engine.is_main:
@@ -203,7 +229,7 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
     stop = _StopFlag()
     ctx = LoopContext(engine=engine, cfg=cfg, windows=windows, val=val, writer=writer, total_steps=total_steps,
                       metrics=metrics, wandb=wandb, on_progress=on_progress, stop_requested=stop,
-                      init_scheme=scheme)
+                      init_scheme=scheme, tokenizer=dataset_tokenizer(cfg.data.path))
     if on_progress is not None and engine.is_main:
         where = f"resuming from step {resumed_from}" if resumed_from is not None else "fresh run"
         on_progress(TrainProgress("message", state.step, total_steps, state.tokens,

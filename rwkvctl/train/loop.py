@@ -55,6 +55,8 @@ class LoopContext:
     on_progress: Callable[[TrainProgress], None] | None = None
     stop_requested: Callable[[], bool] = lambda: False
     init_scheme: str | None = None
+    tokenizer: str = "world"
+    """The tokenizer the data was made with (the dataset manifest's; RWKV-LM binidx data: world)."""
 
 
 @dataclass
@@ -111,7 +113,8 @@ def save_step(ctx: LoopContext, state: TrainerState) -> tuple[Path, Path]:
             e.save(tmp)
             ctx.writer.write_rank_files(tmp, e.rank)
             if e.is_main:
-                meta = CheckpointMeta(model=ctx.cfg.model, step=step, tokens=state.tokens, init=ctx.init_scheme,
+                meta = CheckpointMeta(model=ctx.cfg.model, tokenizer=ctx.tokenizer, step=step, tokens=state.tokens,
+                                      init=ctx.init_scheme,
                                       extra={"run_dir": ctx.cfg.run_dir, "engine": e.name})
                 save_checkpoint(tmp / export_name, weights, meta)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
@@ -142,7 +145,7 @@ def fit(ctx: LoopContext, state: TrainerState, *, resumed: bool) -> FitOutcome:
     samples_per_step = cfg.samples_per_step(e.world_size)
     out = FitOutcome(state=state)
     consecutive_bad = 0
-    first = True
+    mark_resume = resumed  # on the first *logged* record after the resume (log_every may skip the first step)
     while state.step < ctx.total_steps:
         t0 = time.perf_counter()
         lr = lr_at(state.step, lr_init=o.lr_init, lr_final=o.lr_final, warmup_steps=o.warmup_steps,
@@ -191,11 +194,11 @@ def fit(ctx: LoopContext, state: TrainerState, *, resumed: bool) -> FitOutcome:
         if state.step % t.log_every == 0 or state.step == ctx.total_steps:
             _record(ctx, {"step": state.step, "tokens": state.tokens, "loss": step_loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed": state.elapsed_s,
-                          "resumed": resumed and first, "skipped": skipped})
+                          "resumed": mark_resume, "skipped": skipped})
+            mark_resume = False
         _emit(ctx, TrainProgress("step", state.step, ctx.total_steps, state.tokens, loss=step_loss, lr=lr,
                                  grad_norm=grad_norm, tokens_per_s=tps, elapsed_s=state.elapsed_s, eta_s=eta,
                                  skipped=skipped))
-        first = False
         if ctx.val is not None and cfg.data.val_every and state.step % cfg.data.val_every == 0:
             out.last_val_loss = evaluate(ctx)
             _record(ctx, {"step": state.step, "tokens": state.tokens, "val_loss": out.last_val_loss,

@@ -101,3 +101,15 @@ def test_open_from_binidx_prefix_and_manifestless_val(tmp_path):
     assert open_val(tmp_path / "d", None, 16, max_windows=4, vocab_size=None) is None  # no manifest, no val split
     val = open_val(tmp_path / "d", tmp_path / "d.bin", 16, max_windows=4, vocab_size=None)
     assert val is not None and val.num_windows == 4
+
+
+def test_dataset_tokenizer_comes_from_the_manifest(tmp_path):
+    from rwkvctl.data.loader import dataset_tokenizer
+    from rwkvctl.data.manifest import Manifest
+
+    assert dataset_tokenizer(tmp_path / "bare") == "world"  # RWKV-LM binidx data: no manifest
+    Manifest(tokenizer={"name": "sentencepiece", "vocab_size": 500, "eod_id": 0, "model": "mine.model"},
+             dtype="uint16").save(tmp_path / "spm")
+    assert dataset_tokenizer(tmp_path / "spm") == "spm:mine.model"
+    Manifest(tokenizer={"name": "world", "vocab_size": 65536, "eod_id": 0}, dtype="uint16").save(tmp_path / "w")
+    assert dataset_tokenizer(tmp_path / "w" / "manifest.json") == "world"
