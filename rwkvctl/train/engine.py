@@ -13,6 +13,7 @@ tested here with two processes (the first start JIT-builds a small comm op, cach
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from pathlib import Path
@@ -25,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
 from rwkvctl.data.loader import Batch
-from rwkvctl.errors import CheckpointError
+from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
 from rwkvctl.train.plain import Engine, lm_loss
@@ -67,7 +68,8 @@ def ds_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
         "gradient_accumulation_steps": t.accum,
         "train_batch_size": t.micro_bsz * t.accum * world_size,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # ZeRO-1/2 skip a step with a non-finite grad norm only when this is on (the default since ~0.16)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -126,10 +128,22 @@ class DeepSpeedEngine(Engine):
         return value
 
     def optimizer_step(self, lr: float) -> float:
+        """DeepSpeed computes the grad norm inside step(), so finiteness can only be judged afterwards. ZeRO-1/2
+        (fp32, and bf16 with check_grad_overflow) see a non-finite norm as an overflow and skip the update; we
+        report the norm and the loop counts a skipped step. Where DeepSpeed applied it anyway (ZeRO-3 checks
+        overflow only under fp16, as do old releases) the weights are no longer trustworthy: stop, naming
+        the way back, rather than train on."""
         set_lr(self.optimizer, lr)
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:  # compute_grad_norm disabled in the DeepSpeed config: nothing to judge by
+            return float("nan")
+        value = float(norm)
+        if not math.isfinite(value) and not getattr(self.optimizer, "overflow", False):
+            raise TrainingError(f"non-finite gradient norm ({value}) was applied by DeepSpeed {self.name}, "
+                                "which does not skip such steps; the weights are no longer valid: resume from "
+                                "the last checkpoint with --resume (and a lower optim.lr_init)")
+        return value
 
     def skip_step(self) -> None:
         # ZeRO keeps its gradients in private partitioned buffers; an update at lr 0 changes no weight
