@@ -16,15 +16,17 @@ def plot_command(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (each holds a metrics.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Image to write (.png, .svg or .pdf).")] = Path("loss.png"),
     x: Annotated[str, typer.Option(help="X axis: tokens or step.")] = "tokens",
-    smooth: Annotated[int, typer.Option(help="Moving-average window over steps (1: raw).")] = 1,
+    smooth: Annotated[int, typer.Option(help="Moving-average window over logged points (>= 1; 1: raw).")] = 1,
     title: Annotated[str | None, typer.Option(help="Chart title.")] = None,
     label: Annotated[list[str] | None, typer.Option(help="Legend label per run, in order (repeatable).")] = None,
 ) -> None:
     """Draw loss vs tokens for one or more runs, overlaid; dotted lines mark where a run resumed."""
+    from rich.markup import escape
+
     from rwkvctl.lifecycle.plot import plot_runs
 
     result = plot_runs(runs, out, x=x, smooth=smooth, title=title, labels=label)
     console.print(
-        f"wrote [bold]{result.path}[/]: {len(result.runs)} run(s), {result.points} points, "
+        f"wrote [bold]{escape(str(result.path))}[/]: {len(result.runs)} run(s), {result.points} points, "
         f"{result.resumes} resume(s) marked"
     )

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,7 +28,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 class LiveDisplay:
-    """Progress bar + one line of the latest numbers; messages scroll above it."""
+    """Progress bar + one line of the latest numbers; messages scroll above it.
+
+    The live region starts with the first progress event, i.e. after train() has validated the config,
+    the run dir and the data, so an early error is printed alone rather than glued to an empty bar.
+    """
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -41,6 +46,13 @@ class LiveDisplay:
         self.task = self.progress.add_task("train", total=None)
         self.latest: dict[str, str] = {}
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+        self.started = False
+
+    def stop(self) -> None:
+        if self.started:
+            self.live.stop()
+            self.started = False
+            console.line()  # the live display leaves its last line open when stdout is not a terminal
 
     def _render(self) -> Group:
         table = Table(box=None, show_header=True, header_style="bold cyan", pad_edge=False)
@@ -52,10 +64,13 @@ class LiveDisplay:
         return Group(self.progress, table)
 
     def __call__(self, event: Any) -> None:
+        if not self.started:
+            self.live.start()
+            self.started = True
         if event.kind == "message":
-            self.live.console.print(f"[yellow]{event.message}[/]")
+            self.live.console.print(f"[yellow]{escape(event.message)}[/]")
         elif event.kind == "checkpoint":
-            self.live.console.print(f"step {event.step}: checkpoint [bold]{event.path}[/]")
+            self.live.console.print(f"step {event.step}: checkpoint [bold]{escape(str(event.path))}[/]")
         elif event.kind == "val":
             self.latest["val"] = _fmt(event.val_loss, ".4f")
             self.live.console.print(f"step {event.step}: val loss [bold]{_fmt(event.val_loss, '.4f')}[/]")
@@ -87,14 +102,14 @@ def _summary(result: Any) -> Table:
         ("val loss", _fmt(result.val_loss, ".4f")),
         (
             "throughput",
-            f"{human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {result.device})",
+            f"{human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {escape(result.device)})",
         ),
         ("MFU", f"{result.mfu:.1%}" if result.mfu is not None else "n/a (no known peak; --peak-tflops)"),
         ("peak memory", human(result.peak_memory_bytes, "B")),
         ("wall time", _duration(result.elapsed_s)),
         ("NaN-skipped steps", str(result.nan_skips)),
-        ("checkpoint", str(result.last_checkpoint or "-")),
-        ("exported weights", str(result.export_path or "-")),
+        ("checkpoint", escape(str(result.last_checkpoint or "-"))),
+        ("exported weights", escape(str(result.export_path or "-"))),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -226,16 +241,17 @@ def train_command(
         train(cfg, resume=resume_step if resume_step is not None else ("latest" if resuming else None))
         return
     display = LiveDisplay()
-    with display.live:
+    try:
         result = train(
             cfg,
             resume=resume_step if resume_step is not None else ("latest" if resuming else None),
             on_progress=display,
         )
-    console.line()  # the live display leaves its last line open when stdout is not a terminal
+    finally:  # also before an error message, so it starts on a line of its own
+        display.stop()
     console.print(_summary(result))
     if result.interrupted:
         console.print(
             f"[yellow]stopped by a signal at step {result.step}; continue with:[/] "
-            f"rwkvctl train --run-dir {cfg.run_dir} --resume"
+            f"rwkvctl train --run-dir {escape(cfg.run_dir)} --resume"
         )
