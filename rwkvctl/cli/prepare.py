@@ -101,6 +101,7 @@ def merge_cmd(
     out_prefix: Path = typer.Argument(..., help="Output prefix: writes OUT_PREFIX.bin and OUT_PREFIX.idx."),
     split: str = typer.Option("train", help="Which split to merge: train or val."),
     ctx_len: int | None = typer.Option(None, help="Print RWKV-LM's --magic_prime for this ctx_len."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_PREFIX.bin/.idx if they exist."),
 ) -> None:
     """Concatenate a dataset's shards into one .bin/.idx pair that RWKV-LM's trainer reads as-is."""
     from rwkvctl.data.manifest import resolve_prefixes
@@ -112,7 +113,7 @@ def merge_cmd(
         raise DataError(f"--ctx-len must be at least 1, got {ctx_len}")
 
     prefixes = resolve_prefixes(data, split)
-    info = merge_binidx(prefixes, out_prefix)
+    info = merge_binidx(prefixes, out_prefix, overwrite=force)
     console.print(
         f"merged {len(prefixes)} shards -> [bold]{escape(str(out_prefix))}.bin/.idx[/] "
         f"({info['docs']:,} docs, {info['tokens']:,} tokens, {info['dtype']})"

@@ -26,6 +26,7 @@ def train_cmd(
     vocab_size: int = typer.Option(32000, help="Vocabulary size, 259..65536 (includes 256 byte-fallback pieces)."),
     sample_mb: float = typer.Option(200.0, help="Train on at most this many MB of text from the inputs."),
     text_key: str = typer.Option("text", help="JSON field holding the document text."),
+    force: bool = typer.Option(False, "--force", help="Replace the .model/.vocab files if they exist."),
 ) -> None:
     """Train a BPE SentencePiece model with byte fallback (use it with `prepare --tokenizer spm:MODEL`)."""
     from rwkvctl.data.corpus import Doc, DocumentStream, expand_inputs
@@ -43,7 +44,9 @@ def train_cmd(
                     yield item.data.decode("utf-8")
 
     with console.status("training SentencePiece (BPE, byte fallback)..."):
-        stats = train_sentencepiece(texts(), out, vocab_size=vocab_size, max_sample_bytes=int(sample_mb * 1e6))
+        stats = train_sentencepiece(
+            texts(), out, vocab_size=vocab_size, max_sample_bytes=int(sample_mb * 1e6), overwrite=force
+        )
     console.print(
         f"wrote [bold]{escape(str(out))}[/] (vocab {stats['vocab_size']}, trained on {stats['docs']:,} docs, "
         f"{stats['bytes'] / 1e6:.1f} MB); use: rwkvctl prepare ... --tokenizer spm:{escape(str(out))}"

@@ -20,7 +20,7 @@ from rwkvctl.errors import DataError
 from rwkvctl.io.atomic import fsync_dir
 
 
-def merge_binidx(prefixes: list[Path], out_prefix: str | Path) -> dict[str, Any]:
+def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool = False) -> dict[str, Any]:
     if not prefixes:
         raise DataError("nothing to merge: the dataset has no shards for that split")
     readers = [BinIdxReader(p) for p in prefixes]
@@ -35,6 +35,10 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path) -> dict[str, Any]
     bin_final, idx_final = out.with_name(out.name + ".bin"), out.with_name(out.name + ".idx")
     if any(bin_final.resolve() == r.bin_path.resolve() for r in readers):
         raise DataError(f"{bin_final}: output would overwrite one of its inputs")
+    if not overwrite:
+        for p in (bin_final, idx_final):
+            if p.exists():
+                raise DataError(f"{p}: already exists; pass --force to overwrite it")
     bin_tmp = bin_final.with_name(f".{bin_final.name}.tmp-{os.getpid()}")
     idx_tmp = idx_final.with_name(f".{idx_final.name}.tmp-{os.getpid()}")
     n_seq = sum(len(r) for r in readers)

@@ -19,6 +19,7 @@ import numpy as np
 
 from rwkvctl.data.tokenizer_world import WorldTokenizer
 from rwkvctl.errors import TokenizerError
+from rwkvctl.io.atomic import fsync_dir
 
 MAX_SPM_VOCAB = 65536
 
@@ -118,12 +119,14 @@ def train_sentencepiece(
     max_sample_bytes: int = 200_000_000,
     character_coverage: float = 0.9995,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train a BPE SentencePiece model with byte fallback on (a prefix of) `texts`.
 
     Text is kept as-is (identity normalisation, no dummy prefix, whitespace preserved) so that
     decode(encode(x)) == x; unseen characters fall back to the 256 byte pieces. Ids: eos (end of document)
-    = 0, unk = 1, no bos/pad. Writes `out_model` (and `.vocab` next to it) atomically; returns stats.
+    = 0, unk = 1, no bos/pad. Writes `out_model` (and `.vocab` next to it) atomically, refusing to replace
+    existing files unless `overwrite`; returns stats.
     """
     import sentencepiece as spm
 
@@ -132,6 +135,11 @@ def train_sentencepiece(
             f"vocab size {vocab_size} out of range: need 259..{MAX_SPM_VOCAB} (256 byte pieces + specials)"
         )
     out_model = Path(out_model)
+    out_vocab = out_model.with_suffix(".vocab")
+    if not overwrite:
+        for p in (out_model, out_vocab):
+            if p.exists():
+                raise TokenizerError(f"{p}: already exists; pass --force to overwrite it")
     out_model.parent.mkdir(parents=True, exist_ok=True)
     n_docs = n_bytes = 0
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".spm-train-") as tmp:
@@ -174,6 +182,9 @@ def train_sentencepiece(
             )
         except RuntimeError as e:
             raise TokenizerError(f"SentencePiece training failed: {str(e).splitlines()[0]}") from None
-        os.replace(prefix.with_suffix(".model"), out_model)
-        os.replace(prefix.with_suffix(".vocab"), out_model.with_suffix(".vocab"))
+        for src, dst in ((prefix.with_suffix(".model"), out_model), (prefix.with_suffix(".vocab"), out_vocab)):
+            with open(src, "rb+") as f:  # data on disk before the rename makes it visible under the final name
+                os.fsync(f.fileno())
+            os.replace(src, dst)
+        fsync_dir(out_model.parent)
     return {"docs": n_docs, "bytes": n_bytes, "vocab_size": vocab_size, "model": str(out_model)}

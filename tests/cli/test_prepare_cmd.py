@@ -92,6 +92,8 @@ def test_tokenizer_commands(tmp_path: Path, prepared: Path) -> None:
     assert r.exit_code == 0, r.output
     assert (tmp_path / "[bold]" / "t.model").is_file() and (tmp_path / "[bold]" / "t.vocab").is_file()
     assert "[bold]/t.model" in flat(r.output)  # a path is shown as-is, never read as Rich markup
+    r = runner.invoke(app, ["tokenizer", "train", str(prepared / "corpus"), "--out", str(tmp_path / "[bold]/t.model")])
+    assert r.exit_code != 0 and "t.model:alreadyexists;pass--force" in flat(r.output)
 
 
 def test_user_text_is_never_rich_markup(tmp_path: Path, prepared: Path) -> None:
@@ -111,6 +113,10 @@ def test_user_text_is_never_rich_markup(tmp_path: Path, prepared: Path) -> None:
     assert r.exit_code == 0 and "[bold]data" in flat(r.output)
     r = run("merge-binidx", prepared / "data", tmp_path / "[/x]merged", "--ctx-len", "512")
     assert r.exit_code == 0 and "[/x]merged.bin/.idx" in flat(r.output) and "[/x]merged--data_type" in flat(r.output)
+    r = runner.invoke(app, ["merge-binidx", str(prepared / "data"), str(tmp_path / "[/x]merged")])
+    assert r.exit_code != 0 and "alreadyexists;pass--force" in flat(r.output)
+    r = run("merge-binidx", prepared / "data", tmp_path / "[/x]merged", "--force", "--split", "val")
+    assert r.exit_code == 0, r.output
 
 
 def test_prepare_summary_names_a_slow_encoder(tmp_path: Path, prepared: Path, monkeypatch) -> None:

@@ -15,7 +15,7 @@ import zstandard
 from rwkvctl.data.binidx import BinIdxReader, magic_prime
 from rwkvctl.data.manifest import Manifest, resolve_prefixes
 from rwkvctl.data.merge import merge_binidx
-from rwkvctl.errors import DataError
+from rwkvctl.errors import DataError, TokenizerError
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
 
 
@@ -94,6 +94,12 @@ def test_end_to_end_layout_counts_and_ids(tmp_path: Path, ref_tok) -> None:
     p = parse_pair(tmp_path / "merged")
     assert p["tokens"].tolist() == expected and p["doc_idx"].tolist() == list(range(51)) and merged["docs"] == 50
     assert p["pointers"].tolist() == (np.concatenate([[0], np.cumsum(p["sizes"])[:-1]]) * 2).tolist()
+    before = (tmp_path / "merged.bin").read_bytes(), (tmp_path / "merged.idx").read_bytes()
+    with pytest.raises(DataError, match="merged.bin: already exists; pass --force"):
+        merge_binidx(resolve_prefixes(tmp_path / "out", "val"), tmp_path / "merged")
+    assert ((tmp_path / "merged.bin").read_bytes(), (tmp_path / "merged.idx").read_bytes()) == before
+    merge_binidx(resolve_prefixes(tmp_path / "out", "val"), tmp_path / "merged", overwrite=True)
+    assert parse_pair(tmp_path / "merged")["tokens"].size < p["tokens"].size
 
 
 def test_workers_nodes_and_rerun_are_identical(tmp_path: Path) -> None:
@@ -223,6 +229,12 @@ def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
     rows = make_corpus(tmp_path / "c", n_files=1, docs_per_file=40)
     stats = train_sentencepiece((r["text"] for r in rows), tmp_path / "tok.model", vocab_size=600)
     assert stats["docs"] == 40
+    with pytest.raises(TokenizerError, match="tok.model: already exists; pass --force"):
+        train_sentencepiece((r["text"] for r in rows), tmp_path / "tok.model", vocab_size=300)
+    (tmp_path / "other.vocab").write_text("mine")
+    with pytest.raises(TokenizerError, match="other.vocab: already exists"):  # the .vocab beside it counts too
+        train_sentencepiece((r["text"] for r in rows), tmp_path / "other.model", vocab_size=300)
+    assert not (tmp_path / "other.model").exists() and (tmp_path / "other.vocab").read_text() == "mine"
     tok = SentencePieceTokenizer(tmp_path / "tok.model")
     assert tok.eod_id == 0 and tok.vocab_size == 600
     for r in rows[:10]:
