@@ -50,7 +50,8 @@ def test_token_accounting_and_accumulation_equivalence(tmp_path, pattern_data, m
 
 
 def test_exported_pth_runs_in_the_official_rwkv_package(tmp_path, pattern_data, make_config):
-    rwkv_model = pytest.importorskip("rwkv.model")
+    import rwkv.model as rwkv_model  # pinned dev dependency: fail, never skip
+
     from rwkvctl.lifecycle.models import load_model
 
     result = train(make_config(tmp_path / "run", pattern_data, train={"max_steps": 6, "save_every": 6}))

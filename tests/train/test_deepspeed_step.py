@@ -2,13 +2,12 @@
 
 import math
 
+import deepspeed  # noqa: F401  (a runtime dependency: fail, never skip)
 import pytest
 
-pytest.importorskip("deepspeed")
-
-from rwkvctl.errors import TrainingError  # noqa: E402
-from rwkvctl.train.config import RunConfig  # noqa: E402
-from rwkvctl.train.engine import DeepSpeedEngine, ds_config  # noqa: E402
+from rwkvctl.errors import TrainingError
+from rwkvctl.train.config import RunConfig
+from rwkvctl.train.engine import DeepSpeedEngine, ds_config
 
 
 class _FakeDS:
