@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from functools import lru_cache
@@ -53,23 +54,39 @@ def _supported(p: Path) -> bool:
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
-    """Files, directories (searched recursively), globs, dataset dirs and `hf:NAME[:SPLIT]` ids -> sorted list."""
-    found: set[str] = set()
+    """Files, directories (searched recursively), globs, dataset dirs and `hf:NAME[:SPLIT]` ids -> sorted list.
+
+    Paths come back absolute and each file once, however it was named (relative and absolute, twice, or via a
+    directory and a glob), so no document is prepared twice. Symlinks are kept as named, not resolved: the
+    name's suffix says how to decompress (a hub cache links `x.jsonl.zst` to a suffix-less blob).
+    """
+    found: dict[tuple[int, int] | str, str] = {}  # (device, inode) or hf id -> path
+
+    def add(p: Path, must_be_supported: bool) -> None:
+        if _is_dataset_dir(p):
+            files = [p]
+        elif p.is_dir():
+            files = [f for f in p.rglob("*") if f.is_file() and _supported(f)]
+        elif p.is_file() and (_supported(p) or not must_be_supported):
+            files = [p]
+        else:
+            return
+        for f in files:
+            name = os.path.abspath(f)
+            st = os.stat(name)
+            key = (st.st_dev, st.st_ino)
+            if key not in found or name < found[key]:
+                found[key] = name
+
     for spec in specs:
         if spec.startswith("hf:"):
-            found.add(spec)
-            continue
-        p = Path(spec)
-        if _is_dataset_dir(p):
-            found.add(str(p))
-        elif p.is_dir():
-            found.update(str(f) for f in p.rglob("*") if f.is_file() and _supported(f))
-        elif p.is_file():
-            found.add(str(p))
+            found[spec] = spec
+        elif Path(spec).exists():
+            add(Path(spec), must_be_supported=False)  # named explicitly: taken whatever its suffix
         else:
-            matches = glob.glob(spec, recursive=True)
-            found.update(m for m in matches if (Path(m).is_file() and _supported(Path(m))) or _is_dataset_dir(Path(m)))
-    return sorted(found)
+            for m in glob.glob(spec, recursive=True):
+                add(Path(m), must_be_supported=True)  # a matched directory is searched like a named one
+    return sorted(found.values())
 
 
 def input_size(spec: str) -> int:

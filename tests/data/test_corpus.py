@@ -137,6 +137,36 @@ def test_expand_inputs(tmp_path: Path) -> None:
     assert expand_inputs([f"{t}/nothing*"]) == []
 
 
+def test_expand_inputs_globbed_dirs_and_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for rel in ("train/chunk1/a.jsonl.zst", "train/chunk2/b.jsonl.zst", "train/chunk2/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    t = str(tmp_path)
+    want = [f"{t}/train/chunk1/a.jsonl.zst", f"{t}/train/chunk2/b.jsonl.zst"]
+    assert expand_inputs([f"{t}/train/chunk*"]) == want  # a glob matching directories searches them
+    monkeypatch.chdir(tmp_path)
+    # The same files named relatively, absolutely, via a directory and via ./..: each once, absolute.
+    assert expand_inputs(["train/chunk1/a.jsonl.zst", f"{t}/train", "./train/../train/chunk2/b.jsonl.zst"]) == want
+    blob = tmp_path / "blobs" / "0f3a9c"  # a hub cache: suffix-less blob, linked under its real name
+    blob.parent.mkdir()
+    blob.write_bytes(b"")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "c.jsonl.zst").symlink_to(blob)
+    assert expand_inputs(["snap"]) == [f"{t}/snap/c.jsonl.zst"]  # the name (and its suffix) is kept
+
+
+def test_plan_units_one_unit_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rwkvctl.errors import DataError
+    from rwkvctl.lifecycle.prepare import PrepareOptions, plan_units
+
+    _zst(tmp_path / "a.jsonl.zst", _rows(2))
+    monkeypatch.chdir(tmp_path)
+    units = plan_units(PrepareOptions(inputs=["a.jsonl.zst", str(tmp_path / "a.jsonl.zst")], out_dir=tmp_path / "o"))
+    assert [u.input for u in units] == [str(tmp_path / "a.jsonl.zst")]
+    with pytest.raises(DataError, match="both as training and validation"):
+        plan_units(PrepareOptions(inputs=["a.jsonl.zst"], val_inputs=[str(tmp_path / "a.jsonl.zst")], out_dir="o"))
+
+
 def test_recursion_error_is_a_bad_record(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nesting deep enough to exhaust the parser's recursion is reported like any malformed line."""
     from rwkvctl.data import corpus
