@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -121,55 +121,47 @@ class _Counting:
         return b
 
 
-def _zstd_chunks(raw: _Counting) -> Iterator[bytes]:
-    """Decompress all frames; a frame cut short at end of file is reported, unlike stream_reader."""
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    obj = dctx.decompressobj()
+def _member_chunks(
+    raw: _Counting, new: Callable[[], Any], errors: type[Exception] | tuple, fmt: str, truncated: str
+) -> Iterator[bytes]:
+    """Decompress back-to-back frames (zstd) or members (gzip) with `new()` decompressor objects. Data before
+    damage is still yielded, and a last frame cut short at end of file is reported (unlike stream readers)."""
+    obj = new()
     in_frame = False
-    while True:
-        chunk = raw.read(READ_CHUNK)
-        if not chunk:
-            break
+    while chunk := raw.read(READ_CHUNK):
         while chunk:
             try:
                 out = obj.decompress(chunk)
-            except zstandard.ZstdError as e:
-                raise _CorruptInputError("corrupt_compression", f"zstd: {e}") from None
+            except errors as e:
+                raise _CorruptInputError("corrupt_compression", f"{fmt}: {e}") from None
             in_frame = True
             if out:
                 yield out
             if not obj.eof:
                 break
             chunk, in_frame = obj.unused_data, False
-            obj = dctx.decompressobj()
+            obj = new()
     if in_frame:
-        raise _CorruptInputError("truncated_compression", "zstd frame cut short at end of file")
+        raise _CorruptInputError("truncated_compression", truncated)
+
+
+def _zstd_chunks(raw: _Counting) -> Iterator[bytes]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    yield from _member_chunks(
+        raw, dctx.decompressobj, zstandard.ZstdError, "zstd", "zstd frame cut short at end of file"
+    )
 
 
 def _gzip_chunks(raw: _Counting) -> Iterator[bytes]:
-    """Decompress all gzip members with zlib directly, so data before a cut-off is still yielded."""
-    obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    in_member = False
-    while True:
-        chunk = raw.read(READ_CHUNK)
-        if not chunk:
-            break
-        while chunk:
-            try:
-                out = obj.decompress(chunk)
-            except zlib.error as e:
-                raise _CorruptInputError("corrupt_compression", f"gzip: {e}") from None
-            in_member = True
-            if out:
-                yield out
-            if not obj.eof:
-                break
-            chunk, in_member = obj.unused_data, False
-            obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    if in_member:
-        raise _CorruptInputError("truncated_compression", "gzip stream cut short at end of file")
+    yield from _member_chunks(
+        raw,
+        lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS),
+        zlib.error,
+        "gzip",
+        "gzip stream cut short at end of file",
+    )
 
 
 def _plain_chunks(raw: _Counting) -> Iterator[bytes]:
