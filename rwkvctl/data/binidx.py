@@ -14,6 +14,7 @@ import contextlib
 import os
 import struct
 from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -39,7 +40,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
     7: np.dtype(np.float64),
     8: np.dtype(np.uint16),
 }
-_WRITE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+WRITE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -147,7 +148,7 @@ class BinIdxWriter:
     def __init__(self, prefix: str | Path, dtype: np.dtype | type | str = np.uint16) -> None:
         self.prefix = split_prefix(prefix)
         self.dtype = np.dtype(dtype)
-        if self.dtype not in _WRITE_CODES:
+        if self.dtype not in WRITE_CODES:
             raise DataError(f"binidx token dtype must be uint16 or int32, got {self.dtype}")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
@@ -226,19 +227,49 @@ class BinIdxWriter:
             self.abort()
 
 
-def write_index(path: Path, dtype: np.dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
-    """Write an `.idx` (fsynced) for sequences of `sizes` laid out back to back in the `.bin`."""
-    sizes = np.asarray(sizes, dtype=np.int32)
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) > 1:
-        # Byte offsets, not element offsets: pointer[i] = itemsize * sum(sizes[:i]).
-        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-        pointers *= np.dtype(dtype).itemsize
+IndexPart = np.ndarray | Iterable[np.ndarray]
+
+
+def _parts(x: IndexPart) -> Iterable[np.ndarray]:
+    return [x] if isinstance(x, np.ndarray) else x
+
+
+def _back_to_back(size_parts: list[np.ndarray], itemsize: int) -> Iterator[np.ndarray]:
+    """Byte offsets of sequences laid out back to back: pointer[i] = itemsize * sum(sizes[:i])."""
+    start = 0  # in tokens
+    for sizes in size_parts:
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+        yield (pointers + start) * itemsize
+        start += int(np.sum(sizes, dtype=np.int64))
+
+
+def write_index(
+    path: Path, dtype: np.dtype, sizes: IndexPart, doc_idx: IndexPart, pointers: IndexPart | None = None
+) -> None:
+    """Write an `.idx` (fsynced). Each of `sizes`, `doc_idx`, `pointers` is one array or a sequence of parts
+    written back to back, so a merge streams its inputs' indexes; `sizes` parts must be re-iterable.
+    Without `pointers`, the sequences lie back to back in the `.bin`."""
+    dtype = np.dtype(dtype)
+    size_parts = [np.asarray(a, dtype=np.int32) for a in _parts(sizes)]
+    if pointers is None:
+        pointers = _back_to_back(size_parts, dtype.itemsize)
     with open(path, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, _WRITE_CODES[np.dtype(dtype)], len(sizes), len(doc_idx)))
-        f.write(sizes.tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.asarray(doc_idx, dtype=np.int64).tobytes())
+        f.write(bytes(HEADER_SIZE))  # the counts are known once every part is written
+        counts = []
+        for parts, kind in ((size_parts, np.int32), (_parts(pointers), np.int64), (_parts(doc_idx), np.int64)):
+            n = 0
+            for a in parts:
+                a = np.asarray(a, dtype=kind)
+                f.write(a.tobytes())
+                n += len(a)
+            counts.append(n)
+        n_seq, n_ptr, n_doc = counts
+        if n_ptr != n_seq:
+            raise DataError(f"{path}: {n_ptr} pointers for {n_seq} sequences")
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, VERSION, WRITE_CODES[dtype], n_seq, n_doc))
         f.flush()
         os.fsync(f.fileno())
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rwkvctl.data.binidx import _WRITE_CODES, HEADER, MAGIC, VERSION, BinIdxReader, split_prefix
+from rwkvctl.data.binidx import WRITE_CODES, BinIdxReader, split_prefix, write_index
 from rwkvctl.errors import DataError
 from rwkvctl.io.atomic import fsync_dir
 
@@ -28,7 +28,7 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
     for r in readers:
         if r.dtype != dtype:
             raise DataError(f"{r.idx_path}: dtype {r.dtype} differs from {dtype} in {readers[0].idx_path}")
-    if dtype not in _WRITE_CODES:
+    if dtype not in WRITE_CODES:
         raise DataError(f"{readers[0].idx_path}: cannot merge token dtype {dtype}")
     out = split_prefix(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,6 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
     bin_tmp = bin_final.with_name(f".{bin_final.name}.tmp-{os.getpid()}")
     idx_tmp = idx_final.with_name(f".{idx_final.name}.tmp-{os.getpid()}")
     n_seq = sum(len(r) for r in readers)
-    n_doc = sum(max(len(r.doc_idx) - 1, 0) for r in readers) + 1
     try:
         with open(bin_tmp, "wb") as fb:
             for r in readers:
@@ -50,21 +49,7 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
                     shutil.copyfileobj(src, fb, 16 << 20)
             fb.flush()
             os.fsync(fb.fileno())
-        with open(idx_tmp, "wb") as fi:
-            fi.write(HEADER.pack(MAGIC, VERSION, _WRITE_CODES[dtype], n_seq, n_doc))
-            for r in readers:
-                fi.write(np.asarray(r.sizes, dtype=np.int32).tobytes())
-            byte_off = 0
-            for r in readers:
-                fi.write((np.asarray(r.pointers, dtype=np.int64) + byte_off).tobytes())
-                byte_off += r.num_tokens * dtype.itemsize
-            fi.write(struct.pack("<q", 0))
-            seq_off = 0
-            for r in readers:
-                fi.write((np.asarray(r.doc_idx[1:], dtype=np.int64) + seq_off).tobytes())
-                seq_off += len(r)
-            fi.flush()
-            os.fsync(fi.fileno())
+        write_index(idx_tmp, dtype, [r.sizes for r in readers], _doc_idx(readers), _pointers(readers, dtype))
         os.replace(bin_tmp, bin_final)
         os.replace(idx_tmp, idx_final)
         fsync_dir(out.parent)
@@ -74,4 +59,22 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
                 p.unlink()
         raise
     tokens = sum(r.num_tokens for r in readers)
-    return {"parts": len(readers), "sequences": n_seq, "docs": n_doc - 1, "tokens": tokens, "dtype": str(dtype)}
+    docs = sum(r.num_docs for r in readers)
+    return {"parts": len(readers), "sequences": n_seq, "docs": docs, "tokens": tokens, "dtype": str(dtype)}
+
+
+def _pointers(readers: list[BinIdxReader], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each part's byte offsets moved past the parts before it (a part's .bin may end in unindexed tokens)."""
+    byte_off = 0
+    for r in readers:
+        yield np.asarray(r.pointers, dtype=np.int64) + byte_off
+        byte_off += r.num_tokens * dtype.itemsize
+
+
+def _doc_idx(readers: list[BinIdxReader]) -> Iterator[np.ndarray]:
+    """Megatron's `add_index`: one leading 0, then each part's doc_idx[1:] moved past the sequences before it."""
+    yield np.zeros(1, dtype=np.int64)
+    seq_off = 0
+    for r in readers:
+        yield np.asarray(r.doc_idx[1:], dtype=np.int64) + seq_off
+        seq_off += len(r)

@@ -104,3 +104,32 @@ def test_magic_prime() -> None:
     assert all(is_prime(p) == all(p % d for d in range(2, int(p**0.5) + 1)) for p in range(2, 3000))
     with pytest.raises(DataError, match="too few"):
         magic_prime(100, 50)
+
+
+def test_write_index_parts_match_one_array(tmp_path: Path) -> None:
+    from rwkvctl.data.binidx import write_index
+
+    sizes = np.array([3, 0, 5, 2], dtype=np.int32)
+    doc_idx = np.arange(5, dtype=np.int64)
+    write_index(tmp_path / "one.idx", np.uint16, sizes, doc_idx)
+    write_index(tmp_path / "parts.idx", np.uint16, [sizes[:1], sizes[1:]], iter([doc_idx[:2], doc_idx[2:]]))
+    assert (tmp_path / "one.idx").read_bytes() == (tmp_path / "parts.idx").read_bytes()
+    with pytest.raises(DataError, match="3 pointers for 4 sequences"):
+        write_index(tmp_path / "bad.idx", np.uint16, sizes, doc_idx, pointers=np.zeros(3, np.int64))
+
+
+def test_merge_keeps_pointers_past_unindexed_tail(tmp_path: Path) -> None:
+    """A part whose .bin ends in tokens no sequence covers: the next part's pointers move past them."""
+    from rwkvctl.data.merge import merge_binidx
+
+    with BinIdxWriter(tmp_path / "a") as w:
+        w.add_document(np.array([1, 2, 3], np.uint16))
+    with open(tmp_path / "a.bin", "ab") as f:
+        f.write(np.array([9, 9], np.uint16).tobytes())
+    with BinIdxWriter(tmp_path / "b") as w:
+        w.add_document(np.array([4, 5], np.uint16))
+        w.add_document(np.array([6], np.uint16))
+    info = merge_binidx([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    r = BinIdxReader(tmp_path / "m")
+    assert [r[i].tolist() for i in range(len(r))] == [[1, 2, 3], [4, 5], [6]]
+    assert r.doc_idx.tolist() == [0, 1, 2, 3] and info["docs"] == 3 and info["tokens"] == 8
