@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rwkv  # noqa: E402  (the pinned reference tokenizer: a broken install must fail, not skip)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rwkv.rwkv_tokenizer import TRIE_TOKENIZER  # noqa: E402
 
 from rwkvctl.data import tokenizer_native
 from rwkvctl.data.tokenizer import load_tokenizer
 from rwkvctl.data.tokenizer_world import VOCAB_FILE, WorldTokenizer, parse_vocab
 from rwkvctl.errors import TokenizerError
-
-rwkv = pytest.importorskip("rwkv")
-from rwkv.rwkv_tokenizer import TRIE_TOKENIZER  # noqa: E402
 
 REF_VOCAB = Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"
 

@@ -33,7 +33,7 @@ tree_bytes = _load_helpers().tree_bytes
 
 @pytest.fixture(scope="module")
 def ref_tok():
-    rwkv = pytest.importorskip("rwkv")
+    import rwkv  # the pinned reference tokenizer: a broken install must fail, not skip
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
     return TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
