@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -11,24 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
+from prepare_testdata import make_corpus, tree_bytes  # noqa: E402  (pythonpath in pyproject)
 
 from rwkvctl.data.binidx import BinIdxReader, magic_prime
 from rwkvctl.data.manifest import Manifest, resolve_prefixes
 from rwkvctl.data.merge import merge_binidx
 from rwkvctl.errors import DataError, TokenizerError
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
-
-
-def _load_helpers():
-    # pytest runs with --import-mode=importlib, so sibling modules are loaded by path.
-    spec = importlib.util.spec_from_file_location("prepare_testdata", Path(__file__).with_name("prepare_testdata.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_corpus = _load_helpers().make_corpus
-tree_bytes = _load_helpers().tree_bytes
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 from pathlib import Path
 
 import pytest
+from prepare_testdata import make_corpus, tree_bytes  # noqa: E402  (pythonpath in pyproject)
 
 from rwkvctl.data import binidx, corpus
 from rwkvctl.errors import DataError
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("prepare_testdata", Path(__file__).with_name("prepare_testdata.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_corpus = _helpers().make_corpus
-tree_bytes = _helpers().tree_bytes
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -12,15 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from prepare_testdata import make_corpus, tree_bytes  # (pythonpath in pyproject)
+
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("prepare_testdata", Path(__file__).with_name("prepare_testdata.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 # The pure-Python encoder (~1-3 MB/s) makes each input take a noticeable time, so kills land mid-unit; its ids
 # equal the native encoder's, which the reference run uses.
@@ -44,8 +37,7 @@ def _start(corpus: Path, out: Path, workers: int) -> subprocess.Popen:
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
-    h = _helpers()
-    h.make_corpus(tmp_path / "c", n_files=10, docs_per_file=400, seed=1)
+    make_corpus(tmp_path / "c", n_files=10, docs_per_file=400, seed=1)
     ref = prepare(
         PrepareOptions(
             inputs=[str(tmp_path / "c")],
@@ -86,7 +78,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     final = _start(tmp_path / "c", out, workers=2)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err.decode()[-2000:]
-    got, want = h.tree_bytes(out), h.tree_bytes(tmp_path / "ref")
+    got, want = tree_bytes(out), tree_bytes(tmp_path / "ref")
     assert sorted(got) == sorted(want)  # no stray temp files, no missing shards
     # The manifest also names the encoder of the last run (here pure Python; the reference used C++): the
     # rest of it must match byte for byte.
