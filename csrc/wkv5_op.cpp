@@ -49,8 +49,9 @@ at::Tensor wkv5_decay(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kF
 
 at::Tensor wkv5_gw_from_gdecay(const at::Tensor& gdecay, const at::Tensor& w) {
   const at::Tensor wf = w.to(at::kFloat);
-  // decay = exp(-exp(w))  =>  d decay / dw = -exp(w) * decay
-  return (gdecay.sum(0) * (-at::exp(wf)) * at::exp(-at::exp(wf))).to(w.scalar_type());
+  // decay = exp(-exp(w))  =>  d decay / dw = -exp(w) * decay = -exp(w - exp(w)), which stays finite (0)
+  // where exp(w) overflows
+  return (gdecay.sum(0) * (-at::exp(wf - at::exp(wf)))).to(w.scalar_type());
 }
 
 }  // namespace rwkvctl

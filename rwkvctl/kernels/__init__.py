@@ -86,8 +86,8 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | 
     if r.dim() == 3:  # (B, T, C) -> (B, T, H, N), heads taken from w
         B, T, _ = r.shape
         H, N = w.shape
-        y, state = wkv5(*(x.view(B, T, H, N) for x in (r, k, v)), w, u, state)
-        return y.view(B, T, H * N), state
+        y, state = wkv5(*(x.reshape(B, T, H, N) for x in (r, k, v)), w, u, state)
+        return y.reshape(B, T, H * N), state
     if uses_compiled(r):
         from rwkvctl.kernels.ops import wkv5_compiled
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class ExtensionInfo:
 
 _loaded: ExtensionInfo | None = None
 _failure: KernelUnavailable | None = None
+_load_lock = threading.Lock()
 
 
 def csrc_dir() -> Path:
@@ -118,17 +120,22 @@ def load_extension(verbose: bool = False) -> ExtensionInfo:
     global _loaded, _failure
     if _loaded is not None:
         return _loaded
-    if _failure is not None:
-        raise _failure
-    try:
-        _loaded = _load(verbose)
-    except KernelUnavailable as e:
-        _failure = e
-        raise
-    from rwkvctl.kernels import ops
+    with _load_lock:  # one build and one registration per process, however many threads ask at once
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise _failure
+        try:
+            info = _load(verbose)
+        except KernelUnavailable as e:
+            _failure = e
+            raise
+        from rwkvctl.kernels import ops
 
-    ops.register_python_parts()
-    return _loaded
+        # autograd and fake kernels must be attached before any caller can see the op as loaded
+        ops.register_python_parts()
+        _loaded = info
+        return _loaded
 
 
 def _load(verbose: bool) -> ExtensionInfo:

@@ -21,6 +21,7 @@ def register_python_parts() -> None:
     torch.library.register_fake("rwkvctl::wkv5_fwd")(_wkv5_fwd_fake)
     torch.library.register_fake("rwkvctl::wkv5_bwd")(_wkv5_bwd_fake)
     torch.library.register_autograd("rwkvctl::wkv5_fwd", _wkv5_backward, setup_context=_wkv5_setup_context)
+    torch.library.register_autograd("rwkvctl::wkv5_bwd", _no_double_backward, setup_context=_no_context)
     _registered = True
 
 
@@ -52,6 +53,17 @@ def _wkv5_backward(ctx, gy: Tensor | None, g_s_out: Tensor | None):
     if gy is None:  # only the final state was used
         gy = torch.zeros_like(r)
     return torch.ops.rwkvctl.wkv5_bwd(r, k, v, w, u, s_in, gy, g_s_out)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "the compiled WKV5 op has no double backward (create_graph=True); use RWKVCTL_WKV=reference for "
+        "higher-order gradients"
+    )
 
 
 def wkv5_compiled(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None):

@@ -24,12 +24,16 @@ DEFAULT_CHUNK = 32
 
 def _prepare(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None):
     B, T, H, N = r.shape
+    # fp32 math (what every kernel does), or fp64 when the inputs are fp64: the oracle for the kernels
+    dt = torch.float64 if r.dtype == torch.float64 else torch.float32
     if state is None:
-        state = r.new_zeros(B, H, N, N, dtype=torch.float32)
-    # (B, T, H, N) -> (B, H, T, N), fp32 math throughout
-    r, k, v = (x.float().transpose(1, 2) for x in (r, k, v))
-    log_w = -torch.exp(w.float())  # (H, N), log of the per-step decay, <= 0
-    return r, k, v, log_w, u.float(), state.float()
+        state = r.new_zeros(B, H, N, N, dtype=dt)
+    # (B, T, H, N) -> (B, H, T, N)
+    r, k, v = (x.to(dt).transpose(1, 2) for x in (r, k, v))
+    # log of the per-step decay, <= 0. Beyond w = 80 the decay exp(-exp(w)) is exactly 0 in any float
+    # type; clamping w there keeps log_w finite, so no 0 * -inf = NaN appears in values or gradients.
+    log_w = -torch.exp(w.to(dt).clamp(max=80.0))  # (H, N)
+    return r, k, v, log_w, u.to(dt), state.to(dt)
 
 
 def wkv5_loop(

@@ -1,0 +1,50 @@
+"""Edge cases of the WKV5 entry point on both backends: flat (B, T, C) inputs, extreme decays,
+double backward."""
+
+import pytest
+import torch
+
+from rwkvctl.kernels import wkv5
+from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_flat_channels_and_non_contiguous_inputs(backend, monkeypatch):
+    monkeypatch.setenv("RWKVCTL_WKV", backend)
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(2, 40, 3 * 128, generator=g)  # a fused r|k|v projection: slices are non-contiguous
+    r, k, v = fused.split(128, dim=-1)
+    w, u = torch.randn(2, 64, generator=g) - 1, torch.randn(2, 64, generator=g)
+    y, s = wkv5(r, k, v, w, u)
+    y_ref, s_ref = wkv5_loop(*(x.reshape(2, 40, 2, 64) for x in (r, k, v)), w, u)
+    assert y.shape == (2, 40, 128)
+    assert torch.allclose(y, y_ref.reshape(2, 40, 128), atol=1e-4)
+    assert torch.allclose(s, s_ref, atol=1e-4)
+
+
+def test_decay_that_underflows_stays_finite():
+    g = torch.Generator().manual_seed(1)
+    r, k, v = (torch.randn(1, 70, 1, 16, generator=g) for _ in range(3))
+    w = torch.full((1, 16), 100.0, requires_grad=True)  # exp(w) overflows fp32: the decay is exactly 0
+    u = torch.zeros(1, 16)
+    y, s = wkv5_chunked(r, k, v, w, u)
+    y_loop, _ = wkv5_loop(r, k, v, w.detach(), u)
+    assert torch.isfinite(y).all() and torch.allclose(y, y_loop, atol=1e-5)
+    y.sum().backward()
+    assert torch.isfinite(w.grad).all()
+    y2, _ = wkv5(r, k, v, w.detach().requires_grad_(True), u)
+    assert torch.isfinite(y2).all() and torch.allclose(y2, y_loop, atol=1e-5)
+
+
+def test_double_backward_is_refused_not_silently_zero(monkeypatch):
+    from rwkvctl.kernels import uses_compiled
+
+    r = torch.randn(1, 5, 1, 64, requires_grad=True)
+    if not uses_compiled(r):
+        pytest.skip("compiled extension unavailable")
+    k, v = torch.randn(1, 5, 1, 64), torch.randn(1, 5, 1, 64)
+    w = torch.randn(1, 64, requires_grad=True)
+    y, _ = wkv5(r, k, v, w, torch.randn(1, 64))
+    (gw,) = torch.autograd.grad(y.sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        gw.sum().backward()
