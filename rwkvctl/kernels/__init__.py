@@ -57,6 +57,10 @@ def uses_compiled(r: Tensor) -> bool:
     mode = backend_mode()
     if mode == "reference":
         return False
+    if r.shape[-1] not in SUPPORTED_HEAD_SIZES:  # before any build: a minute of compiling would be wasted
+        return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
+    if r.device.type not in ("cpu", "cuda"):
+        return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
     from rwkvctl.kernels import _build
 
     # Plain reads of module state once loaded, so torch.compile traces straight through this function;
@@ -67,8 +71,6 @@ def uses_compiled(r: Tensor) -> bool:
         if isinstance(failed, KernelUnavailable):
             return _fallback(str(failed), mode)
         info = failed
-    if r.shape[-1] not in SUPPORTED_HEAD_SIZES:
-        return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
     if r.device.type == "cuda" and not info.with_cuda:
         return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_SKIP_CUDA_BUILD)", mode)
     if r.device.type == "cuda" and r.dtype == torch.float64:

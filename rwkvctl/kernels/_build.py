@@ -81,11 +81,27 @@ def _build_plan(with_cuda: bool) -> tuple[str, list[Path], Path]:
     src = csrc_dir()
     sources = [src / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     digest = hashlib.sha256()
-    for path in sorted(sources + [src / name for name in HEADERS]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(repr((CXX_FLAGS, CUDA_FLAGS if with_cuda else (), torch.__version__, torch.version.cuda)).encode())
+    # every kernel source and header (a new header can never leave a stale build behind) ...
+    kernel_files = [
+        p for p in src.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu") and "tokenizer" not in p.parts
+    ]
+    for path in sorted(set(kernel_files + sources + [src / name for name in HEADERS])):
+        digest.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
+    # ... and what decides the machine code: flags, torch, compiler, and for CUDA the target archs, so a
+    # cache shared between nodes with different GPUs never serves a library without a kernel image
+    toolchain = (CXX_FLAGS, torch.__version__, os.environ.get("CXX", "c++"))
+    if with_cuda:
+        toolchain += (CUDA_FLAGS, torch.version.cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""), _gpu_archs())
+    digest.update(repr(toolchain).encode())
     name = "rwkvctl_wkv5_cuda" if with_cuda else "rwkvctl_wkv5_cpu"
     return name, sources, extensions_dir() / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _gpu_archs() -> tuple[str, ...]:
+    import torch
+
+    capabilities = (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+    return tuple(sorted({f"{major}.{minor}" for major, minor in capabilities}))
 
 
 def build_dir() -> Path:
@@ -138,13 +154,34 @@ def load_extension(verbose: bool = False) -> ExtensionInfo:
         return _loaded
 
 
+STALE_LOCK_S = 30 * 60
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """A build killed mid-way (OOM, kill -9) leaves torch's lock file behind, and later builds would wait
+    on it forever; no WKV5 build takes half an hour, so an older lock is a leftover."""
+    import time
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing a stale build lock left by a killed build: %s", lock)
+        lock.unlink(missing_ok=True)
+
+
 def _load(verbose: bool) -> ExtensionInfo:
     import torch
 
     with_cuda = want_cuda()
     name, sources, build_dir = _build_plan(with_cuda)
     library = build_dir / f"{name}.so"
-    built_now = not library.exists()
+    _clear_stale_lock(build_dir)
+    # while another process holds the build lock its library may be half-written: go through
+    # cpp_extension.load, which waits for that build instead of loading the partial file
+    built_now = not library.exists() or (build_dir / "lock").exists()
     if built_now:
         _check_toolchain(with_cuda)
         build_dir.mkdir(parents=True, exist_ok=True)

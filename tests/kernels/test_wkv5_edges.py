@@ -48,3 +48,28 @@ def test_double_backward_is_refused_not_silently_zero(monkeypatch):
     (gw,) = torch.autograd.grad(y.sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="no double backward"):
         gw.sum().backward()
+
+
+def test_stale_build_lock_is_cleared_but_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from rwkvctl.kernels._build import STALE_LOCK_S, _clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    _clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    _clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+def test_unsupported_head_size_falls_back_without_building(monkeypatch):
+    from rwkvctl.kernels import _build, uses_compiled
+
+    monkeypatch.setattr(_build, "load_extension", lambda *a, **k: pytest.fail("must not build for N=8"))
+    monkeypatch.setattr(_build, "_loaded", None)
+    monkeypatch.setattr(_build, "_failure", None)
+    assert uses_compiled(torch.zeros(1, 2, 1, 8)) is False
