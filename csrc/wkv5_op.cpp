@@ -38,10 +38,13 @@ void wkv5_check_inputs(const char* op, const at::Tensor& r, const at::Tensor& k,
   if (gy.defined()) {
     TORCH_CHECK(gy.sizes() == r.sizes(), op, ": gy must be (B, T, H, N) like r, got ", gy.sizes());
     TORCH_CHECK(gy.device() == device, op, ": gy must be on ", device);
+    TORCH_CHECK(at::isFloatingType(gy.scalar_type()), op, ": gy must be floating point, got ", gy.scalar_type());
   }
   if (g_s_out.defined()) {
     TORCH_CHECK(g_s_out.sizes() == s_in.sizes(), op, ": g_s_out must be (B, H, N, N), got ", g_s_out.sizes());
     TORCH_CHECK(g_s_out.device() == device, op, ": g_s_out must be on ", device);
+    TORCH_CHECK(at::isFloatingType(g_s_out.scalar_type()), op, ": g_s_out must be floating point, got ",
+                g_s_out.scalar_type());
   }
 }
 

@@ -90,6 +90,8 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | 
         H, N = w.shape
         y, state = wkv5(*(x.reshape(B, T, H, N) for x in (r, k, v)), w, u, state)
         return y.reshape(B, T, H * N), state
+    if r.shape[0] == 0 or r.shape[2] == 0:  # an empty batch or no heads: nothing for a kernel to do
+        return wkv5_chunked(r, k, v, w, u, state)
     if uses_compiled(r):
         from rwkvctl.kernels.ops import wkv5_compiled
 

@@ -73,3 +73,22 @@ def test_unsupported_head_size_falls_back_without_building(monkeypatch):
     monkeypatch.setattr(_build, "_loaded", None)
     monkeypatch.setattr(_build, "_failure", None)
     assert uses_compiled(torch.zeros(1, 2, 1, 8)) is False
+
+
+def test_empty_batch_gives_empty_outputs():
+    y, s = wkv5(torch.zeros(0, 5, 2, 64), torch.zeros(0, 5, 2, 64), torch.zeros(0, 5, 2, 64), torch.zeros(2, 64),
+                torch.zeros(2, 64))  # fmt: skip
+    assert y.shape == (0, 5, 2, 64) and s.shape == (0, 2, 64, 64)
+
+
+def test_integer_output_gradients_are_rejected():
+    from rwkvctl.kernels import uses_compiled
+
+    r = torch.randn(1, 3, 1, 64)
+    if not uses_compiled(r):
+        pytest.skip("compiled extension unavailable")
+    w, u, s = torch.zeros(1, 64), torch.zeros(1, 64), torch.zeros(1, 1, 64, 64)
+    with pytest.raises(RuntimeError, match="gy must be floating point"):
+        torch.ops.rwkvctl.wkv5_bwd(r, r, r, w, u, s, torch.zeros(1, 3, 1, 64, dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match="g_s_out must be floating point"):
+        torch.ops.rwkvctl.wkv5_bwd(r, r, r, w, u, s, r, torch.zeros(1, 1, 64, 64, dtype=torch.int64))
