@@ -1,4 +1,4 @@
-"""rwkvctl: pre-train, finetune, quantize and chat with RWKV-5 models.
+"""rwkvctl: prepare data for, train, inspect and run RWKV-5.2 models.
 
 Importing the package is cheap: torch-backed names are loaded lazily on first access (PEP 562),
 so `rwkvctl --help` never imports torch.

@@ -15,7 +15,7 @@ from rwkvctl.errors import RwkvctlError
 
 app = typer.Typer(
     name="rwkvctl",
-    help="Pre-train, finetune, quantize and chat with RWKV-5 language models.",
+    help="Prepare data for, train, inspect and run RWKV-5.2 language models (RWKV-LM compatible).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -19,7 +19,7 @@ def inspect_command(
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="Show the per-tensor table.")] = True,
     limit: Annotated[int, typer.Option(help="Rows of the per-tensor table (0 = all).")] = 40,
 ) -> None:
-    """Show architecture, detected version, parameter count, dtypes and tensors of a checkpoint."""
+    """Show a checkpoint (architecture, version, parameters, dtypes, tensors) or a prepared dataset."""
     from rwkvctl.data.inspect import is_dataset_path
 
     if path.is_dir() or is_dataset_path(path):
