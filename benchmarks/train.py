@@ -54,20 +54,22 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per backend (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as in training")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = RunConfig(model=ModelConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab))
     cfg = cfg.with_overrides({"data.path": "synthetic", "data.ctx_len": args.ctx_len, "train.device": "cpu",
-                              "train.micro_bsz": args.micro_bsz, "optim.lr_init": 1e-3})
+                              "train.micro_bsz": args.micro_bsz, "optim.lr_init": 1e-3,
+                              "train.precision": args.precision})
     tokens = np.random.default_rng(0).integers(0, args.vocab, size=2_000_000, dtype=np.int64)
     windows = TrainWindows(TokenStream([tokens]), args.ctx_len, mode="random", seed=0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, "
           f"{datetime.date.today().isoformat()}")
     print(f"model L{args.n_layer} D{args.n_embd} V{args.vocab}, ctx {args.ctx_len}, micro-batch {args.micro_bsz}, "
-          f"fp32, single process, {args.steps} timed steps per backend")
+          f"{args.precision}, single process, {args.steps} timed steps per backend")
 
     engines, times, losses = {}, {b: [] for b in BACKENDS}, {}
     for backend in BACKENDS:
