@@ -10,9 +10,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <new>
+#include <string_view>
+#include <utility>
 #include <vector>
+
+#include "jsonl_fields.h"
 
 namespace {
 
@@ -169,6 +172,81 @@ int64_t wt_encode_batch(const void* h, const uint8_t* src, const int64_t* offset
         counts[d] = k - start;
     }
     return k;
+}
+
+// prepare's fast path: parse, unescape and encode a block of JSON lines in one call (see jsonl_fields.h).
+//
+// buf holds whole lines, each ending with '\n'. For every line the parser accepts, a document is emitted in order:
+// its text (UTF-8, unescaped) appended to `text`, its ids plus `eod` appended to `ids`, and per document the
+// 0-based line index, id count, end offset in `text` and source index (-1 = no label). Source labels are
+// interned per call into (src_off, src_len) spans of buf, at most max_sources of them; a line with a further new
+// label is handed back like any other. Lines the parser declines go to `fallback` (line indices, for Python to
+// classify); blank lines are skipped. Capacity: ids len(buf) + lines, text len(buf) + 16, per-line arrays
+// `lines`.
+// counts receives {documents, ids, fallback lines, sources, text bytes}. Returns 0, or -1 when out of memory.
+int64_t wt_encode_jsonl(const void* h, const uint8_t* buf, int64_t len, const char* text_key, const char* source_key,
+                        int32_t eod, int32_t* ids, uint8_t* text, int64_t* doc_line, int64_t* doc_count,
+                        int64_t* doc_text_end, int32_t* doc_source, int64_t* fallback, int64_t* src_off,
+                        int64_t* src_len, int64_t max_sources, int64_t* counts) {
+    try {
+        std::vector<std::string_view> path;
+        std::string_view dotted(source_key);
+        while (!dotted.empty()) {
+            size_t dot = dotted.find('.');
+            path.push_back(dotted.substr(0, dot));
+            dotted = dot == std::string_view::npos ? std::string_view() : dotted.substr(dot + 1);
+        }
+        jsonl::LineParser parser(text_key, path);
+        int64_t ndocs = 0, nids = 0, nfallback = 0, nsources = 0, ntext = 0, line = 0;
+        for (const uint8_t *p = buf, *end = buf + len; p < end; ++line) {
+            const uint8_t* nl = static_cast<const uint8_t*>(std::memchr(p, '\n', end - p));
+            if (nl == nullptr) break;  // a partial last line is not a line (the reader always ends blocks with one)
+            const uint8_t* q = p;
+            while (q < nl && (*q == ' ' || *q == '\t' || *q == '\r' || *q == '\v' || *q == '\f')) ++q;
+            jsonl::Fields f;
+            const uint8_t* line_begin = p;
+            p = nl + 1;
+            if (q == nl) continue;  // blank line: not a document (Python's bytes.strip() whitespace)
+            if (!parser.parse(line_begin, nl - line_begin, text + ntext, &f)) {
+                fallback[nfallback++] = line;
+                continue;
+            }
+            int32_t source = -1;
+            if (f.source.begin != nullptr) {
+                std::string_view label(reinterpret_cast<const char*>(f.source.begin), f.source.end - f.source.begin);
+                for (int64_t k = 0; k < nsources && source < 0; ++k)
+                    if (std::string_view(reinterpret_cast<const char*>(buf) + src_off[k], src_len[k]) == label)
+                        source = static_cast<int32_t>(k);
+                if (source < 0) {
+                    if (nsources == max_sources) {
+                        fallback[nfallback++] = line;
+                        continue;
+                    }
+                    src_off[nsources] = f.source.begin - buf;
+                    src_len[nsources] = f.source.end - f.source.begin;
+                    source = static_cast<int32_t>(nsources++);
+                }
+            }
+            const int64_t n = f.text_len;
+            int64_t k = wt_encode(h, text + ntext, n, ids + nids);
+            if (eod >= 0) ids[nids + k++] = eod;
+            ntext += n;
+            nids += k;
+            doc_line[ndocs] = line;
+            doc_count[ndocs] = k;
+            doc_text_end[ndocs] = ntext;
+            doc_source[ndocs] = source;
+            ++ndocs;
+        }
+        counts[0] = ndocs;
+        counts[1] = nids;
+        counts[2] = nfallback;
+        counts[3] = nsources;
+        counts[4] = ntext;
+        return 0;
+    } catch (const std::bad_alloc&) {
+        return -1;
+    }
 }
 
 }  // extern "C"

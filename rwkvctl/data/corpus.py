@@ -169,8 +169,19 @@ def _plain_chunks(raw: _Counting) -> Iterator[bytes]:
         yield chunk
 
 
-def _blocks(path: Path, raw: _Counting) -> Iterator[bytes]:
-    """Decompressed data in blocks of whole lines, each block ending with b"\\n" (one is added to a last line)."""
+class Block(NamedTuple):
+    """Whole lines of a JSONL input: `data[:end]`, each line ending in b"\\n" (bytes past `end` belong to the next
+    block; slicing them off would copy the block). `first` lines precede it in the input; it holds `lines`."""
+
+    first: int
+    lines: int
+    data: bytes
+    end: int
+
+
+def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, int]]:
+    """Decompressed data as (data, end) with `data[:end]` whole lines of about `target` bytes; a last line without
+    a newline gets one. Damaged compression raises after the whole lines read before it."""
     name = path.name
     if name.endswith((".zst", ".zstd")):
         chunks = _zstd_chunks(raw)
@@ -178,17 +189,49 @@ def _blocks(path: Path, raw: _Counting) -> Iterator[bytes]:
         chunks = _gzip_chunks(raw)
     else:
         chunks = _plain_chunks(raw)
-    pending = b""
-    for chunk in chunks:
-        buf = pending + chunk if pending else chunk
-        cut = buf.rfind(b"\n")
-        if cut < 0:
-            pending = buf
+    parts: list[bytes] = []
+    size = 0
+    it = iter(chunks)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            break
+        except _CorruptInputError:
+            if parts:
+                buf = b"".join(parts)
+                if (cut := buf.rfind(b"\n") + 1) > 0:
+                    yield buf, cut
+            raise
+        parts.append(chunk)
+        size += len(chunk)
+        if size < target:
             continue
-        pending = buf[cut + 1 :]
-        yield buf[: cut + 1]
-    if pending:
-        yield pending + b"\n"
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:  # no line end yet: keep reading
+            parts = [buf]
+            continue
+        parts = [buf[cut:]] if cut < len(buf) else []
+        size = len(buf) - cut
+        start = 0
+        while cut - start > 2 * target:  # far too big (a small target): cut after a line near the target
+            piece = buf.rfind(b"\n", start, start + target) + 1
+            if piece <= start:  # one line longer than the target
+                piece = buf.index(b"\n", start + target) + 1
+            if piece >= cut:
+                break
+            yield buf[start:piece], piece - start
+            start = piece
+        if start:
+            yield buf[start:cut], cut - start
+        else:
+            yield buf, cut
+    if parts:
+        buf = b"".join(parts)
+        if not buf.endswith(b"\n"):
+            buf += b"\n"
+        yield buf, len(buf)
 
 
 # --- records -> documents ----------------------------------------------------------------------------------------
@@ -232,7 +275,7 @@ def record_to_doc(obj: Any, line: int, text_key: str, source_key: str) -> Doc | 
     return Doc(line, data, source if isinstance(source, str) and source else UNKNOWN_SOURCE)
 
 
-def _parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | Problem | None:
+def parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | Problem | None:
     if not raw.strip():
         return None  # blank lines (e.g. a trailing newline) are not documents
     if _fast_loads is not None:
@@ -274,26 +317,43 @@ class DocumentStream:
         elif p.name.endswith(TABLE_SUFFIXES):
             yield from self._parquet(p)
         else:
-            yield from self._jsonl(p)
+            yield from self._jsonl()
 
-    def _jsonl(self, p: Path) -> Iterator[Doc | Problem]:
+    @property
+    def is_jsonl(self) -> bool:
+        """A JSON-lines file (plain, zstd or gzip), which `iter_blocks` can read without parsing records."""
+        p = Path(self.spec)
+        return not (self.spec.startswith("hf:") or _is_dataset_dir(p) or p.name.endswith(TABLE_SUFFIXES))
+
+    def iter_blocks(self, block_bytes: int = 1 << 19) -> Iterator[Block | Problem]:
+        """A JSONL input as blocks of whole lines of about `block_bytes`; damaged compression ends the stream with
+        a `Problem` after everything readable before it."""
+        p = Path(self.spec)
         # An OSError (opening or reading) propagates: it says nothing about the data, and may pass.
         f = open(p, "rb")  # noqa: SIM115  (closed below; generator may be abandoned)
         self._raw = raw = _Counting(f)
         last = 0
         try:
-            for block in _blocks(p, raw):
+            for data, end in _blocks(p, raw, block_bytes):
                 self.consumed = raw.pos
-                for data in block.split(b"\n")[:-1]:
-                    last += 1
-                    item = _parse_line(data, last, self.text_key, self.source_key)
-                    if item is not None:
-                        yield item
+                n = data.count(b"\n", 0, end)
+                yield Block(last, n, data, end)
+                last += n
         except _CorruptInputError as e:
             yield Problem(last + 1, e.kind, str(e))
         finally:
             self.consumed = raw.pos
             f.close()
+
+    def _jsonl(self) -> Iterator[Doc | Problem]:
+        for item in self.iter_blocks():
+            if isinstance(item, Problem):
+                yield item
+                continue
+            for i, data in enumerate(item.data[: item.end].split(b"\n")[:-1], item.first + 1):
+                doc = parse_line(data, i, self.text_key, self.source_key)
+                if doc is not None:
+                    yield doc
 
     def _parquet(self, p: Path) -> Iterator[Doc | Problem]:
         import pyarrow.parquet as pq

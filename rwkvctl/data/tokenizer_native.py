@@ -1,10 +1,12 @@
-"""Build (once, cached) and load the C++ World trie encoder in csrc/tokenizer/ through ctypes.
+"""Build (once, cached) and load the C++ World trie encoder in csrc/tokenizer/ through ctypes (it also holds
+prepare's JSONL fast path: jsonl_fields.h).
 
 No torch and no pybind11: the system C++ compiler builds a plain shared library on first use into
 `$RWKVCTL_CACHE_DIR/tokenizer/` (default `~/.cache/rwkvctl`), named by a hash of the source and flags, so
 an edited source rebuilds and concurrent workers never see a half-written library (temp name + rename).
-`RWKVCTL_NO_NATIVE=1` forces the pure-Python fallback. Any build/load failure returns None with a reason,
-and the caller falls back: a missing compiler must never make `prepare` unusable.
+`RWKVCTL_NO_NATIVE=1` forces the pure-Python fallback; `RWKVCTL_TOKENIZER_CXXFLAGS` adds compiler flags. Any
+build/load failure returns None with a reason, and the caller falls back: a missing compiler must never make
+`prepare` unusable.
 """
 
 from __future__ import annotations
@@ -38,13 +40,16 @@ def _build(source: Path) -> Path:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise OSError(f"no C++ compiler ({cxx}) on PATH")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
+    # The key covers the headers next to the source too (jsonl_fields.h), so editing any of them rebuilds.
+    parts = [f.read_bytes() for f in sorted(source.parent.glob("*.h")) + [source]]
+    flags = FLAGS + os.environ.get("RWKVCTL_TOKENIZER_CXXFLAGS", "").split()  # e.g. -DRWKVCTL_NO_SIMD in tests
+    digest = hashlib.sha256(b"".join(parts) + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
     out = cache_dir() / f"world_trie-{digest}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    proc = subprocess.run([cxx, *FLAGS, str(source), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
@@ -84,6 +89,26 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int32,
         c_i32p,
         c_i64p,
+    ]
+    lib.wt_encode_jsonl.restype = ctypes.c_int64
+    lib.wt_encode_jsonl.argtypes = [
+        ctypes.c_void_p,  # trie
+        ctypes.c_char_p,  # buf
+        ctypes.c_int64,  # len
+        ctypes.c_char_p,  # text key
+        ctypes.c_char_p,  # dotted source key
+        ctypes.c_int32,  # eod
+        c_i32p,  # ids
+        ctypes.c_void_p,  # text out
+        c_i64p,  # doc_line
+        c_i64p,  # doc_count
+        c_i64p,  # doc_text_end
+        c_i32p,  # doc_source
+        c_i64p,  # fallback
+        c_i64p,  # src_off
+        c_i64p,  # src_len
+        ctypes.c_int64,  # max_sources
+        c_i64p,  # counts
     ]
     _lib = lib
     return lib

@@ -176,6 +176,6 @@ def test_recursion_error_is_a_bad_record(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(corpus, "_fast_loads", too_deep)
     monkeypatch.setattr(corpus.json, "loads", too_deep)
-    assert corpus._parse_line(b'{"text": [[[]]]}', 7, "text", "meta.x") == Problem(
+    assert corpus.parse_line(b'{"text": [[[]]]}', 7, "text", "meta.x") == Problem(
         7, "malformed_json", "maximum recursion depth exceeded"
     )
