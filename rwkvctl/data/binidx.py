@@ -181,7 +181,7 @@ class BinIdxWriter:
             raise DataError(f"{self.bin_path}: sizes ({int(sizes.sum())} tokens) do not match {flat.size} tokens")
         if flat.size and (int(flat.min()) < 0 or int(flat.max()) > self._max):
             raise DataError(f"{self.bin_path}: token id out of range for {self.dtype} (0..{self._max})")
-        self._bin.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
+        self._bin.write(memoryview(np.ascontiguousarray(flat, dtype=self.dtype)).cast("B"))  # no extra copy
         self._sizes.extend(sizes.astype(np.int32).tolist())
         self.num_tokens += int(flat.size)
 
