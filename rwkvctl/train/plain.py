@@ -172,7 +172,7 @@ class PlainEngine(Engine):
         self.model = model.to(self.device)
         self.model.train()
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.optimizer = build_adamw(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.optimizer = build_adamw(self.model, cfg.optim, fused=self.device.type in ("cpu", "cuda"))
         self.bf16 = cfg.train.precision == "bf16"
         self._bad_micro = False
 
