@@ -2,6 +2,7 @@
 
     python benchmarks/train.py                                  # L6 D512 ctx512, micro-batch 2, World vocab
     python benchmarks/train.py --n-layer 2 --n-embd 256 --ctx-len 256 --vocab 4096   # a quicker look
+    python benchmarks/train.py --all      # fp32 and bf16, vocab 4096 and World, one table (RESULTS.md)
 
 Both backends train the same model (same init, same batches) in the same process; one optimizer step
 (forward, backward, clip, AdamW) is timed at a time, alternating compiled/reference so that machine load
@@ -55,10 +56,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per backend (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as in training")
+    parser.add_argument("--all", action="store_true", help="run fp32/bf16 x vocab 4096/65536 and print a table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.all:
+        run(args)
+        return
+    table = []
+    for precision in ("bf16", "fp32"):
+        for vocab in (4096, 65536):
+            args.precision, args.vocab = precision, vocab
+            table.append((precision, vocab, *run(args)))
+    print("\n| precision | vocab | compiled tokens/s | reference tokens/s | ratio |\n|---|---|---|---|---|")
+    for precision, vocab, comp, ref in table:
+        print(f"| {precision} | {vocab} | {comp:.1f} | {ref:.1f} | {comp / ref:.2f}x |")
 
+
+def run(args: argparse.Namespace) -> tuple[float, float]:
+    """One configuration: both backends, alternating steps; returns (compiled, reference) tokens/s."""
     cfg = RunConfig(model=ModelConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab))
     cfg = cfg.with_overrides({"data.path": "synthetic", "data.ctx_len": args.ctx_len, "train.device": "cpu",
                               "train.micro_bsz": args.micro_bsz, "optim.lr_init": 1e-3,
@@ -91,6 +107,7 @@ def main() -> None:
     ratio = tps["compiled"] / tps["reference"]
     print(f"compiled / reference: {ratio:.2f}x  (goal >= 2x)  "
           f"{'MET' if ratio >= 2 else 'NOT MET'}; losses agree to {abs(losses['compiled'] - losses['reference']):.1e}")
+    return tps["compiled"], tps["reference"]
 
 
 if __name__ == "__main__":

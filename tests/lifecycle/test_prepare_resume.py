@@ -90,3 +90,50 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     assert manifest["totals"]["train"]["docs"] + manifest["totals"]["val"]["docs"] == 4000
     assert done_counts == sorted(done_counts)  # completed units are never redone or lost
     assert any(0 < c < 10 for c in done_counts), done_counts  # some kills landed between units of work
+
+
+NATIVE_RUNNER = """
+import sys
+from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
+prepare(PrepareOptions(inputs=[sys.argv[1]], out_dir=sys.argv[2], workers=int(sys.argv[3]), batch_bytes=64 << 10))
+"""
+
+
+def test_kill_and_resume_on_the_native_block_path(tmp_path: Path) -> None:
+    """The default path (C++ JSONL blocks, no val split): kills inside units, between them and in renames."""
+    from rwkvctl.data.tokenizer_world import WorldTokenizer
+
+    if WorldTokenizer().backend != "native":
+        import pytest
+
+        pytest.skip("no C++ compiler: the native path is not used")
+    make_corpus(tmp_path / "c", n_files=12, docs_per_file=1500, seed=2)
+    ref_opts = PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "ref", batch_bytes=64 << 10)
+    assert prepare(ref_opts).complete
+    rng = random.Random(99)
+    out, done_dir = tmp_path / "out", tmp_path / "out" / ".prepare" / "done"
+    interrupted, done_counts = 0, []
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", NATIVE_RUNNER, str(tmp_path / "c"), str(out), str(1 + attempt % 2)],
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        target = len(list(done_dir.glob("*.json"))) + rng.randint(0, 2)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(list(done_dir.glob("*.json"))) >= target and (attempt % 3 or list(out.rglob("*.tmp-*"))):
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            interrupted += 1
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]
+        done_counts.append(len(list(done_dir.glob("*.json"))))
+    assert interrupted >= 3, f"only {interrupted} kills landed mid-run"
+    assert prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=out, batch_bytes=64 << 10)).complete
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+    assert done_counts == sorted(done_counts)
