@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.optim import build_adamw, l2wrap, set_lr
+from rwkvctl.train.loss import lm_loss
+from rwkvctl.train.optim import build_adamw, set_lr
 
 STATE_FILE = "engine_state.pt"
 
@@ -43,33 +42,6 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"train.device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
-
-
-# fp32 elements of one cross-entropy chunk (256 MiB): bounds the fp32 copy of bf16 logits.
-CE_CHUNK_ELEMENTS = 1 << 26
-
-
-def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), y, reduction="sum")
-
-
-def lm_loss(logits: Tensor, y: Tensor, *, use_l2wrap: bool) -> Tensor:
-    """Mean next-token cross entropy, computed in fp32.
-
-    fp32 logits go straight through. Low-precision logits (bf16 under DeepSpeed or autocast) are upcast
-    chunk by chunk under activation checkpointing, so the fp32 copy of a (B, T, 65536) tensor never
-    exists whole (at ctx 4096 x micro-batch 8 it would be 8.6 GB); only the bf16 logits are kept.
-    """
-    V = logits.shape[-1]
-    flat, targets = logits.reshape(-1, V), y.reshape(-1)  # (B*T, V), (B*T,)
-    if logits.dtype == torch.float32:
-        loss = F.cross_entropy(flat, targets)
-    else:
-        rows = max(1, CE_CHUNK_ELEMENTS // V)
-        total = sum(checkpoint(_ce_sum, flat[i : i + rows], targets[i : i + rows], use_reentrant=False)
-                    for i in range(0, flat.shape[0], rows))
-        loss = total / flat.shape[0]
-    return l2wrap(loss, logits) if use_l2wrap else loss
 
 
 def peak_memory_bytes(device: torch.device) -> int:
