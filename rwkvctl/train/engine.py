@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.train.config import RunConfig
+from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
-from rwkvctl.train.plain import Engine, lm_loss
+from rwkvctl.train.plain import Engine
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
