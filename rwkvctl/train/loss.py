@@ -17,16 +17,19 @@ from torch import Tensor
 
 from rwkvctl.train.optim import L2Wrap
 
-# fp32 elements of one chunk (16 MiB): large enough for efficient reductions, small enough to stay in cache.
+# fp32 elements of one chunk. CPU: 16 MiB, small enough to stay in cache between the passes over it. GPU: 256 MiB,
+# so that a (32768, 65536) micro-batch takes 32 chunks, not 512 (each chunk is ~10 kernel launches).
 CE_CHUNK_ELEMENTS = 1 << 22
+CE_CHUNK_ELEMENTS_GPU = 1 << 26
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 (tests) stays
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, CE_CHUNK_ELEMENTS // vocab)
+def _rows_per_chunk(t: Tensor) -> int:
+    elements = CE_CHUNK_ELEMENTS if t.device.type == "cpu" else CE_CHUNK_ELEMENTS_GPU
+    return max(1, elements // t.shape[-1])
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -39,7 +42,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         rows = flat.shape[0]
         grad = torch.empty_like(flat)
         sums = []
-        step = _rows_per_chunk(vocab)
+        step = _rows_per_chunk(flat)
         for i in range(0, rows, step):
             chunk, yc = flat[i : i + step], y[i : i + step]
             p = chunk.to(_compute_dtype(chunk), copy=True)  # (r, V); a copy even for fp32: it becomes the gradient
@@ -66,7 +69,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 def _loss_only(logits: Tensor, targets: Tensor) -> Tensor:
     vocab = logits.shape[-1]
     flat, y = logits.reshape(-1, vocab), targets.reshape(-1, 1)  # (P, V), (P, 1)
-    step = _rows_per_chunk(vocab)
+    step = _rows_per_chunk(flat)
     sums = []
     for i in range(0, flat.shape[0], step):
         chunk = flat[i : i + step].to(_compute_dtype(flat))
