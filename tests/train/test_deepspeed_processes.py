@@ -1,4 +1,4 @@
-"""Two real DeepSpeed ZeRO-2 processes (CPU accelerator, gloo): train under the `deepspeed` launcher,
+"""Two real DeepSpeed processes (CPU accelerator, gloo), ZeRO-2 and ZeRO-3: train under the `deepspeed` launcher,
 checkpoint, resume under `torchrun`; the resumed run's losses equal an uninterrupted run's, bit for bit.
 
 Slow-ish (two launches of two processes; the first ever launch also JIT-builds DeepSpeed's small CPU
@@ -90,3 +90,27 @@ def test_two_process_zero2_trains_and_resumes(tmp_path, data):
     assert [r["val_loss"] for r in ref if "val_loss" in r] == [val[k] for k in sorted(val)]
     ref_weights, _ = load_checkpoint(straight / "checkpoints" / "step-00000010" / "rwkv-10.pth")
     assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+
+def test_two_process_zero3_resumes_exactly_and_exports_whole_weights(tmp_path, data):
+    """ZeRO-3 partitions the parameters themselves: the export must gather them, and a resume must restore them."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    z3 = ("--zero-stage", "3", "--max-steps", "6")
+    first = _launch(run, data, *z3, "--stop-after-steps", "3")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert json.loads((run / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())["engine"] == (
+        "deepspeed-zero3"
+    )
+    second = _launch(run, data, *z3, "--resume")
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    third = _launch(straight, data, *z3)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for d in (run, straight)
+    ]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    got, meta = load_checkpoint(run / "checkpoints" / "step-00000006" / "rwkv-6.pth")
+    want, _ = load_checkpoint(straight / "checkpoints" / "step-00000006" / "rwkv-6.pth")
+    assert meta.step == 6 and got["emb.weight"].shape == (64, 64)  # whole, not a rank's partition
+    assert all(torch.equal(got[k], want[k]) for k in want)
