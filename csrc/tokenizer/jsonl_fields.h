@@ -100,6 +100,7 @@ class LineParser {
 
   private:
     static constexpr int kMaxDepth = 200;  // deeper lines go to Python (whose own limit then decides)
+    static constexpr int kMaxIntegerDigits = 300;
 
     std::string_view text_key_;
     std::vector<std::string_view> path_;
@@ -237,8 +238,12 @@ class LineParser {
         if (p_ >= end_) return false;
         if (*p_ == '0') {
             ++p_;
-        } else if (!digits()) {
-            return false;
+        } else {
+            const uint8_t* start = p_;
+            if (!digits()) return false;
+            // Python refuses to convert integers of more than 4300 digits (and orjson overflows far sooner):
+            // such a line is Python's to classify.
+            if (p_ - start > kMaxIntegerDigits) return false;
         }
         if (p_ < end_ && *p_ == '.') {
             ++p_;

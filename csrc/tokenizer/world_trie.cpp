@@ -189,13 +189,11 @@ int64_t wt_encode_jsonl(const void* h, const uint8_t* buf, int64_t len, const ch
                         int64_t* doc_text_end, int32_t* doc_source, int64_t* fallback, int64_t* src_off,
                         int64_t* src_len, int64_t max_sources, int64_t* counts) {
     try {
-        std::vector<std::string_view> path;
+        std::vector<std::string_view> path;  // split exactly like Python's str.split("."): empty parts included
         std::string_view dotted(source_key);
-        while (!dotted.empty()) {
-            size_t dot = dotted.find('.');
+        for (size_t dot; (dot = dotted.find('.')) != std::string_view::npos; dotted.remove_prefix(dot + 1))
             path.push_back(dotted.substr(0, dot));
-            dotted = dot == std::string_view::npos ? std::string_view() : dotted.substr(dot + 1);
-        }
+        path.push_back(dotted);
         jsonl::LineParser parser(text_key, path);
         int64_t ndocs = 0, nids = 0, nfallback = 0, nsources = 0, ntext = 0, line = 0;
         for (const uint8_t *p = buf, *end = buf + len; p < end; ++line) {

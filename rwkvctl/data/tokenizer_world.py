@@ -49,8 +49,8 @@ def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
             with np.load(cache, allow_pickle=False) as z:
                 ids, ends, flat = z["ids"].tolist(), z["ends"].tolist(), z["flat"].tobytes()
             return {i: flat[(ends[k - 1] if k else 0) : ends[k]] for k, i in enumerate(ids)}
-        except (OSError, ValueError, KeyError):
-            pass  # damaged or foreign: parse again and rewrite it
+        except Exception:  # noqa: BLE001 - damaged (truncated zip, empty file) or foreign: parse again, rewrite
+            pass
     vocab = _parse_vocab_text(path)
     if cache is not None:
         _write_vocab_cache(cache, vocab)
@@ -76,6 +76,8 @@ def _write_vocab_cache(cache: Path, vocab: dict[int, bytes]) -> None:
                 ends=np.cumsum([len(vocab[i]) for i in ids], dtype=np.int64),
                 flat=np.frombuffer(b"".join(vocab[i] for i in ids), dtype=np.uint8),
             )
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, cache)
     except OSError:  # a read-only home: just parse every time
         tmp.unlink(missing_ok=True)

@@ -119,6 +119,7 @@ class DeepSpeedEngine(Engine):
     def micro_step(self, batch: Batch, accum: int) -> float:
         logits, _ = self.ds(batch.x.to(self.device))
         loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
+        del logits  # the loss keeps what backward needs; the (B, T, V) logits can go before backward runs
         value = float(loss.detach())
         if not torch.isfinite(loss):
             # DeepSpeed counts micro-steps itself, so we still go through backward, with an exactly-zero loss.

@@ -4,8 +4,9 @@ With the 65536-token World vocabulary the logits dominate everything after the b
 they are 67M values, and the stock path (upcast to fp32, log_softmax, nll, then in backward a zero-filled gradient,
 a scatter, log_softmax's backward and a downcast) streams them through memory about ten times, ~30% of a small
 model's bf16 step on CPU. Here each chunk of rows is upcast once, and loss and gradient come out of the same pass
-while the chunk is in cache; backward only scales the stored gradient. The stored gradient has the logits' dtype
-and shape, no more memory than autograd keeps for the stock path.
+while the chunk is in cache; backward only scales the stored gradient, in place. The stored gradient has the
+logits' dtype and shape: the logits themselves are not kept (the engines drop them before backward), so the peak is
+what the stock path needs for the logits' gradient.
 """
 
 from __future__ import annotations
@@ -57,13 +58,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, top_idx, top * l2wrap_factor)
             grad[i : i + step] = p.mul_(1.0 / rows)
         ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
+        ctx.shape, ctx.used = logits.shape, False
         return torch.stack(sums).sum() / rows
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        # Scaled in place: a second full-size tensor would be +4 GB at ctx 4096 x 8 x 65536 in bf16. So a second
+        # backward through the same graph (retain_graph=True) would see a scaled gradient: refuse it instead.
+        if ctx.used:
+            raise RuntimeError("the fused LM loss supports one backward pass per forward (no retain_graph)")
+        ctx.used = True
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None
+        return grad.mul_(grad_output.to(grad.dtype)).view(ctx.shape), None, None
 
 
 def _loss_only(logits: Tensor, targets: Tensor) -> Tensor:

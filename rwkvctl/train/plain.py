@@ -157,6 +157,7 @@ class PlainEngine(Engine):
         with self._autocast():
             logits, _ = self.forward(batch.x.to(self.device))
             loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
+        del logits  # the loss keeps what backward needs; the (B, T, V) logits can go before backward runs
         value = float(loss.detach())
         if not torch.isfinite(loss):
             self._bad_micro = True

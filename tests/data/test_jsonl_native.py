@@ -127,6 +127,20 @@ def test_odd_lines_agree_with_python(tok: WorldTokenizer) -> None:
         assert got[i] == "fallback" or parse_line(ODD[i], 1, KEY, SOURCE) is not None
 
 
+def test_huge_integers_are_pythons_to_judge(tok: WorldTokenizer) -> None:
+    lines = [b'{"text": "big", "n": ' + b"7" * 5000 + b"}", b'{"text": "fine", "n": ' + b"7" * 200 + b"}"]
+    got = assert_agrees(tok, lines)
+    assert got[0] == "fallback" and got[1] == ("doc", b"fine", "unknown")
+
+
+def test_source_keys_split_like_python(tok: WorldTokenizer) -> None:
+    lines = [b'{"text": "a", "meta": "X"}', b'{"text": "b", "": "Y"}', b'{"text": "c", "meta": {"": "Z"}}']
+    for key in ("meta.", "", ".", "meta..x"):
+        assert_agrees(tok, lines, source_key=key)
+    assert run_native(tok, lines, source_key="")[1] == ("doc", b"b", "Y")
+    assert run_native(tok, lines, source_key="meta.")[2] == ("doc", b"c", "Z")
+
+
 def test_other_keys(tok: WorldTokenizer) -> None:
     lines = [b'{"content": "c", "src": "a"}', b'{"content": "d", "a": {"b": {"c": "deep"}}}', b'{"text": "x"}']
     assert_agrees(tok, lines, text_key="content", source_key="src")

@@ -150,3 +150,16 @@ def test_native_build_cache_and_opt_out(tmp_path: Path) -> None:
     env["RWKVCTL_NO_NATIVE"] = "1"
     out2 = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out2.split()[0] == "python" and out2.split(None, 1)[1] == out.split(None, 1)[1]
+
+
+def test_vocab_cache_is_used_and_a_damaged_one_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rwkvctl.data import tokenizer_world
+
+    monkeypatch.setenv("RWKVCTL_CACHE_DIR", str(tmp_path))
+    want = parse_vocab()
+    (cache,) = (tmp_path / "tokenizer").glob("vocab-*.npz")
+    assert parse_vocab() == want  # from the cache now
+    for damage in (b"", cache.read_bytes()[:1000], b"PK\x03\x04 not a zip"):
+        cache.write_bytes(damage)
+        assert parse_vocab() == want
+        assert tokenizer_world._vocab_cache_path(tokenizer_world.VOCAB_FILE) == cache and cache.stat().st_size > 1000

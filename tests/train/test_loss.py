@@ -62,3 +62,12 @@ def test_out_of_range_target_raises() -> None:
     logits = torch.randn(1, 2, 4, requires_grad=True)
     with pytest.raises((IndexError, RuntimeError)):
         lm_loss(logits, torch.tensor([[1, 4]]), use_l2wrap=False)
+
+
+def test_a_second_backward_through_the_same_graph_is_refused() -> None:
+    """backward scales the stored gradient in place (memory); retain_graph would silently double-scale it."""
+    logits = torch.randn(1, 3, 5, requires_grad=True)
+    loss = lm_loss(logits, torch.tensor([[0, 1, 2]]), use_l2wrap=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
