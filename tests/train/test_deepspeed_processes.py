@@ -114,3 +114,20 @@ def test_two_process_zero3_resumes_exactly_and_exports_whole_weights(tmp_path, d
     want, _ = load_checkpoint(straight / "checkpoints" / "step-00000006" / "rwkv-6.pth")
     assert meta.step == 6 and got["emb.weight"].shape == (64, 64)  # whole, not a rank's partition
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_two_process_zero2_cpu_offload_resumes_exactly(tmp_path, data):
+    """--offload keeps the optimizer on the CPU (DeepSpeedCPUAdam). Its resume is exact up to rounding: the C++
+    optimizer forms beta^t by repeated multiplication while it runs, but with pow() when it restarts at step t, so
+    the resumed run's first step matches and later ones differ in the last bits (~1e-7 relative)."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    off = ("--offload", "--max-steps", "4")
+    for d, extra in ((run, ("--stop-after-steps", "2")), (run, ("--resume",)), (straight, ())):
+        res = _launch(d, data, *off, *extra)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for d in (run, straight)
+    ]
+    assert len(losses[0]) == 4 and losses[0][:3] == losses[1][:3]
+    assert np.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
