@@ -1,7 +1,8 @@
-"""Two real DeepSpeed processes (CPU accelerator, gloo), ZeRO-2 and ZeRO-3: train under the `deepspeed` launcher,
-checkpoint, resume under `torchrun`; the resumed run's losses equal an uninterrupted run's, bit for bit.
+"""Two real DeepSpeed processes (CPU accelerator, gloo), ZeRO-2 (also with CPU offload) and ZeRO-3: train under
+the `deepspeed` launcher, checkpoint, resume under `torchrun`; the resumed run's losses equal an uninterrupted
+run's (bit for bit, or to rounding with offload).
 
-Slow-ish (~80 s: six launches of two processes; the first ever launch also JIT-builds DeepSpeed's small CPU
+Slow-ish (~2 min: nine launches of two processes; the first ever launch also JIT-builds DeepSpeed's small CPU
 comm op, cached in ~/.cache/torch_extensions), so it is kept to a handful of steps of a tiny model.
 """
 
