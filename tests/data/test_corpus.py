@@ -179,3 +179,24 @@ def test_recursion_error_is_a_bad_record(monkeypatch: pytest.MonkeyPatch) -> Non
     assert corpus.parse_line(b'{"text": [[[]]]}', 7, "text", "meta.x") == Problem(
         7, "malformed_json", "maximum recursion depth exceeded"
     )
+
+
+def test_hub_ids_stream_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf:NAME[:SPLIT]` goes to `datasets.load_dataset(NAME, split=..., streaming=True)`. No hub is reachable
+    here, so NAME is a local directory of JSONL files (which load_dataset accepts like a hub repo id)."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    rows = _rows(5)
+    (repo / "data" / "train-00000.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    spec = f"hf:{repo}"
+    assert expand_inputs([spec]) == [spec]
+    docs = list(DocumentStream(spec))
+    assert [d.data for d in docs] == [json.loads(r)["text"].encode() for r in rows]
+    assert docs[0].source == json.loads(rows[0])["meta"]["redpajama_set_name"]
+    from rwkvctl.errors import DataError
+
+    with pytest.raises(DataError, match="cannot open with `datasets`"):
+        list(DocumentStream(f"hf:{tmp_path / 'missing'}:train"))
