@@ -191,6 +191,7 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
         chunks = _plain_chunks(raw)
     parts: list[bytes] = []
     size = 0
+    in_long_line = False
     it = iter(chunks)
     while True:
         try:
@@ -205,11 +206,12 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
             raise
         parts.append(chunk)
         size += len(chunk)
-        if size < target:
-            continue
+        if size < target or (in_long_line and b"\n" not in chunk):
+            continue  # (inside a line longer than the target, only new data is searched: linear, not quadratic)
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         cut = buf.rfind(b"\n") + 1
-        if cut == 0:  # no line end yet: keep reading
+        in_long_line = cut == 0
+        if in_long_line:  # no line end yet: keep reading
             parts = [buf]
             continue
         parts = [buf[cut:]] if cut < len(buf) else []

@@ -59,7 +59,7 @@ def parse_vocab(path: Path = VOCAB_FILE) -> dict[int, bytes]:
 
 def _vocab_cache_path(path: Path) -> Path | None:
     try:
-        return tokenizer_native.cache_dir() / f"vocab-{_sha256(Path(path))[:24]}.npz"
+        return tokenizer_native.cache_dir() / f"vocab-v1-{_sha256(Path(path))[:24]}.npz"  # v1: this layout
     except OSError:
         return None  # unreadable: _parse_vocab_text reports it
 
@@ -151,12 +151,15 @@ class _NativeTrie:
     def encode_jsonl(self, block: bytes, end: int, text_key: str, source_key: str, eod: int, lines: int) -> JsonlBlock:
         # Worst-case output buffers are kept per thread and reused: fresh multi-MB arrays per block cost page
         # faults worth ~15% of the encoder's time. The results are copied out (their real size is ~1/4 of that).
+        need = end + lines
         scratch = self._scratch.__dict__
-        if scratch.get("size", -1) < end + lines:
-            scratch["ids"] = np.empty(end + lines, dtype=np.int32)
-            scratch["text"] = np.empty(end + lines + 16, dtype=np.uint8)  # the decoder writes 16-byte chunks
-            scratch["size"] = end + lines
-        ids, text = scratch["ids"], scratch["text"]
+        if scratch.get("size", -1) >= need:
+            ids, text = scratch["ids"], scratch["text"]
+        else:
+            ids = np.empty(need, dtype=np.int32)
+            text = np.empty(need + 16, dtype=np.uint8)  # the decoder writes 16-byte chunks
+            if need <= MAX_KEPT_SCRATCH:  # a block holding one huge document must not pin 5x its size forever
+                scratch.update(ids=ids, text=text, size=need)
         doc_line, doc_count, doc_text_end = (np.empty(lines, dtype=np.int64) for _ in range(3))
         doc_source = np.empty(lines, dtype=np.int32)
         fallback = np.empty(lines, dtype=np.int64)
@@ -199,6 +202,7 @@ class _NativeTrie:
         )
 
 
+MAX_KEPT_SCRATCH = 16 << 20  # bytes of block kept as reusable output buffers (blocks are ~0.5 MB)
 MAX_BLOCK_SOURCES = 256  # distinct source labels per block; a line with a further one takes the Python path
 
 

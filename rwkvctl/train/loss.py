@@ -86,6 +86,8 @@ def _loss_only(logits: Tensor, targets: Tensor) -> Tensor:
 def lm_loss(logits: Tensor, y: Tensor, *, use_l2wrap: bool) -> Tensor:
     """Mean next-token cross entropy over (B, T, V) logits, in fp32 whatever the logits' dtype; with `use_l2wrap`
     the backward also carries RWKV-LM's L2Wrap gradient (see optim.L2Wrap, whose result this equals)."""
+    if y.numel() == 0:
+        raise ValueError("lm_loss: the batch has no positions")
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _loss_only(logits, y)
     return _FusedCrossEntropy.apply(logits, y, L2Wrap.FACTOR if use_l2wrap else 0.0)

@@ -200,3 +200,17 @@ def test_hub_ids_stream_through_datasets(tmp_path: Path, monkeypatch: pytest.Mon
 
     with pytest.raises(DataError, match="cannot open with `datasets`"):
         list(DocumentStream(f"hf:{tmp_path / 'missing'}:train"))
+
+
+def test_lines_much_longer_than_the_block_target(tmp_path: Path) -> None:
+    """A document of many MB among small ones: blocks still end at line ends and every line arrives once."""
+    from rwkvctl.data.corpus import Block
+
+    long = json.dumps({"text": "x" * (3 << 20)}).encode()
+    lines = _rows(3) + [long] + _rows(2)
+    path = _zst(tmp_path / "long.jsonl.zst", lines)
+    blocks = [b for b in DocumentStream(str(path)).iter_blocks(block_bytes=4096) if isinstance(b, Block)]
+    text = b"".join(b.data[: b.end] for b in blocks)
+    assert text == b"\n".join(lines) + b"\n"
+    assert [b.first for b in blocks] == [sum(x.lines for x in blocks[:i]) for i in range(len(blocks))]
+    assert all(b.data[: b.end].endswith(b"\n") for b in blocks)

@@ -224,3 +224,15 @@ def test_scalar_build_agrees(tmp_path) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+def test_a_huge_block_does_not_pin_its_buffers(tok: WorldTokenizer) -> None:
+    from rwkvctl.data.tokenizer_world import MAX_KEPT_SCRATCH
+
+    small = row("small") + b"\n"
+    tok.encode_jsonl(small, KEY, SOURCE)
+    kept = tok._trie._scratch.__dict__["size"]
+    huge = row("y" * (MAX_KEPT_SCRATCH + 10)) + b"\n"
+    res = tok.encode_jsonl(huge, KEY, SOURCE)
+    assert res is not None and len(res.doc_count) == 1 and int(res.doc_text_end[0]) == MAX_KEPT_SCRATCH + 10
+    assert tok._trie._scratch.__dict__["size"] == kept

@@ -71,3 +71,8 @@ def test_a_second_backward_through_the_same_graph_is_refused() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+def test_empty_batch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no positions"):
+        lm_loss(torch.zeros(1, 0, 5, requires_grad=True), torch.zeros(1, 0, dtype=torch.long), use_l2wrap=True)
