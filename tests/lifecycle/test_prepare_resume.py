@@ -36,6 +36,30 @@ def _start(corpus: Path, out: Path, workers: int) -> subprocess.Popen:
     )
 
 
+def _kill_at_progress(proc: subprocess.Popen, out: Path, rng: random.Random, want_tmp: bool, poll: float) -> bool:
+    """Kill -9 after 0-2 more units complete, optionally once a shard is being written, then a few random
+    milliseconds later (inside a unit, a rename or a record write). True if the kill landed mid-run."""
+    done_dir = out / ".prepare" / "done"
+    target = len(list(done_dir.glob("*.json"))) + rng.randint(0, 2)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list(done_dir.glob("*.json"))) >= target and (not want_tmp or list(out.rglob("*.tmp-*"))):
+            break
+        time.sleep(poll)
+    time.sleep(rng.uniform(0.0, 10 * poll))
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    return True
+
+
+def _finish(proc: subprocess.Popen, out: Path) -> int:
+    """Wait for a (killed or finished) run; the number of completed units it leaves."""
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]  # ended by our kill or by finishing
+    return len(list((out / ".prepare" / "done").glob("*.json")))
+
+
 def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
     make_corpus(tmp_path / "c", n_files=10, docs_per_file=400, seed=1)
     ref = prepare(
@@ -56,24 +80,12 @@ def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
         proc = _start(tmp_path / "c", out, workers=1 + attempt % 2)
         if attempt == 0:
             time.sleep(rng.uniform(0.05, 0.6))  # early: during start-up, planning or the first unit
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                interrupted += 1
         else:
-            # Progress-based kill points: after 0-2 more units complete, optionally once a shard is being
-            # written, then a few random milliseconds later (inside a unit, a rename or a record write).
-            done_dir = out / ".prepare" / "done"
-            target = len(list(done_dir.glob("*.json"))) + rng.randint(0, 2)
-            want_tmp = rng.random() < 0.5
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline:
-                if len(list(done_dir.glob("*.json"))) >= target and (not want_tmp or list(out.rglob("*.tmp-*"))):
-                    break
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.05))
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            interrupted += 1
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]  # ended by our kill or by finishing
-        done_counts.append(len(list((out / ".prepare" / "done").glob("*.json"))))
+            interrupted += _kill_at_progress(proc, out, rng, want_tmp=rng.random() < 0.5, poll=0.005)
+        done_counts.append(_finish(proc, out))
     assert interrupted >= 3, f"only {interrupted} kills landed mid-run; timings too short for this machine?"
     final = _start(tmp_path / "c", out, workers=2)
     _, err = final.communicate(timeout=300)
@@ -111,7 +123,7 @@ def test_kill_and_resume_on_the_native_block_path(tmp_path: Path) -> None:
     ref_opts = PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "ref", batch_bytes=64 << 10)
     assert prepare(ref_opts).complete
     rng = random.Random(99)
-    out, done_dir = tmp_path / "out", tmp_path / "out" / ".prepare" / "done"
+    out = tmp_path / "out"
     interrupted, done_counts = 0, []
     for attempt in range(6):
         proc = subprocess.Popen(
@@ -120,19 +132,8 @@ def test_kill_and_resume_on_the_native_block_path(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        target = len(list(done_dir.glob("*.json"))) + rng.randint(0, 2)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            if len(list(done_dir.glob("*.json"))) >= target and (attempt % 3 or list(out.rglob("*.tmp-*"))):
-                break
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.03))
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            interrupted += 1
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]
-        done_counts.append(len(list(done_dir.glob("*.json"))))
+        interrupted += _kill_at_progress(proc, out, rng, want_tmp=attempt % 3 == 0, poll=0.002)
+        done_counts.append(_finish(proc, out))
     assert interrupted >= 3, f"only {interrupted} kills landed mid-run"
     assert prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=out, batch_bytes=64 << 10)).complete
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
