@@ -168,12 +168,7 @@ class _UnitWriter:
         n = len(res.doc_count)
         ends = np.cumsum(res.doc_count)
         text_ends = res.doc_text_end
-        every = self.opts.verify_every
-        for k in range(-(self.seen + 1) % every, n, every):  # document number seen+k+1 divisible by every
-            start, t0 = int(ends[k] - res.doc_count[k]), int(text_ends[k - 1]) if k else 0
-            if self.tok.decode_bytes(res.ids[start : int(ends[k]) - 1]) != res.text[t0 : int(text_ends[k])].tobytes():
-                line = first + int(res.doc_line[k]) + 1
-                self.problem(Problem(line, "roundtrip_mismatch", "decode(encode(text)) != text (kept)"))
+        self._verify_block(first, res, ends)
         self.seen += n
         names = [*res.sources, UNKNOWN_SOURCE]
         which = np.where(res.doc_source < 0, len(res.sources), res.doc_source)
@@ -192,6 +187,24 @@ class _UnitWriter:
         if n:
             self._writer(self.unit.split or "train").add_documents(res.ids, res.doc_count)
         self.report({"docs": n, "tokens": len(res.ids), "text_bytes": int(text_ends[-1]) if n else 0})
+
+    def _verify_block(self, first: int, res: Any, ends: np.ndarray) -> None:
+        """decode(encode(text)) == text for document numbers seen+k+1 divisible by verify_every: all of the block's
+        samples in one decode call (a call per document cost more than the rest of the block's bookkeeping)."""
+        picked = np.arange(-(self.seen + 1) % self.opts.verify_every, len(res.doc_count), self.opts.verify_every)
+        if not len(picked):
+            return
+        t_ends = res.doc_text_end
+        starts, stops = ends[picked] - res.doc_count[picked], ends[picked] - 1  # minus the end-of-doc id
+        t_starts = np.where(picked > 0, t_ends[np.maximum(picked - 1, 0)], 0)
+        ids = np.concatenate([res.ids[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)])
+        texts = [res.text[a:b] for a, b in zip(t_starts.tolist(), t_ends[picked].tolist(), strict=True)]
+        if self.tok.decode_bytes(ids) == np.concatenate(texts).tobytes():
+            return
+        for k, a, b, text in zip(picked.tolist(), starts.tolist(), stops.tolist(), texts, strict=True):
+            if self.tok.decode_bytes(res.ids[a:b]) != text.tobytes():
+                line = first + int(res.doc_line[k]) + 1
+                self.problem(Problem(line, "roundtrip_mismatch", "decode(encode(text)) != text (kept)"))
 
     def _flush_as_docs(self, first: int, res: Any, extra: list[tuple[int, Doc]]) -> None:
         text, ends = res.text, np.cumsum(res.doc_count).tolist()
