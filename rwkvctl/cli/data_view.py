@@ -44,10 +44,14 @@ class PrepareView:
             self.progress.start()
             self._started = True
         rate = f"{p.text_bytes / p.elapsed / 1e6:.1f}" if p.elapsed > 0 else "-"
+        if p.in_bytes_total:  # on-disk bytes read: smooth within large files
+            total, done = p.in_bytes_total, min(p.in_bytes, p.in_bytes_total)
+        else:  # sizes unknown (hub datasets): whole inputs
+            total, done = max(p.files_total, 1), p.files_done
         self.progress.update(
             self.task,
-            total=max(p.in_bytes_total, 1),
-            completed=min(p.in_bytes, p.in_bytes_total) if p.in_bytes_total else 0,
+            total=total,
+            completed=done,
             files=f"{p.files_done}/{p.files_total}",
             docs=_si(p.docs),
             tokens=_si(p.tokens),
