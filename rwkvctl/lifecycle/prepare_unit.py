@@ -246,9 +246,9 @@ class _UnitWriter:
         stream = DocumentStream(self.unit.input, self.opts.text_key, self.opts.source_key)
         self._pending: tuple[Future, Callable[[Any], None]] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rwkvctl-encode") if _use_thread(self.opts) else None
-        block_path = (
-            self.opts.native_jsonl and stream.is_jsonl and getattr(self.tok, "backend", "") == "native"
-        ) and hasattr(self.tok, "encode_jsonl")
+        # Only the World tokenizer's C++ encoder has the block path (spm and world-python read documents).
+        native = hasattr(self.tok, "encode_jsonl") and getattr(self.tok, "backend", "") == "native"
+        block_path = self.opts.native_jsonl and stream.is_jsonl and native
         try:
             try:
                 if block_path:
