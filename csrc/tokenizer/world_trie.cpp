@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <string_view>
 #include <utility>
@@ -36,6 +37,9 @@ struct Trie {
     // Shortcut for the first two bytes of every match: node reached by (b0, b1), or -1. 256 KiB, L2-resident.
     std::vector<int32_t> pair_node;
     int32_t byte_token[256];
+    // Decoding: token id -> its bytes, tok_bytes[tok_off[id] : tok_off[id + 1]] (empty for ids not in the vocab).
+    std::vector<uint8_t> tok_bytes;
+    std::vector<int64_t> tok_off;
 
     inline int32_t child(int32_t n, uint8_t b) const {
         const Node& node = nodes[n];
@@ -135,6 +139,14 @@ void* wt_new(const uint8_t* data, const int64_t* offsets, const int32_t* ids, in
             }
             trie->byte_token[c] = trie->nodes[k].token;
         }
+        int32_t max_id = 0;
+        for (int32_t t = 0; t < n; ++t) max_id = std::max(max_id, ids[t]);
+        trie->tok_off.assign(static_cast<size_t>(max_id) + 2, 0);
+        for (int32_t t = 0; t < n; ++t) trie->tok_off[ids[t] + 1] = offsets[t + 1] - offsets[t];
+        for (size_t i = 1; i < trie->tok_off.size(); ++i) trie->tok_off[i] += trie->tok_off[i - 1];
+        trie->tok_bytes.resize(static_cast<size_t>(trie->tok_off.back()));
+        for (int32_t t = 0; t < n; ++t)
+            std::memcpy(trie->tok_bytes.data() + trie->tok_off[ids[t]], data + offsets[t], offsets[t + 1] - offsets[t]);
         trie->pair_node.assign(65536, -1);
         for (int c0 = 0; c0 < 256; ++c0)
             for (int c1 = 0; c1 < 256; ++c1)
@@ -170,6 +182,23 @@ int64_t wt_encode_batch(const void* h, const uint8_t* src, const int64_t* offset
         k += wt_encode(h, src + offsets[d], offsets[d + 1] - offsets[d], out + k);
         if (eod >= 0) out[k++] = eod;
         counts[d] = k - start;
+    }
+    return k;
+}
+
+// Bytes of n token ids back to back. With out == nullptr only the size is computed. Ids outside the table
+// (negative, the end-of-document id, unused ids) decode to nothing; callers range-check ids first.
+int64_t wt_decode(const void* h, const int32_t* ids, int64_t n, uint8_t* out) {
+    const Trie* t = static_cast<const Trie*>(h);
+    const int64_t ntab = static_cast<int64_t>(t->tok_off.size()) - 1;
+    const int64_t* off = t->tok_off.data();
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t id = ids[i];
+        if (id < 0 || id >= ntab) continue;
+        const int64_t len = off[id + 1] - off[id];
+        if (out != nullptr) std::memcpy(out + k, t->tok_bytes.data() + off[id], static_cast<size_t>(len));
+        k += len;
     }
     return k;
 }

@@ -90,6 +90,8 @@ def load() -> ctypes.CDLL | None:
         c_i32p,
         c_i64p,
     ]
+    lib.wt_decode.restype = ctypes.c_int64
+    lib.wt_decode.argtypes = [ctypes.c_void_p, c_i32p, ctypes.c_int64, ctypes.c_void_p]
     lib.wt_encode_jsonl.restype = ctypes.c_int64
     lib.wt_encode_jsonl.argtypes = [
         ctypes.c_void_p,  # trie

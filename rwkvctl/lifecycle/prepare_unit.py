@@ -147,7 +147,9 @@ class _UnitWriter:
         self.report({"docs": len(batch), "tokens": int(counts.sum()), "text_bytes": n_bytes})
 
     def _encode_block(self, block: Block) -> Any:
-        return self.tok.encode_jsonl(block.data, self.opts.text_key, self.opts.source_key, block.lines, block.end)
+        # reuse: the result is written (flush_block) before the encoder's next-but-one call, see _submit
+        opts = self.opts
+        return self.tok.encode_jsonl(block.data, opts.text_key, opts.source_key, block.lines, block.end, reuse=True)
 
     def flush_block(self, block: Block, res: Any) -> None:
         """Write one natively encoded block (see JsonlBlock)."""

@@ -226,13 +226,37 @@ def test_scalar_build_agrees(tmp_path) -> None:
     assert "passed" in proc.stdout and "skipped" not in proc.stdout
 
 
+def _kept_sizes(tok: WorldTokenizer) -> list:
+    return [None if entry is None else entry[:2] for entry in tok._trie._scratch.__dict__["sets"]]
+
+
 def test_a_huge_block_does_not_pin_its_buffers(tok: WorldTokenizer) -> None:
     from rwkvctl.data.tokenizer_world import MAX_KEPT_SCRATCH
 
     small = row("small") + b"\n"
     tok.encode_jsonl(small, KEY, SOURCE)
-    kept = tok._trie._scratch.__dict__["size"]
+    tok.encode_jsonl(small, KEY, SOURCE)
+    kept = _kept_sizes(tok)
+    assert all(k is not None for k in kept)
     huge = row("y" * (MAX_KEPT_SCRATCH + 10)) + b"\n"
     res = tok.encode_jsonl(huge, KEY, SOURCE)
     assert res is not None and len(res.doc_count) == 1 and int(res.doc_text_end[0]) == MAX_KEPT_SCRATCH + 10
-    assert tok._trie._scratch.__dict__["size"] == kept
+    assert all(k is None or k[0] <= MAX_KEPT_SCRATCH for k in _kept_sizes(tok))
+
+
+def test_reused_results_survive_the_next_call(tok: WorldTokenizer) -> None:
+    """reuse=True hands out views of per-thread buffers: a block's results must stay intact while the next block
+    is encoded (prepare writes block k while block k+1 encodes), and copies (the default) never change."""
+    blocks = [b"".join(row(f"block {b} doc {d} " * (d + 1)) + b"\n" for d in range(5)) for b in range(4)]
+    expected = [tok.encode_jsonl(b, KEY, SOURCE) for b in blocks]  # copies
+    prev = None
+    for block, want in zip(blocks, expected, strict=True):
+        got = tok.encode_jsonl(block, KEY, SOURCE, reuse=True)
+        if prev is not None:  # the previous result, after this call overwrote the other buffer set
+            np.testing.assert_array_equal(prev[0].ids, prev[1].ids)
+            np.testing.assert_array_equal(prev[0].text, prev[1].text)
+            np.testing.assert_array_equal(prev[0].doc_count, prev[1].doc_count)
+        prev = (got, want)
+    for block, want in zip(blocks, expected, strict=True):  # the default copies were never touched
+        again = tok.encode_jsonl(block, KEY, SOURCE)
+        np.testing.assert_array_equal(again.ids, want.ids)

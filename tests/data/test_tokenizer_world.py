@@ -121,6 +121,22 @@ def test_decode_rules(tok: WorldTokenizer) -> None:
         tok.decode([-1])
 
 
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_decode_equals_the_vocab_table(backend: str) -> None:
+    """Both decoders (C++, numpy) against the vocab file itself: every id, in random order, with end-of-document
+    and unused ids (65530..65535), which decode to nothing."""
+    if backend == "native" and tokenizer_native.load() is None:
+        pytest.skip(f"native encoder unavailable: {tokenizer_native.unavailable_reason()}")
+    tok = WorldTokenizer(backend=backend)
+    vocab = parse_vocab(VOCAB_FILE)
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(65536))
+    want = b"".join(vocab.get(int(i), b"") for i in ids)
+    assert tok.decode_bytes(ids) == want
+    assert tok.decode_bytes(ids.astype(np.int32)[:5]) == b"".join(vocab.get(int(i), b"") for i in ids[:5])
+    assert tok.decode_bytes([]) == b"" and tok.decode_bytes([0, 65535]) == b""
+
+
 def test_bad_vocab_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "v.txt"
     bad.write_text("1 '\\x00' 1\n2 __import__('os') 3\n", encoding="utf-8")
