@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,91 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+@dataclass
+class Penalties:
+    """Repetition penalties as ChatRWKV applies them: each generated token's logit is lowered by `presence` once it
+    has occurred and by `frequency` per (decayed) occurrence; every step all occurrence weights decay by `decay`."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    decay: float = 0.996
+
+    @property
+    def active(self) -> bool:
+        return self.presence != 0 or self.frequency != 0
+
+
+class PenaltyTracker:
+    """Occurrence weights of the tokens generated so far, applied to the next logits."""
+
+    def __init__(self, penalties: Penalties, exempt: Callable[[int], bool] = lambda token: False) -> None:
+        self.penalties = penalties
+        self.exempt = exempt  # tokens counted for presence only (e.g. whitespace and digits)
+        self.weights: dict[int, float] = {}
+
+    def apply_(self, logits: Tensor) -> Tensor:
+        """Lower the logits (1-D, in place) of the tokens generated so far."""
+        if self.penalties.active and self.weights:
+            ids = torch.tensor(list(self.weights), dtype=torch.long, device=logits.device)
+            weights = torch.tensor(list(self.weights.values()), dtype=logits.dtype, device=logits.device)
+            logits[ids] -= self.penalties.presence + weights * self.penalties.frequency
+        return logits
+
+    def update(self, token: int) -> None:
+        for key in self.weights:
+            self.weights[key] *= self.penalties.decay
+        self.weights[token] = self.weights.get(token, 0.0) + (0.0 if self.exempt(token) else 1.0)
+
+
 @torch.no_grad()
-def ingest(model: RWKV5, tokens: list[int], state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
-    """Run a prompt through the sequence form; returns the last position's logits (V,) and the state."""
-    idx = torch.tensor([tokens], dtype=torch.long, device=model.emb.weight.device)
-    logits, state = model(idx, state)
-    return logits[0, -1], state
+def ingest(
+    model: RWKV5, tokens: Sequence[int], state: RecurrentState | None = None, chunk_len: int = 256
+) -> tuple[Tensor, RecurrentState]:
+    """Run a prompt through the sequence form, `chunk_len` tokens at a time so that a long prompt needs no more
+    memory than a short one; returns the last position's logits (V,) and the state."""
+    if not tokens:
+        raise ValueError("ingest needs at least one token")
+    device = model.emb.weight.device
+    logits = None
+    for start in range(0, len(tokens), chunk_len):
+        idx = torch.tensor([list(tokens[start : start + chunk_len])], dtype=torch.long, device=device)
+        logits, state = model(idx, state)
+        logits = logits[0, -1]
+    assert logits is not None and state is not None
+    return logits, state
+
+
+class TextStream:
+    """Turns generated token ids into text pieces as they arrive, never splitting a UTF-8 character: a token
+    that ends mid-character is held back until the next one completes it (invalid bytes become U+FFFD)."""
+
+    def __init__(self, decode_bytes: Callable[[list[int]], bytes] | None, decode: Callable[[list[int]], str]) -> None:
+        self._decode_bytes, self._decode = decode_bytes, decode
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._ids: list[int] = []
+        self._text = ""
+
+    def push(self, token: int) -> str:
+        """The new text this token completes (possibly empty)."""
+        if self._decode_bytes is not None:
+            return self._utf8.decode(self._decode_bytes([token]))
+        # Tokenizers without a byte-level decode (SentencePiece): decode the whole reply, emit what is new once it
+        # no longer ends in a replacement character.
+        self._ids.append(token)
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd") or not text.startswith(self._text):
+            return ""
+        new, self._text = text[len(self._text) :], text
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (incomplete bytes become U+FFFD)."""
+        if self._decode_bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        text = self._decode(self._ids)
+        new = text[len(self._text) :] if text.startswith(self._text) else ""
+        self._text = text
+        return new
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 import torch
 
 from rwkvctl.config import ModelConfig
-from rwkvctl.generate import SamplingConfig, generate, sample
+from rwkvctl.generate import Penalties, PenaltyTracker, SamplingConfig, TextStream, generate, sample
 
 
 def test_greedy_and_top_k_top_p():
@@ -25,3 +25,28 @@ def test_generate_matches_greedy_sequence_forward(random_model):
             logits, _ = model(torch.tensor([seq]))
             seq.append(int(logits[0, -1].argmax()))
     assert out == seq[len(prompt) :]
+
+
+def test_penalties_follow_chatrwkv_rules():
+    tracker = PenaltyTracker(Penalties(presence=0.5, frequency=1.0, decay=0.5), exempt=lambda t: t == 3)
+    for token in (1, 1, 3):
+        tracker.update(token)
+    # token 1: weights 1 -> 0.5 + 1 = 1.5 -> 0.75 after the third step; token 3: presence only (weight 0)
+    logits = tracker.apply_(torch.zeros(5))
+    assert torch.allclose(logits, torch.tensor([0.0, -(0.5 + 0.75), 0.0, -0.5, 0.0]))
+    assert torch.equal(PenaltyTracker(Penalties()).apply_(torch.ones(3)), torch.ones(3))  # off by default
+
+
+def test_text_stream_without_byte_decoding_waits_for_whole_characters():
+    pieces = {1: "a", 2: "\ufffd", 3: "é"}
+
+    def decode(ids):  # like SentencePiece: a partial character decodes to U+FFFD until completed
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffdé", "é")
+
+    stream = TextStream(None, decode)
+    assert [stream.push(1), stream.push(2), stream.push(3)] == ["a", "", "é"]
+    assert stream.flush() == ""
+    byte_stream = TextStream(lambda ids: bytes(ids), lambda ids: "")
+    assert [byte_stream.push(0xC3), byte_stream.push(0xA9), byte_stream.push(0xE2)] == ["", "é", ""]
+    assert byte_stream.flush() == "\ufffd"

@@ -1,0 +1,178 @@
+"""`rwkvctl chat`: talk to a model in RNN mode; the state carries over between turns and can be saved."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from rwkvctl.cli._common import app, console, err_console, fail, handles_errors, human
+from rwkvctl.errors import RwkvctlError
+
+HELP = (
+    "/retry  new reply to the last message    /reset  back to the start\n"
+    "/save PATH, /load PATH  conversation state   /info  tokens seen, state size\n"
+    "/quit or Ctrl-D  end (Ctrl-C stops a reply and forgets that turn)"
+)
+
+
+@app.command("chat")
+@handles_errors
+def chat_command(
+    model_path: Annotated[Path, typer.Argument(help="Checkpoint (.pth or .safetensors, ours or RWKV-LM's).")],
+    message: Annotated[
+        list[str] | None,
+        typer.Option("--message", "-m", help="Send this message and print the reply (repeatable); no prompt."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="Instructions or persona, fed once as 'System: ...'.")] = None,
+    user: Annotated[str, typer.Option(help="The user's role name in the prompt format.")] = "User",
+    bot: Annotated[str, typer.Option(help="The model's role name in the prompt format.")] = "Assistant",
+    tokenizer: Annotated[str, typer.Option(help="'world' or spm:PATH (must match the model).")] = "world",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.3,
+    top_k: Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")] = 0,
+    presence: Annotated[float, typer.Option(help="Penalty for any token already in the reply.")] = 0.0,
+    frequency: Annotated[float, typer.Option(help="Penalty per (decayed) occurrence in the reply.")] = 1.0,
+    decay: Annotated[float, typer.Option(help="Per-token decay of the occurrence counts.")] = 0.996,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 500,
+    seed: Annotated[int | None, typer.Option(help="Random seed (replies repeat exactly with the same seed).")] = None,
+    load: Annotated[Path | None, typer.Option("--load-state", help="Start from a saved conversation state.")] = None,
+    save: Annotated[Path | None, typer.Option("--save-state", help="Save the state here when the chat ends.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
+) -> None:
+    """Chat with a model in RNN mode: constant memory however long the conversation, state save/load."""
+    if not 0 < top_p <= 1 or temperature < 0 or top_k < 0 or max_tokens < 1:
+        raise fail("need 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0 and --max-tokens >= 1")
+    conv = _open(model_path, tokenizer, device, dtype, load, locals())
+    stats = {"turns": 0, "tokens": 0, "seconds": 0.0}
+    try:
+        if message:
+            for text in message:
+                pieces = conv.say(text)
+                console.print(f"[bold green]{escape(conv.settings.user)}:[/] {escape(text)}")
+                _print_reply(conv, pieces, stats)
+        else:
+            _interactive(conv, stats)
+    finally:
+        if save is not None and conv.state is not None:
+            conv.save(save)
+            console.print(f"[dim]state saved to {escape(str(save))}[/]")
+    if stats["turns"]:
+        rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+        console.print(
+            f"[dim]{stats['turns']} replies, {stats['tokens']} tokens at {rate:.1f} tokens/s; "
+            f"{conv.tokens_seen} tokens seen, state {human(conv.state_bytes(), 'B')} (constant)[/]"
+        )
+
+
+def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path | None, opts: dict) -> Any:
+    from rwkvctl.data.tokenizer import load_tokenizer
+    from rwkvctl.generate import Penalties, SamplingConfig
+    from rwkvctl.lifecycle.chat import ChatSettings, Conversation
+    from rwkvctl.lifecycle.models import load_model, parse_dtype
+
+    with console.status(f"loading {escape(str(model_path))}..."):
+        model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device)
+        tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise fail(
+            f"{model_path}: the model has {model.cfg.vocab_size} vocabulary rows but the {tokenizer!r} tokenizer "
+            f"has {tok.vocab_size} ids; pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    settings = ChatSettings(
+        user=opts["user"],
+        bot=opts["bot"],
+        system=opts["system"],
+        sampling=SamplingConfig(temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"]),
+        penalties=Penalties(presence=opts["presence"], frequency=opts["frequency"], decay=opts["decay"]),
+        max_reply_tokens=opts["max_tokens"],
+        seed=opts["seed"],
+    )
+    conv = Conversation(model, tok, settings)
+    if load is not None:
+        conv.load(load)
+        console.print(f"[dim]continuing from {escape(str(load))} ({conv.tokens_seen} tokens seen)[/]")
+    return conv
+
+
+def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> None:
+    """Stream a reply to the terminal as it is generated."""
+    console.print(f"[bold cyan]{escape(conv.settings.bot)}:[/] ", end="")
+    try:
+        for piece in pieces:
+            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            console.file.flush()
+    except KeyboardInterrupt:
+        conv.cancel()
+        console.print("\n[yellow](stopped; this turn is forgotten)[/]")
+        return
+    console.print()
+    reply = conv.last_reply
+    stats["turns"] += 1
+    stats["tokens"] += reply.tokens
+    stats["seconds"] += reply.seconds
+    if reply.stopped == "max_tokens":
+        console.print(f"[dim](reply cut at --max-tokens {conv.settings.max_reply_tokens})[/]")
+
+
+def _interactive(conv: Any, stats: dict) -> None:
+    console.print(f"[dim]{escape(HELP)}[/]")
+    user = escape(conv.settings.user)
+    while True:
+        try:
+            line = console.input(f"[bold green]{user}:[/] ")
+            if not sys.stdin.isatty():  # piped input is not echoed: show what was said
+                console.print(line, markup=False, highlight=False)
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if not line.startswith("/"):
+                _print_reply(conv, conv.say(line), stats)  # the typed line is already on screen
+            elif not _command(conv, line, stats):
+                return
+        except RwkvctlError as e:  # a bad /load or /save path must not end the chat
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+
+
+def _command(conv: Any, line: str, stats: dict) -> bool:
+    """Run one /command; False ends the chat."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/help":
+        console.print(f"[dim]{escape(HELP)}[/]")
+    elif name == "/reset":
+        conv.reset()
+        console.print("[dim](back to the start)[/]")
+    elif name == "/retry":
+        _print_reply(conv, conv.retry(), stats)
+    elif name in ("/save", "/load"):
+        if not arg:
+            console.print(f"[yellow]usage: {name} PATH[/]")
+        elif name == "/save":
+            conv.save(arg)
+            console.print(f"[dim]state saved to {escape(arg)}[/]")
+        else:
+            conv.load(arg)
+            console.print(f"[dim]loaded {escape(arg)} ({conv.tokens_seen} tokens seen)[/]")
+    elif name == "/info":
+        console.print(
+            f"[dim]{conv.tokens_seen} tokens seen, {len(conv.transcript)} transcript entries, "
+            f"state {human(conv.state_bytes(), 'B')} (does not grow with the conversation)[/]"
+        )
+    else:
+        console.print(f"[yellow]unknown command {escape(name)}; /help lists them[/]")
+    return True

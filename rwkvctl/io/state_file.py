@@ -1,0 +1,102 @@
+"""Recurrent-state files: a conversation's RNN state (and the logits it predicts next) saved to disk.
+
+Format: safetensors (no pickle), tensors `att_shift` (L,C), `ffn_shift` (L,C), `wkv` (L,H,N,N) fp32 and `logits`
+(V,) fp32, plus JSON metadata under the key "rwkvctl-state": the model's shape, the tokenizer, and whatever the
+caller records (e.g. the transcript). One sequence (batch 1) per file. Written atomically, so an interrupted save
+never damages the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rwkvctl.config import ModelConfig
+from rwkvctl.errors import CheckpointError
+from rwkvctl.io.atomic import atomic_path
+
+META_KEY = "rwkvctl-state"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SavedState:
+    att_shift: Tensor  # (L, C)
+    ffn_shift: Tensor  # (L, C)
+    wkv: Tensor  # (L, H, N, N) fp32
+    logits: Tensor  # (V,) fp32: what the model predicts after the saved text
+    info: dict[str, Any] = field(default_factory=dict)  # tokenizer, transcript, ...
+
+
+def _model_shape(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "n_layer": cfg.n_layer,
+        "n_embd": cfg.n_embd,
+        "n_head": cfg.n_head,
+        "head_size": cfg.head_size,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def save_state(path: str | Path, saved: SavedState, cfg: ModelConfig) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: getattr(saved, k).detach().float().cpu().contiguous() for k in _expected_shapes(cfg)}
+    _check_shapes(path, tensors, cfg)
+    meta = {"format": FORMAT_VERSION, "model": _model_shape(cfg), "info": saved.info}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    return path
+
+
+def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
+    """Read a state file and check it belongs to a model of this shape; one-line errors otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such state file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable state file (truncated or corrupt: {str(e)[:120]})") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{path}: not an rwkvctl state file (no {META_KEY!r} metadata)")
+    try:
+        meta = json.loads(raw_meta)
+        saved_shape = meta["model"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: damaged state metadata") from None
+    want = _model_shape(cfg)
+    for key, value in want.items():
+        if saved_shape.get(key) != value:
+            raise CheckpointError(
+                f"{path}: saved for a model with {key}={saved_shape.get(key)}, this model has {key}={value}; "
+                "use the model the state was saved with"
+            )
+    _check_shapes(path, tensors, cfg)
+    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+    return SavedState(*(tensors[k].float() for k in _expected_shapes(cfg)), info=info)
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
+    return {"att_shift": (L, C), "ffn_shift": (L, C), "wkv": (L, H, N, N), "logits": (V,)}
+
+
+def _check_shapes(path: Path, tensors: dict[str, Tensor], cfg: ModelConfig) -> None:
+    for key, shape in _expected_shapes(cfg).items():
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        if not torch.isfinite(tensors[key]).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")

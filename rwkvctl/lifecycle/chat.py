@@ -1,0 +1,250 @@
+"""`rwkvctl chat` as a lifecycle stage: a multi-turn conversation in RNN mode with constant memory.
+
+The conversation is one running RNN state. A turn feeds `"{user}: {message}\n\n{bot}:"` (the RWKV World chat
+format: no space after the last colon, a blank line ends every turn), then generates token by token until the
+reply contains a blank line, which is fed too, so the state always ends on a turn boundary. Nothing grows with the
+length of the conversation except the transcript text: the model sees only its fixed-size state.
+
+Snapshots make `retry` (re-sample the last reply) and `reset` (back to the start) free, and the state can be saved
+to and loaded from disk (`rwkvctl.io.state_file`), which neither the `rwkv` package nor rwkv.cpp offers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rwkvctl.errors import ConfigError
+from rwkvctl.generate import Penalties, PenaltyTracker, SamplingConfig, TextStream, ingest, sample
+from rwkvctl.io.state_file import SavedState, load_state, save_state
+from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.model.state import RecurrentState
+
+TURN_END = "\n\n"
+
+
+@dataclass
+class ChatSettings:
+    user: str = "User"
+    bot: str = "Assistant"
+    system: str | None = None
+    """Fed once before the first turn as "System: ...", e.g. a persona or instructions."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.3))
+    penalties: Penalties = field(default_factory=lambda: Penalties(presence=0.0, frequency=1.0, decay=0.996))
+    max_reply_tokens: int = 500
+    chunk_len: int = 256
+    """Prompt tokens per sequence-form call: bounds memory for long messages."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_reply_tokens < 1 or self.chunk_len < 1:
+            raise ConfigError("max reply tokens and chunk length must be at least 1")
+        for name in ("user", "bot"):
+            value = getattr(self, name)
+            if not value or "\n" in value or ":" in value:
+                raise ConfigError(f"chat role name {value!r} must be non-empty, one line and without ':'")
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: int
+    seconds: float
+    stopped: str  # "turn_end" (the model ended its turn) or "max_tokens"
+
+
+@dataclass
+class _Snapshot:
+    state: RecurrentState | None
+    logits: Tensor | None
+    transcript: int  # number of transcript entries
+
+
+def normalize_message(text: str) -> str:
+    """One user message as the model saw them in training: no blank lines inside (a blank line ends a turn)."""
+    return re.sub(r"\n+", "\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+class Conversation:
+    """A chat with one model. `say(message)` yields the reply as text pieces while it is generated."""
+
+    def __init__(
+        self,
+        model: RWKV5,
+        tokenizer: Any,
+        settings: ChatSettings | None = None,
+        *,
+        sampler: Callable[[Tensor], int] | None = None,
+    ) -> None:
+        self.model, self.tok = model, tokenizer
+        self.settings = settings or ChatSettings()
+        generator = torch.Generator().manual_seed(self.settings.seed) if self.settings.seed is not None else None
+        self._sample = sampler or (lambda logits: sample(logits, self.settings.sampling, generator))
+        self.state: RecurrentState | None = None
+        self.logits: Tensor | None = None
+        self.transcript: list[tuple[str, str]] = []  # (role, text)
+        self.tokens_seen = 0
+        self.last_reply: Reply | None = None
+        self._eod = getattr(tokenizer, "eod_id", 0)
+        if self.settings.system:
+            self._feed(f"System: {normalize_message(self.settings.system)}{TURN_END}")
+            self.transcript.append(("System", normalize_message(self.settings.system)))
+        self._start = self._snapshot()
+        self._before_last: _Snapshot | None = None
+        self._last_message: str | None = None
+
+    # --- state ---------------------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        state = self.state.clone() if self.state is not None else None
+        return _Snapshot(state, None if self.logits is None else self.logits.clone(), len(self.transcript))
+
+    def _restore(self, snap: _Snapshot) -> None:
+        self.state = snap.state.clone() if snap.state is not None else None
+        self.logits = None if snap.logits is None else snap.logits.clone()
+        del self.transcript[snap.transcript :]
+
+    def _feed(self, text: str) -> None:
+        ids = self.tok.encode(text)
+        if not ids:
+            return
+        self.logits, self.state = ingest(self.model, ids, self.state, self.settings.chunk_len)
+        self.tokens_seen += len(ids)
+
+    def state_bytes(self) -> int:
+        """Memory of the conversation's state: fixed by the model's shape, whatever the conversation's length."""
+        if self.state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.state.att_shift, self.state.ffn_shift, self.state.wkv))
+
+    # --- turns ---------------------------------------------------------------------------------------------------
+
+    def say(self, message: str) -> Iterator[str]:
+        """Send one user message; the returned iterator feeds it and yields the reply's text as it is generated
+        (see `last_reply` afterwards). An empty message is refused at once."""
+        message = normalize_message(message)
+        if not message:
+            raise ConfigError("empty message")
+        return self._turn(message)
+
+    def retry(self) -> Iterator[str]:
+        """Forget the last reply and sample a new one for the same message."""
+        if self._before_last is None or self._last_message is None:
+            raise ConfigError("nothing to retry yet")
+        before, message = self._before_last, self._last_message
+        return self._retry(before, message)
+
+    def _retry(self, before: _Snapshot, message: str) -> Iterator[str]:
+        self._restore(before)
+        yield from self._turn(message)
+
+    def _turn(self, message: str) -> Iterator[str]:
+        self._before_last, self._last_message = self._snapshot(), message
+        s = self.settings
+        self._feed(f"{s.user}: {message}{TURN_END}{s.bot}:")
+        self.transcript.append((s.user, message))
+        yield from self._generate_reply()
+
+    def cancel(self) -> None:
+        """Forget the message being answered and its partial reply (e.g. after Ctrl-C)."""
+        if self._before_last is not None:
+            self._restore(self._before_last)
+            self._before_last = self._last_message = None
+
+    def reset(self) -> None:
+        """Back to the start (after the system prompt, or the loaded state)."""
+        self._restore(self._start)
+        self._before_last = self._last_message = None
+
+    @torch.no_grad()
+    def _generate_reply(self) -> Iterator[str]:
+        assert self.logits is not None and self.state is not None
+        t0 = time.monotonic()
+        penalties = PenaltyTracker(self.settings.penalties, exempt=self._presence_only)
+        stream = TextStream(getattr(self.tok, "decode_bytes", None), self.tok.decode)
+        device = self.model.emb.weight.device
+        text, shown, n, stopped = "", 0, 0, "max_tokens"
+        while n < self.settings.max_reply_tokens:
+            logits = penalties.apply_(self.logits.float().cpu().clone())  # (V,); self.logits stays as predicted
+            logits[self._eod] = float("-inf")  # the end-of-document token would end the whole conversation
+            token = self._sample(logits)
+            penalties.update(token)
+            step_logits, self.state = self.model.step(torch.tensor([token], device=device), self.state)
+            self.logits = step_logits[0]
+            self.tokens_seen += 1
+            n += 1
+            text += stream.push(token)
+            end = text.find(TURN_END)
+            if end >= 0:
+                text, stopped = text[:end], "turn_end"
+                break
+            # Show all but trailing newlines, which may be the start of the turn's end.
+            visible = len(text.rstrip("\n"))
+            if visible > shown:
+                yield _strip_lead(text[shown:visible], shown)
+                shown = visible
+        else:
+            text += stream.flush()
+            self._feed(TURN_END)  # close the turn, so the next message starts on a boundary
+        text = text.rstrip("\n") if stopped == "max_tokens" else text
+        if len(text) > shown:
+            yield _strip_lead(text[shown:], shown)
+        reply = text[1:] if text.startswith(" ") else text
+        self.transcript.append((self.settings.bot, reply))
+        self.last_reply = Reply(reply, n, time.monotonic() - t0, stopped)
+
+    def _presence_only(self, token: int) -> bool:
+        # ChatRWKV's rule: whitespace and digits only count for the presence penalty, so numbers and layout do
+        # not get pushed out of long replies.
+        piece = self.tok.decode([token])
+        return piece != "" and all(c in " \t0123456789" for c in piece)
+
+    # --- files ---------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        if self.state is None or self.logits is None:
+            raise ConfigError("nothing to save yet: send a message (or give a system prompt) first")
+        info = {
+            "tokenizer": getattr(self.tok, "name", type(self.tok).__name__),
+            "user": self.settings.user,
+            "bot": self.settings.bot,
+            "tokens_seen": self.tokens_seen,
+            "transcript": [list(entry) for entry in self.transcript],
+        }
+        st = self.state  # batch 1: (L, 1, ...) -> (L, ...)
+        saved = SavedState(st.att_shift[:, 0], st.ffn_shift[:, 0], st.wkv[:, 0], self.logits, info)
+        return save_state(path, saved, self.model.cfg)
+
+    def load(self, path: str | Path) -> None:
+        """Continue from a saved state; it becomes what `reset` returns to."""
+        weight = self.model.emb.weight
+        saved = load_state(path, self.model.cfg)
+        tokenizer = getattr(self.tok, "name", type(self.tok).__name__)
+        saved_with = saved.info.get("tokenizer", tokenizer)
+        if saved_with != tokenizer:
+            raise ConfigError(f"{path}: saved with the {saved_with!r} tokenizer, this chat uses {tokenizer!r}")
+        self.state = RecurrentState(  # (L, ...) -> (L, 1, ...), in the model's dtype; wkv stays fp32
+            saved.att_shift.unsqueeze(1).to(weight.device, weight.dtype),
+            saved.ffn_shift.unsqueeze(1).to(weight.device, weight.dtype),
+            saved.wkv.unsqueeze(1).to(weight.device),
+        )
+        self.logits = saved.logits.to(weight.device)
+        transcript = saved.info.get("transcript")
+        entries = transcript if isinstance(transcript, list) else []
+        self.transcript = [(str(e[0]), str(e[1])) for e in entries if isinstance(e, list) and len(e) == 2]
+        tokens_seen = saved.info.get("tokens_seen", 0)
+        self.tokens_seen = tokens_seen if isinstance(tokens_seen, int) else 0
+        self._start = self._snapshot()
+        self._before_last = self._last_message = None
+
+
+def _strip_lead(piece: str, shown: int) -> str:
+    """The reply's first character is the space after "Assistant:"; it is not part of what the bot says."""
+    return piece[1:] if shown == 0 and piece.startswith(" ") else piece

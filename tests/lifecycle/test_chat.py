@@ -1,0 +1,233 @@
+"""Chat in RNN mode: turn format and stop rules, the state equals feeding the whole transcript at once, snapshots,
+state files, and the CLI (tiny random models with the real World tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner, Result
+
+from rwkvctl.config import ModelConfig
+from rwkvctl.data.tokenizer import load_tokenizer
+from rwkvctl.errors import CheckpointError, ConfigError
+from rwkvctl.generate import ingest
+from rwkvctl.lifecycle.chat import ChatSettings, Conversation, normalize_message
+from rwkvctl.model.state import RecurrentState
+
+CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=65536, head_size=16)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("world")
+
+
+@pytest.fixture
+def model(random_model):
+    return random_model(CFG, seed=3)
+
+
+class Script:
+    """A sampler that replays given token ids (then `\\n\\n` forever), checking each call's logits."""
+
+    def __init__(self, tok, *replies: str) -> None:
+        self.tok = tok
+        self.queue: list[int] = []
+        for r in replies:
+            self.queue += tok.encode(r)
+        self.given: list[int] = []
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        assert logits.shape == (CFG.vocab_size,) and logits[0] == float("-inf")  # end-of-document is banned
+        token = self.queue.pop(0) if self.queue else self.tok.encode("\n\n")[0]
+        self.given.append(token)
+        return token
+
+
+def assert_same_state(a: RecurrentState, b: RecurrentState) -> None:
+    for x, y in zip((a.att_shift, a.ffn_shift, a.wkv), (b.att_shift, b.ffn_shift, b.wkv), strict=True):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+
+
+def test_state_after_turns_equals_feeding_the_transcript_at_once(model, tok) -> None:
+    script = Script(tok, " Hi there!\n\n", " Two\nlines", "\n\n")
+    conv = Conversation(model, tok, ChatSettings(system="Be brief.", max_reply_tokens=50), sampler=script)
+    first = list(conv.say("hello"))
+    assert "".join(first) == "Hi there!" and conv.last_reply.stopped == "turn_end"
+    second = list(conv.say("more\n\n\nplease"))
+    assert "".join(second) == "Two\nlines"
+    assert len(second) > 1 and not any(p.endswith("\n") for p in second)  # a newline waits for what follows
+    assert conv.transcript == [
+        ("System", "Be brief."),
+        ("User", "hello"),
+        ("Assistant", "Hi there!"),
+        ("User", "more\nplease"),
+        ("Assistant", "Two\nlines"),
+    ]
+    # the same tokens through the sequence form in one go
+    ids = tok.encode("System: Be brief.\n\nUser: hello\n\nAssistant:")
+    n1 = len(tok.encode(" Hi there!\n\n"))
+    ids += script.given[:n1] + tok.encode("User: more\nplease\n\nAssistant:") + script.given[n1:]
+    logits, state = ingest(model, ids)
+    assert_same_state(conv.state, state)
+    torch.testing.assert_close(conv.logits, logits, atol=2e-5, rtol=1e-4)
+    assert conv.tokens_seen == len(ids)
+
+
+def test_a_reply_cut_at_max_tokens_still_closes_the_turn(model, tok) -> None:
+    script = Script(tok, " word" * 10)
+    conv = Conversation(model, tok, ChatSettings(max_reply_tokens=4), sampler=script)
+    text = "".join(conv.say("go"))
+    assert text == "word word word word" and conv.last_reply.stopped == "max_tokens" and conv.last_reply.tokens == 4
+    _, state = ingest(model, tok.encode("User: go\n\nAssistant:") + script.given + tok.encode("\n\n"))
+    assert_same_state(conv.state, state)
+
+
+def test_streamed_pieces_hold_back_newlines_and_split_no_character(model, tok) -> None:
+    é = tok.encode("é")
+    raw = [tok._trie.encode(bytes([b])).tolist()[0] for b in "é".encode()]  # é as two byte tokens
+    assert len(é) == 1 and len(raw) == 2
+    script = Script(tok)
+    script.queue = tok.encode(" a\n") + raw + tok.encode("\n\n")
+    conv = Conversation(model, tok, ChatSettings(), sampler=script)
+    pieces = list(conv.say("x"))
+    assert "".join(pieces) == "a\né"
+    assert pieces[0] == "a" and all("\ufffd" not in p for p in pieces)  # "\n" waited for the next character
+
+
+def test_retry_reset_and_cancel_restore_snapshots(model, tok) -> None:
+    script = Script(tok, " first\n\n", " second\n\n")
+    conv = Conversation(model, tok, ChatSettings(system="Hi."), sampler=script)
+    start = conv.state.clone()
+    list(conv.say("q"))
+    assert "".join(conv.retry()) == "second"
+    assert [r for r, _ in conv.transcript] == ["System", "User", "Assistant"]
+    assert conv.transcript[-1] == ("Assistant", "second")
+    first_len = len(tok.encode(" first\n\n"))
+    _, state = ingest(model, tok.encode("System: Hi.\n\nUser: q\n\nAssistant:") + script.given[first_len:])
+    assert_same_state(conv.state, state)
+    conv.reset()
+    assert_same_state(conv.state, start)
+    assert conv.transcript == [("System", "Hi.")]
+    with pytest.raises(ConfigError, match="nothing to retry"):
+        conv.retry()
+    pieces = conv.say("again")
+    next(pieces, None)  # interrupted after the first piece
+    conv.cancel()
+    assert_same_state(conv.state, start)
+    with pytest.raises(ConfigError, match="empty"):
+        conv.say(" \n\n ")
+
+
+def test_saved_state_continues_exactly(model, tok, tmp_path: Path) -> None:
+    conv = Conversation(model, tok, ChatSettings(system="Hi."), sampler=Script(tok, " 42\n\n", " it was 42\n\n"))
+    list(conv.say("remember the number 42"))
+    path = conv.save(tmp_path / "s.safetensors")
+    loaded = Conversation(model, tok, ChatSettings(), sampler=Script(tok, " it was 42\n\n"))
+    loaded.load(path)
+    assert_same_state(loaded.state, conv.state)
+    assert torch.equal(loaded.logits, conv.logits)
+    assert loaded.transcript == conv.transcript and loaded.tokens_seen == conv.tokens_seen
+    assert "".join(conv.say("what was it?")) == "".join(loaded.say("what was it?")) == "it was 42"
+    assert_same_state(loaded.state, conv.state)
+    loaded.reset()  # a loaded state is the new start
+    assert loaded.transcript == conv.transcript[:3]
+
+
+def test_bad_state_files_are_one_line_errors(model, tok, tmp_path: Path, random_model) -> None:
+    conv = Conversation(model, tok, ChatSettings(max_reply_tokens=2))
+    with pytest.raises(ConfigError, match="nothing to save"):
+        conv.save(tmp_path / "empty.safetensors")
+    list(conv.say("hi"))
+    good = conv.save(tmp_path / "s.safetensors")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="t.safetensors: unreadable"):
+        conv.load(truncated)
+    with pytest.raises(CheckpointError, match="no such state file"):
+        conv.load(tmp_path / "missing.safetensors")
+    other = Conversation(random_model(ModelConfig(n_layer=3, n_embd=32, vocab_size=65536, head_size=16)), tok)
+    with pytest.raises(CheckpointError, match="n_layer=2, this model has n_layer=3"):
+        other.load(good)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not an rwkvctl state file"):
+        conv.load(tmp_path / "foreign.safetensors")
+    # a failed save leaves the previous file intact
+    before = good.read_bytes()
+    conv.state.wkv.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        conv.save(good)
+    assert good.read_bytes() == before
+
+
+def test_long_messages_are_fed_in_chunks_with_the_same_result(model, tok) -> None:
+    ids = tok.encode("a long message " * 40)
+    logits_a, state_a = ingest(model, ids, chunk_len=7)
+    logits_b, state_b = ingest(model, ids, chunk_len=1000)
+    torch.testing.assert_close(logits_a, logits_b, atol=2e-5, rtol=1e-4)
+    assert_same_state(state_a, state_b)
+
+
+def test_settings_and_message_rules() -> None:
+    assert normalize_message("  a\r\n\r\nb\n\n\nc  ") == "a\nb\nc"
+    with pytest.raises(ConfigError, match="role name"):
+        ChatSettings(user="Us:er")
+    with pytest.raises(ConfigError, match="at least 1"):
+        ChatSettings(max_reply_tokens=0)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(model, tmp_path: Path) -> Path:
+    from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
+
+    return save_checkpoint(tmp_path / "tiny.pth", model.state_dict(), CheckpointMeta(model=CFG))
+
+
+def _run(args: list[str], stdin: str | None = None) -> Result:
+    from rwkvctl.cli import app
+
+    return CliRunner().invoke(app, args, input=stdin)
+
+
+def test_cli_messages_and_saved_state(checkpoint: Path, tmp_path: Path) -> None:
+    state = tmp_path / "conv.safetensors"
+    res = _run(["chat", str(checkpoint), "-m", "Hello!", "-m", "And now?", "--max-tokens", "5", "--seed", "0",
+                "--save-state", str(state)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.output.count("User:") == 2 and res.output.count("Assistant:") == 2
+    assert "2 replies" in res.output and "(constant)" in res.output and state.is_file()
+    res = _run(["chat", str(checkpoint), "--load-state", str(state), "-m", "Third", "--max-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert "continuing from" in res.output
+
+
+def test_cli_interactive_commands(checkpoint: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "s.safetensors"
+    stdin = f"hi\n/info\n/retry\n/save {saved}\n/load {tmp_path / 'nope.safetensors'}\n/bogus\n/reset\nbye\n/quit\n"
+    res = _run(["chat", str(checkpoint), "--max-tokens", "4", "--seed", "1"], stdin)
+    assert res.exit_code == 0, res.output
+    assert "tokens seen" in res.output and saved.is_file()
+    assert "no such state file" in res.output  # the error is reported and the chat goes on
+    assert "unknown command /bogus" in res.output and "back to the start" in res.output
+    assert "3 replies" in res.output
+
+
+def test_cli_bad_input_is_one_line(checkpoint: Path, tmp_path: Path, random_model) -> None:
+    res = _run(["chat", str(tmp_path / "missing.pth"), "-m", "x"])
+    assert res.exit_code != 0 and "Traceback" not in res.output and "missing.pth" in res.output
+    res = _run(["chat", str(checkpoint), "-m", "x", "--top-p", "0"])
+    assert res.exit_code == 2 and "--top-p" in res.output
+    from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
+
+    small = tmp_path / "small.pth"
+    cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=256, head_size=16)
+    save_checkpoint(small, random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
+    res = _run(["chat", str(small), "-m", "x"])
+    assert res.exit_code == 2 and "256 vocabulary rows" in res.output and "Traceback" not in res.output
