@@ -45,6 +45,10 @@ def inspect_command(
         summary.add_row("step / tokens", f"{info.meta.step:,} / {info.meta.tokens or 0:,}")
     if info.meta.init:
         summary.add_row("init", escape(str(info.meta.init)))
+    quant = info.meta.extra.get("quantization")
+    if isinstance(quant, dict):
+        by_bits = ", ".join(f"{human(n)} at {b} bits" for b, n in quant.get("params_by_bits", {}).items())
+        summary.add_row("quantized", escape(f"{by_bits} (group {quant.get('group')}); loaded dequantized"))
     console.print(summary)
     if not tensors:
         return

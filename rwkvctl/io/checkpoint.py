@@ -24,6 +24,8 @@ from torch import Tensor
 from rwkvctl.config import ModelConfig, infer_config, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.atomic import atomic_path, atomic_write_text
+from rwkvctl.io.quantized import META_KEY as QUANT_META_KEY
+from rwkvctl.io.quantized import dequantize_state_dict
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 SIDECAR_FORMAT = "rwkvctl-checkpoint"
@@ -247,14 +249,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; pass the .pth or .safetensors file inside it")
+    quantization = None
     if path.suffix == ".safetensors":
         state_dict, metadata = _read_safetensors(path)
         embedded = metadata.get("rwkvctl")
+        if QUANT_META_KEY in metadata:  # a `rwkvctl quantize` file: weights come back dequantized
+            state_dict, quantization = dequantize_state_dict(state_dict, metadata[QUANT_META_KEY], source=str(path))
     else:
         state_dict, embedded = _read_pth(path), None
     state_dict = normalize_keys(state_dict)
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     meta = _read_meta(path, embedded, shapes)
+    if quantization is not None:
+        meta.extra["quantization"] = {**meta.extra.get("quantization", {}), **quantization}
     try:
         validate_state_dict(state_dict, meta.model, source=str(path))
     except CheckpointError as e:

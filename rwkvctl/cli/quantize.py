@@ -1,0 +1,100 @@
+"""`rwkvctl quantize`: a checkpoint -> a 4-bit (or 8-bit) `.safetensors` that every command loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rwkvctl.cli._common import app, console, fail, handles_errors, human
+
+
+@app.command("quantize")
+@handles_errors
+def quantize_command(
+    src: Annotated[Path, typer.Argument(help="Checkpoint to quantize (.pth or .safetensors).")],
+    out: Annotated[Path, typer.Argument(help="Output .safetensors (a JSON sidecar is written next to it).")],
+    bits: Annotated[int, typer.Option(help="Bits per weight of the block matrices: 4 or 8.")] = 4,
+    group: Annotated[int, typer.Option(help="Weights per scale/minimum pair (64: 4.5 bits per weight at 4).")] = 64,
+    embed_bits: Annotated[
+        int, typer.Option(help="Bits for emb and head: 8 (default), 4, or 16 to keep them unquantized.")
+    ] = 8,
+    search: Annotated[
+        bool, typer.Option("--search/--no-search", help="Search each group's range for least error.")
+    ] = True,
+    eval_text: Annotated[
+        Path | None,
+        typer.Option("--eval", help="UTF-8 text file: compare perplexity and next-token KL with the original."),
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens of --eval text to use.")] = 1024,
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer for --eval ('world' or spm:PATH).")] = "world",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Quantize a checkpoint to 4 bits (or 8): group-wise codes with searched ranges; emb/head at 8 bits."""
+    if out.exists() and not force:
+        raise fail(f"{out} exists; pass --force to overwrite it")
+    if embed_bits not in (4, 8, 16):
+        raise fail("--embed-bits must be 4, 8 or 16 (16 keeps emb and head unquantized)")
+    if eval_tokens < 2:
+        raise fail("--eval-tokens must be at least 2")
+    from rwkvctl.io.checkpoint import load_checkpoint
+    from rwkvctl.lifecycle.quantize import quantize_checkpoint
+    from rwkvctl.quant import QuantSpec
+
+    spec = QuantSpec(bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search)
+    tokens = _eval_tokens(eval_text, tokenizer, eval_tokens) if eval_text is not None else None
+    n_tensors = len(load_checkpoint(src)[0])
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("quantizing", total=n_tensors)
+        result = quantize_checkpoint(
+            src, out, spec, eval_tokens=tokens, on_tensor=lambda name: progress.advance(task)
+        )
+    _summary(result, spec)
+
+
+def _eval_tokens(path: Path, tokenizer: str, limit: int) -> list[int]:
+    from rwkvctl.data.tokenizer import load_tokenizer
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(f"{path}: cannot read the evaluation text ({e})") from None
+    ids = load_tokenizer(tokenizer).encode(text)[:limit]
+    if len(ids) < 2:
+        raise fail(f"{path}: too little text to evaluate (needs at least 2 tokens)")
+    return ids
+
+
+def _summary(result, spec) -> None:  # noqa: ANN001  (lifecycle result types are imported lazily)
+    table = Table(title=f"quantized {escape(str(result.path))}")
+    table.add_column("tensors")
+    table.add_column("count", justify="right")
+    table.add_column("bits", justify="right")
+    table.add_column("bits/weight", justify="right")
+    table.add_column("worst rel. error", justify="right")
+    groups: dict[str, list] = {}
+    for t in result.tensors:
+        kind = "emb/head" if t.name in ("emb.weight", "head.weight") else "block matrices" if t.bits else "other"
+        groups.setdefault(kind, []).append(t)
+    for kind, rows in groups.items():
+        bits = rows[0].bits
+        worst = max(r.rel_error for r in rows)
+        bpw = f"{result.bits_per_weight(bits):.2f}" if bits else "-"
+        table.add_row(kind, str(len(rows)), str(bits or "kept"), bpw, f"{worst:.4f}" if bits else "-")
+    console.print(table)
+    ratio = result.source_bytes / result.output_bytes if result.output_bytes else 0
+    console.print(
+        f"{human(result.source_bytes, 'B')} -> [bold]{human(result.output_bytes, 'B')}[/] ({ratio:.1f}x smaller)"
+    )
+    q = result.quality
+    if q is not None:
+        console.print(
+            f"on {q.tokens} tokens: perplexity {q.ppl_original:.3f} -> {q.ppl_quantized:.3f} "
+            f"([bold]{100 * q.ppl_increase:+.2f}%[/]), mean KL {q.mean_kl:.4f} nats/token, "
+            f"top-1 agreement {100 * q.top1_agreement:.1f}%"
+        )

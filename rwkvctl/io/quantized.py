@@ -1,0 +1,92 @@
+"""The quantized checkpoint format: how packed weights are stored and turned back into tensors.
+
+A quantized checkpoint is a `.safetensors` file. A quantized weight `W` (out, in) is stored as
+`W.qweight` (uint8; two 4-bit codes per byte, low nibble first, or one 8-bit code), `W.scale` and `W.min`
+(fp16, (out, in // group)); element j of row i is `code * scale[i, j // group] + min[i, j // group]`. Every other
+tensor is stored as is. The safetensors metadata key "rwkvctl-quant" lists the quantized weights with their bits,
+group size, shape and original dtype. Choosing the codes (rwkvctl.quant) is separate from this format.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rwkvctl.errors import CheckpointError
+
+META_KEY = "rwkvctl-quant"
+FORMAT_VERSION = 1
+SUFFIXES = (".qweight", ".scale", ".min")
+DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """(out, in) integer codes in [0, 2^bits) -> uint8 storage: (out, in / 2) for 4 bits, (out, in) for 8."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    if bits != 4 or codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack {bits}-bit codes of shape {tuple(codes.shape)}")
+    pairs = codes.view(*codes.shape[:-1], -1, 2)  # (out, in) -> (out, in/2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int) -> Tensor:
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)  # (out, in/2) -> (out, in/2, 2) -> (out, in)
+
+
+def dequantize(packed: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """fp32 weight from its stored form."""
+    codes = unpack_codes(packed, bits).float()
+    out, cols = codes.shape
+    grouped = codes.view(out, cols // group, group)  # (out, in) -> (out, in/group, group)
+    w = grouped * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
+    return w.view(out, cols)
+
+
+def quant_metadata(entries: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({"format": FORMAT_VERSION, "tensors": entries})
+
+
+def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: str) -> tuple[dict[str, Tensor], dict]:
+    """Turn a quantized file's tensors back into a plain state dict (original names and dtypes).
+
+    Returns (state dict, summary for the checkpoint's metadata). Damaged or inconsistent entries are one-line
+    `CheckpointError`s naming the tensor."""
+    try:
+        meta = json.loads(raw_meta)
+        entries = meta["tensors"]
+        if meta.get("format") != FORMAT_VERSION or not isinstance(entries, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{source}: damaged quantization metadata ({META_KEY!r})") from None
+    out = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+    bits_seen: dict[int, int] = {}
+    for name, e in entries.items():
+        try:
+            bits, group, shape, dtype = int(e["bits"]), int(e["group"]), tuple(e["shape"]), DTYPES[e["dtype"]]
+            packed, scale, minimum = (tensors[name + s] for s in SUFFIXES)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: quantized tensor {name!r} is incomplete ({err})") from None
+        rows, cols = shape if len(shape) == 2 else (0, 0)
+        per_byte = 2 if bits == 4 else 1
+        ok = (
+            bits in (4, 8)
+            and group > 0
+            and cols % group == 0
+            and packed.dtype == torch.uint8
+            and tuple(packed.shape) == (rows, cols // per_byte)
+            and tuple(scale.shape) == tuple(minimum.shape) == (rows, cols // group)
+        )
+        if not ok:
+            raise CheckpointError(f"{source}: quantized tensor {name!r} has inconsistent shapes or settings")
+        out[name] = dequantize(packed, scale, minimum, bits, group).to(dtype)
+        bits_seen[bits] = bits_seen.get(bits, 0) + rows * cols
+    summary = {"quantized_tensors": len(entries), "params_by_bits": {str(b): n for b, n in sorted(bits_seen.items())}}
+    return out, summary

@@ -1,0 +1,152 @@
+"""Weight quantization: packing, error bounds, the range search, the file format and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rwkvctl.config import ModelConfig
+from rwkvctl.errors import CheckpointError, ConfigError
+from rwkvctl.io.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from rwkvctl.io.quantized import META_KEY, dequantize, pack_codes, unpack_codes
+from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
+from rwkvctl.quant import QuantSpec, group_size_for, quantize_weight
+
+CFG = ModelConfig(n_layer=2, n_embd=64, vocab_size=512, head_size=32)
+
+
+def test_codes_pack_and_unpack_exactly() -> None:
+    codes = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+    packed = pack_codes(codes, 4)
+    assert packed.shape == (3, 5) and torch.equal(unpack_codes(packed, 4), codes)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)  # low nibble first
+    codes8 = torch.randint(0, 256, (2, 4), dtype=torch.uint8)
+    assert torch.equal(unpack_codes(pack_codes(codes8, 8), 8), codes8)
+
+
+@pytest.mark.parametrize("bits, bound", [(4, 0.12), (8, 0.008)])
+def test_error_is_bounded_and_every_group_is_within_half_a_step(bits: int, bound: float) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.05
+    q = quantize_weight(w, bits, 64)
+    assert q.rel_error < bound
+    restored = dequantize(q.packed, q.scale, q.minimum, bits, 64)
+    steps = q.scale.float().repeat_interleave(64, dim=1)
+    # within half a step of its group's grid, or clipped by the searched range (never more than the range shrink)
+    assert ((restored - w).abs() <= steps * 0.5 + 1e-6).float().mean() > 0.95
+    assert torch.equal(quantize_weight(torch.zeros(4, 64), bits, 64).packed, pack_codes(torch.zeros(4, 64), bits))
+
+
+@pytest.mark.parametrize("group", [64, 256])
+def test_range_search_beats_min_max_on_heavy_tails(group: int) -> None:
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(3.0).sample((64, 512)) * 0.02  # heavy tails, like trained RWKV matrices
+    plain = quantize_weight(w, 4, group, search=False).rel_error
+    searched = quantize_weight(w, 4, group, search=True).rel_error
+    assert searched < 0.98 * plain
+
+
+def test_group_sizes_and_spec_validation() -> None:
+    assert group_size_for(4096, 64) == 64 and group_size_for(32, 64) == 32 and group_size_for(48, 64) == 48
+    assert group_size_for(100, 64) == 50
+    with pytest.raises(ConfigError):
+        QuantSpec(bits=3)
+    with pytest.raises(ConfigError):
+        QuantSpec(group=7)
+    spec = QuantSpec()
+    assert spec.bits_for("blocks.3.att.key.weight") == 4 and spec.bits_for("head.weight") == 8
+    assert spec.bits_for("blocks.0.att.time_decay") is None and spec.bits_for("blocks.0.ln1.weight") is None
+
+
+@pytest.fixture
+def checkpoint(random_model, tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path / "m.pth", random_model(CFG).state_dict(), CheckpointMeta(model=CFG, step=7))
+
+
+def test_quantized_file_loads_as_a_checkpoint_and_keeps_quality(checkpoint: Path, tmp_path: Path) -> None:
+    from rwkvctl.lifecycle.models import load_model
+
+    tokens = torch.randint(1, CFG.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    res = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec(), eval_tokens=tokens)
+    assert res.output_bytes < res.source_bytes / 3
+    # groups of 64, and of 56 for the FFN's 224-wide rows: 4 + 32/64 or 4 + 32/56 bits per weight
+    assert 4.5 <= res.bits_per_weight(4) < 4.6 and 8.5 <= res.bits_per_weight(8) < 8.6
+    q = res.quality
+    assert q is not None and q.tokens == 199 and q.mean_kl < 0.05 and q.top1_agreement > 0.7
+    assert abs(q.ppl_increase) < 0.05
+    state, meta = load_checkpoint(res.path)
+    original, _ = load_checkpoint(checkpoint)
+    assert list(state) == list(original) and meta.step == 7
+    assert meta.extra["quantization"]["bits"] == 4 and meta.extra["quantization"]["params_by_bits"]
+    for name, t in original.items():  # everything not quantized is stored exactly
+        if not name.endswith(".weight") or t.dim() < 2:
+            assert torch.equal(state[name], t), name
+    a, _ = load_model(checkpoint)
+    b, _ = load_model(res.path)
+    assert compare_models(a, a, tokens).mean_kl == pytest.approx(0, abs=1e-6)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize_checkpoint(res.path, tmp_path / "qq.safetensors", QuantSpec())
+    with pytest.raises(CheckpointError, match="safetensors"):
+        quantize_checkpoint(checkpoint, tmp_path / "q.pth", QuantSpec())
+
+
+def test_damaged_quantized_files_are_one_line_errors(checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec(embed_bits=None)).path
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata()
+    side = Path(str(path) + ".json")
+    side.unlink()  # the embedded metadata alone must do
+
+    def write(tensors: dict, meta: dict) -> Path:
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata=meta)
+        return bad
+
+    missing = {k: v for k, v in tensors.items() if k != "blocks.0.att.key.weight.scale"}
+    with pytest.raises(CheckpointError, match=r"'blocks.0.att.key.weight' is incomplete"):
+        load_checkpoint(write(missing, metadata))
+    wrong = dict(tensors, **{"blocks.0.att.key.weight.qweight": torch.zeros(3, 3, dtype=torch.uint8)})
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        load_checkpoint(write(wrong, metadata))
+    with pytest.raises(CheckpointError, match="damaged quantization metadata"):
+        load_checkpoint(write(tensors, {**metadata, META_KEY: "{not json"}))
+    entries = json.loads(metadata[META_KEY])
+    entries["tensors"]["blocks.0.att.key.weight"]["bits"] = 3
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        load_checkpoint(write(tensors, {**metadata, META_KEY: json.dumps(entries)}))
+
+
+def test_cli_quantize_summary_and_errors(random_model, tmp_path: Path) -> None:
+    from rwkvctl.cli import app
+
+    cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=65536, head_size=16)  # World vocabulary for --eval
+    checkpoint = save_checkpoint(tmp_path / "w.pth", random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    runner = CliRunner()
+    out = tmp_path / "q.safetensors"
+    res = runner.invoke(app, ["quantize", str(checkpoint), str(out), "--eval", str(text), "--eval-tokens", "64"])
+    assert res.exit_code == 0, res.output
+    assert "block matrices" in res.output and "smaller" in res.output and "perplexity" in res.output
+    res = runner.invoke(app, ["quantize", str(checkpoint), str(out)])
+    assert res.exit_code == 2 and "exists" in res.output
+    res = runner.invoke(app, ["quantize", str(checkpoint), str(out), "--force", "--bits", "3"])
+    assert res.exit_code == 2 and "--bits" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["quantize", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")])
+    assert res.exit_code != 0 and "nope.pth" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0 and "quantized" in res.output
+
+
+def test_eval_tokens_outside_the_vocabulary_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="512 vocabulary rows"):
+        quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec(), eval_tokens=[1, 2, 600])
