@@ -19,6 +19,7 @@ FORBIDDEN = {
     "data": {"model", "train", "lifecycle", "cli"},
     "train": {"lifecycle", "cli"},
     "generate": {"train", "lifecycle", "cli"},
+    "quant": {"train", "lifecycle", "cli", "generate", "data"},
     "lifecycle": {"cli"},
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,21 +47,30 @@ def chat_command(
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
 ) -> None:
     """Chat with a model in RNN mode: constant memory however long the conversation, state save/load."""
-    if not 0 < top_p <= 1 or temperature < 0 or top_k < 0 or max_tokens < 1:
-        raise fail("need 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0 and --max-tokens >= 1")
+    finite = all(math.isfinite(v) for v in (temperature, top_p, presence, frequency, decay))
+    if not finite or not 0 < top_p <= 1 or temperature < 0 or top_k < 0 or max_tokens < 1 or not 0 < decay <= 1:
+        raise fail(
+            "need finite values with 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0, --max-tokens >= 1 "
+            "and 0 < --decay <= 1"
+        )
+    if system is not None and load is not None:
+        raise fail("--system is fed at the start of a new chat; a --load-state conversation already has its start")
     conv = _open(model_path, tokenizer, device, dtype, load, locals())
     stats = {"turns": 0, "tokens": 0, "seconds": 0.0}
-    try:
-        if message:
-            for text in message:
-                pieces = conv.say(text)
-                console.print(f"[bold green]{escape(conv.settings.user)}:[/] {escape(text)}")
-                _print_reply(conv, pieces, stats)
+    if message:
+        for text in message:
+            pieces = conv.say(text)
+            console.print(f"[bold green]{escape(conv.settings.user)}:[/] {escape(_printable(text))}", emoji=False)
+            if not _print_reply(conv, pieces, stats):
+                break  # Ctrl-C: stop, do not go on to the next message
+    else:
+        _interactive(conv, stats)
+    # Saved only after a clean end: an error mid-run must not overwrite a good state file with a bad one.
+    if save is not None:
+        if conv.state is None:
+            console.print("[yellow]nothing to save: no turn was completed[/]")
         else:
-            _interactive(conv, stats)
-    finally:
-        if save is not None and conv.state is not None:
-            conv.save(save)
+            conv.save(save.expanduser())
             console.print(f"[dim]state saved to {escape(str(save))}[/]")
     if stats["turns"]:
         rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
@@ -100,17 +110,17 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
     return conv
 
 
-def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> None:
-    """Stream a reply to the terminal as it is generated."""
+def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> bool:
+    """Stream a reply to the terminal as it is generated; False when Ctrl-C stopped it (the turn is undone)."""
     console.print(f"[bold cyan]{escape(conv.settings.bot)}:[/] ", end="")
     try:
         for piece in pieces:
-            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            console.print(_printable(piece), end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
             console.file.flush()
     except KeyboardInterrupt:
         conv.cancel()
         console.print("\n[yellow](stopped; this turn is forgotten)[/]")
-        return
+        return False
     console.print()
     reply = conv.last_reply
     stats["turns"] += 1
@@ -118,6 +128,16 @@ def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> None:
     stats["seconds"] += reply.seconds
     if reply.stopped == "max_tokens":
         console.print(f"[dim](reply cut at --max-tokens {conv.settings.max_reply_tokens})[/]")
+    return True
+
+
+# Control characters other than newline and tab are shown as their Unicode pictures (ESC -> U+241B), so model
+# output or piped text can never drive the terminal (cursor moves, title changes, hyperlinks).
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421}
+
+
+def _printable(text: str) -> str:
+    return text.translate(_CONTROL_PICTURES)
 
 
 def _interactive(conv: Any, stats: dict) -> None:
@@ -127,7 +147,7 @@ def _interactive(conv: Any, stats: dict) -> None:
         try:
             line = console.input(f"[bold green]{user}:[/] ")
             if not sys.stdin.isatty():  # piped input is not echoed: show what was said
-                console.print(line, markup=False, highlight=False)
+                console.print(_printable(line), markup=False, highlight=False, emoji=False)
         except EOFError:
             console.print()
             return
@@ -163,10 +183,10 @@ def _command(conv: Any, line: str, stats: dict) -> bool:
         if not arg:
             console.print(f"[yellow]usage: {name} PATH[/]")
         elif name == "/save":
-            conv.save(arg)
+            conv.save(Path(arg).expanduser())
             console.print(f"[dim]state saved to {escape(arg)}[/]")
         else:
-            conv.load(arg)
+            conv.load(Path(arg).expanduser())
             console.print(f"[dim]loaded {escape(arg)} ({conv.tokens_seen} tokens seen)[/]")
     elif name == "/info":
         console.print(

@@ -50,8 +50,17 @@ def save_state(path: str | Path, saved: SavedState, cfg: ModelConfig) -> Path:
     tensors = {k: getattr(saved, k).detach().float().cpu().contiguous() for k in _expected_shapes(cfg)}
     _check_shapes(path, tensors, cfg)
     meta = {"format": FORMAT_VERSION, "model": _model_shape(cfg), "info": saved.info}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give a file name such as {path / 'chat.safetensors'}")
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the state file ({e.strerror or e})") from None
+    except Exception as e:  # safetensors reports I/O failures as its own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise CheckpointError(f"{path}: cannot write the state file ({str(e)[:120]})") from None
     return path
 
 

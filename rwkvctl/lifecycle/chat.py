@@ -65,6 +65,7 @@ class _Snapshot:
     state: RecurrentState | None
     logits: Tensor | None
     transcript: int  # number of transcript entries
+    tokens_seen: int
 
 
 def normalize_message(text: str) -> str:
@@ -93,9 +94,11 @@ class Conversation:
         self.tokens_seen = 0
         self.last_reply: Reply | None = None
         self._eod = getattr(tokenizer, "eod_id", 0)
+        self._vocab = int(getattr(tokenizer, "vocab_size", model.cfg.vocab_size))
         if self.settings.system:
             self._feed(f"System: {normalize_message(self.settings.system)}{TURN_END}")
             self.transcript.append(("System", normalize_message(self.settings.system)))
+        self._open_turn: object | None = None  # set while a reply is being generated
         self._start = self._snapshot()
         self._before_last: _Snapshot | None = None
         self._last_message: str | None = None
@@ -104,12 +107,15 @@ class Conversation:
 
     def _snapshot(self) -> _Snapshot:
         state = self.state.clone() if self.state is not None else None
-        return _Snapshot(state, None if self.logits is None else self.logits.clone(), len(self.transcript))
+        logits = None if self.logits is None else self.logits.clone()
+        return _Snapshot(state, logits, len(self.transcript), self.tokens_seen)
 
     def _restore(self, snap: _Snapshot) -> None:
         self.state = snap.state.clone() if snap.state is not None else None
         self.logits = None if snap.logits is None else snap.logits.clone()
         del self.transcript[snap.transcript :]
+        self.tokens_seen = snap.tokens_seen
+        self._open_turn = None
 
     def _feed(self, text: str) -> None:
         ids = self.tok.encode(text)
@@ -146,15 +152,26 @@ class Conversation:
         yield from self._turn(message)
 
     def _turn(self, message: str) -> Iterator[str]:
-        self._before_last, self._last_message = self._snapshot(), message
-        s = self.settings
-        self._feed(f"{s.user}: {message}{TURN_END}{s.bot}:")
-        self.transcript.append((s.user, message))
-        yield from self._generate_reply()
+        if self._open_turn is not None:  # an earlier reply was abandoned midway: forget that turn first
+            self.cancel()
+        before = self._before_last = self._snapshot()
+        self._last_message = message
+        turn = self._open_turn = object()
+        try:
+            s = self.settings
+            self._feed(f"{s.user}: {message}{TURN_END}{s.bot}:")
+            self.transcript.append((s.user, message))
+            yield from self._generate_reply()
+            self._open_turn = None
+        except BaseException:
+            # An error, Ctrl-C, or the iterator closed early: never leave the state in the middle of a turn.
+            if self._open_turn is turn:
+                self._restore(before)
+            raise
 
     def cancel(self) -> None:
         """Forget the message being answered and its partial reply (e.g. after Ctrl-C)."""
-        if self._before_last is not None:
+        if self._open_turn is not None and self._before_last is not None:
             self._restore(self._before_last)
             self._before_last = self._last_message = None
 
@@ -174,6 +191,7 @@ class Conversation:
         while n < self.settings.max_reply_tokens:
             logits = penalties.apply_(self.logits.float().cpu().clone())  # (V,); self.logits stays as predicted
             logits[self._eod] = float("-inf")  # the end-of-document token would end the whole conversation
+            logits[self._vocab :] = float("-inf")  # padded model rows the tokenizer cannot decode
             token = self._sample(logits)
             penalties.update(token)
             step_logits, self.state = self.model.step(torch.tensor([token], device=device), self.state)
@@ -192,7 +210,8 @@ class Conversation:
                 shown = visible
         else:
             text += stream.flush()
-            self._feed(TURN_END)  # close the turn, so the next message starts on a boundary
+            # close the turn, so the next message starts on a boundary (a reply cut after "\n" needs one more)
+            self._feed(TURN_END[len(text) - len(text.rstrip("\n")) :] if text.endswith("\n") else TURN_END)
         text = text.rstrip("\n") if stopped == "max_tokens" else text
         if len(text) > shown:
             yield _strip_lead(text[shown:], shown)
@@ -201,14 +220,16 @@ class Conversation:
         self.last_reply = Reply(reply, n, time.monotonic() - t0, stopped)
 
     def _presence_only(self, token: int) -> bool:
-        # ChatRWKV's rule: whitespace and digits only count for the presence penalty, so numbers and layout do
-        # not get pushed out of long replies.
+        # ChatRWKV's rule: a token whose text is a substring of " \t0123456789" counts only for the presence
+        # penalty, so numbers and layout do not get pushed out of long replies.
         piece = self.tok.decode([token])
-        return piece != "" and all(c in " \t0123456789" for c in piece)
+        return piece != "" and piece in " \t0123456789"
 
     # --- files ---------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
+        if self._open_turn is not None:
+            raise ConfigError("a reply is still being generated; finish or cancel it before saving")
         if self.state is None or self.logits is None:
             raise ConfigError("nothing to save yet: send a message (or give a system prompt) first")
         info = {
@@ -241,6 +262,12 @@ class Conversation:
         self.transcript = [(str(e[0]), str(e[1])) for e in entries if isinstance(e, list) and len(e) == 2]
         tokens_seen = saved.info.get("tokens_seen", 0)
         self.tokens_seen = tokens_seen if isinstance(tokens_seen, int) else 0
+        # The state was built with its own role names: keep using them, or the model sees a format change.
+        for role in ("user", "bot"):
+            name = saved.info.get(role)
+            if isinstance(name, str) and name and "\n" not in name and ":" not in name:
+                setattr(self.settings, role, name)
+        self._open_turn = None
         self._start = self._snapshot()
         self._before_last = self._last_message = None
 

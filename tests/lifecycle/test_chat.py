@@ -113,12 +113,49 @@ def test_retry_reset_and_cancel_restore_snapshots(model, tok) -> None:
     assert conv.transcript == [("System", "Hi.")]
     with pytest.raises(ConfigError, match="nothing to retry"):
         conv.retry()
+    script.queue = tok.encode(" one two three four\n\n")
     pieces = conv.say("again")
-    next(pieces, None)  # interrupted after the first piece
+    assert next(pieces) == "one"  # the turn is open: a reply is being generated
+    with pytest.raises(ConfigError, match="still being generated"):
+        conv.save("unused.safetensors")
     conv.cancel()
     assert_same_state(conv.state, start)
+    assert conv.transcript == [("System", "Hi.")] and conv.tokens_seen == len(tok.encode("System: Hi.\n\n"))
+    del pieces  # closing the abandoned iterator later must not touch the conversation
+    assert conv.transcript == [("System", "Hi.")]
     with pytest.raises(ConfigError, match="empty"):
         conv.say(" \n\n ")
+
+
+def test_abandoned_or_failed_replies_leave_no_half_turn(model, tok) -> None:
+    script = Script(tok, " a b c d e f\n\n")
+    conv = Conversation(model, tok, ChatSettings(), sampler=script)
+    pieces = conv.say("first")
+    next(pieces)
+    del pieces  # dropped midway: the generator closes and the turn is undone
+    assert conv.state is None and conv.transcript == [] and conv.tokens_seen == 0
+    script.queue = tok.encode(" fine\n\n")
+    list(conv.say("second"))
+    assert [r for r, _ in conv.transcript] == ["User", "Assistant"] and conv.transcript[1][1] == "fine"
+    after_second = conv.state.clone()
+
+    def broken(logits: torch.Tensor) -> int:
+        raise RuntimeError("sampler failed")
+
+    conv._sample = broken
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        list(conv.say("third"))
+    assert_same_state(conv.state, after_second)
+    assert [r for r, _ in conv.transcript] == ["User", "Assistant"]
+
+
+def test_a_reply_is_closed_with_only_the_missing_newlines(model, tok) -> None:
+    script = Script(tok)
+    script.queue = tok.encode(" ab\n") * 5
+    conv = Conversation(model, tok, ChatSettings(max_reply_tokens=len(tok.encode(" ab\n"))), sampler=script)
+    assert "".join(conv.say("go")) == "ab"
+    _, state = ingest(model, tok.encode("User: go\n\nAssistant:") + script.given + tok.encode("\n"))
+    assert_same_state(conv.state, state)
 
 
 def test_saved_state_continues_exactly(model, tok, tmp_path: Path) -> None:
@@ -231,3 +268,15 @@ def test_cli_bad_input_is_one_line(checkpoint: Path, tmp_path: Path, random_mode
     save_checkpoint(small, random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
     res = _run(["chat", str(small), "-m", "x"])
     assert res.exit_code == 2 and "256 vocabulary rows" in res.output and "Traceback" not in res.output
+
+
+def test_cli_never_passes_control_characters_to_the_terminal(checkpoint: Path, tmp_path: Path) -> None:
+    from rwkvctl.cli.chat import _printable
+
+    assert _printable("\x1b]0;title\x07red\tok\n\x7f") == "\u241b]0;title\u2407red\tok\n\u2421"
+    res = _run(["chat", str(checkpoint), "-m", "hi \x1b[2J :smile:", "--max-tokens", "2"])
+    assert res.exit_code == 0 and "\x1b[2J" not in res.output and ":smile:" in res.output
+    res = _run(["chat", str(checkpoint), "--system", "x", "--load-state", str(tmp_path / "s.safetensors")])
+    assert res.exit_code == 2 and "--system" in res.output
+    res = _run(["chat", str(checkpoint), "-m", "x", "--temperature", "nan"])
+    assert res.exit_code == 2 and "finite" in res.output
