@@ -127,9 +127,10 @@ class TensorReport:
 
 
 def quantize_state_dict(
-    state_dict: dict[str, Tensor], spec: QuantSpec, on_tensor: Callable[[str], None] | None = None
+    state_dict: dict[str, Tensor], spec: QuantSpec, on_tensor: Callable[[str, int], None] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, dict], list[TensorReport]]:
-    """-> (tensors to store, quantization metadata entries, one report per tensor)."""
+    """-> (tensors to store, quantization metadata entries, one report per tensor). `on_tensor(name, total)` is
+    called after each tensor (for progress)."""
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict] = {}
     reports: list[TensorReport] = []
@@ -150,5 +151,5 @@ def quantize_state_dict(
             size = sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.minimum))
             reports.append(TensorReport(name, tuple(w.shape), bits, group, qw.rel_error, size))
         if on_tensor is not None:
-            on_tensor(name)
+            on_tensor(name, len(state_dict))
     return tensors, entries, reports

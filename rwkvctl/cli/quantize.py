@@ -41,19 +41,19 @@ def quantize_command(
         raise fail("--embed-bits must be 4, 8 or 16 (16 keeps emb and head unquantized)")
     if eval_tokens < 2:
         raise fail("--eval-tokens must be at least 2")
-    from rwkvctl.io.checkpoint import load_checkpoint
     from rwkvctl.lifecycle.quantize import quantize_checkpoint
     from rwkvctl.quant import QuantSpec
 
     spec = QuantSpec(bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search)
     tokens = _eval_tokens(eval_text, tokenizer, eval_tokens) if eval_text is not None else None
-    n_tensors = len(load_checkpoint(src)[0])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("quantizing", total=n_tensors)
-        result = quantize_checkpoint(
-            src, out, spec, eval_tokens=tokens, on_tensor=lambda name: progress.advance(task)
-        )
+        task = progress.add_task("quantizing", total=None)
+
+        def advance(name: str, total: int) -> None:
+            progress.update(task, total=total, advance=1, description=f"quantizing {escape(name)}")
+
+        result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, on_tensor=advance)
     _summary(result, spec)
 
 

@@ -85,10 +85,21 @@ def load_model(
 ) -> tuple[RWKV5, CheckpointMeta]:
     """Build an RWKV5 from a checkpoint (rwkvctl's own or a bare RWKV-LM file)."""
     state_dict, meta = load_checkpoint(path)
+    return model_from_state_dict(state_dict, meta.model, dtype=dtype, device=device), meta
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> RWKV5:
+    """An RWKV5 (eval mode) around already-loaded weights, without copying them when dtype and device match."""
     with torch.device("meta"):
-        model = RWKV5(meta.model)
+        model = RWKV5(cfg)
     model.load_state_dict(state_dict, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), meta
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass

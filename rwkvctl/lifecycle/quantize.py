@@ -20,7 +20,7 @@ from rwkvctl.errors import CheckpointError
 from rwkvctl.io.atomic import atomic_path, atomic_write_text
 from rwkvctl.io.checkpoint import load_checkpoint, sidecar_path
 from rwkvctl.io.quantized import META_KEY, quant_metadata
-from rwkvctl.lifecycle.models import load_model
+from rwkvctl.lifecycle.models import load_model, model_from_state_dict
 from rwkvctl.quant import QuantSpec, TensorReport, quantize_state_dict
 
 
@@ -58,7 +58,7 @@ def quantize_checkpoint(
     spec: QuantSpec,
     *,
     eval_tokens: list[int] | None = None,
-    on_tensor: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
 ) -> QuantizeResult:
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
@@ -89,7 +89,7 @@ def quantize_checkpoint(
     atomic_write_text(sidecar_path(dst), json.dumps(meta.to_dict(), indent=2) + "\n")
     quality = None
     if eval_tokens:
-        original, _ = load_model(src)
+        original = model_from_state_dict(state_dict, meta.model)  # the weights already in memory, not a reread
         quantized, _ = load_model(dst)
         quality = compare_models(original, quantized, eval_tokens)
     return QuantizeResult(dst, src.stat().st_size, dst.stat().st_size, reports, quality)
