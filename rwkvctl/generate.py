@@ -92,7 +92,7 @@ def ingest(
     logits = None
     for start in range(0, len(tokens), chunk_len):
         idx = torch.tensor([list(tokens[start : start + chunk_len])], dtype=torch.long, device=device)
-        logits, state = model(idx, state)
+        logits, state = model(idx, state, last_only=True)
         logits = logits[0, -1]
     assert logits is not None and state is not None
     return logits, state

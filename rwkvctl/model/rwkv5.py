@@ -167,7 +167,9 @@ class RWKV5(nn.Module):
     def _zero_state(self, batch: int, device: torch.device) -> RecurrentState:
         return RecurrentState.zeros(self.cfg, batch, device, self.emb.weight.dtype)
 
-    def _run_blocks(self, x: Tensor, state: RecurrentState, one_token: bool) -> tuple[Tensor, RecurrentState]:
+    def _run_blocks(
+        self, x: Tensor, state: RecurrentState, one_token: bool, last_only: bool = False
+    ) -> tuple[Tensor, RecurrentState]:
         """All blocks in sequence (x: (B, T, C)) or RNN (x: (B, C)) form, collecting each layer's new state."""
         att_shifts, ffn_shifts, wkvs = [], [], []
         for i, block in enumerate(self.blocks):
@@ -186,15 +188,20 @@ class RWKV5(nn.Module):
             torch.stack(ffn_shifts).to(state.ffn_shift.dtype),  # (L, B, C)
             torch.stack(wkvs),  # (L, B, H, N, N)
         )
+        if last_only:
+            x = x[:, -1:]  # (B, T, C) -> (B, 1, C): a prompt only needs the next token's logits
         return self.head(self.ln_out(x)), new_state
 
-    def forward(self, idx: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
-        """idx: (B, T) token ids -> (logits (B, T, V), state after the last token)."""
+    def forward(
+        self, idx: Tensor, state: RecurrentState | None = None, *, last_only: bool = False
+    ) -> tuple[Tensor, RecurrentState]:
+        """idx: (B, T) token ids -> (logits (B, T, V), state after the last token). With `last_only` the logits
+        are (B, 1, V), for the last position only: the head is a large share of a prompt's cost."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         if state is None:
             state = self._zero_state(idx.shape[0], idx.device)
-        return self._run_blocks(self.emb(idx), state, one_token=False)
+        return self._run_blocks(self.emb(idx), state, one_token=False, last_only=last_only)
 
     def step(self, tokens: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """RNN mode, one token per sequence: tokens (B,) -> (logits (B, V), new state)."""

@@ -75,3 +75,16 @@ def test_gradient_flows_into_incoming_state(random_model, tiny_config):
 def test_bad_input_shape_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="idx must be"):
         RWKV5(tiny_config)(torch.zeros(3, dtype=torch.long))
+
+
+def test_last_only_logits_equal_the_last_position(random_model):
+    from rwkvctl.config import ModelConfig
+
+    model = random_model(ModelConfig(n_layer=2, n_embd=64, vocab_size=97, head_size=32))
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full, state_full = model(idx)
+        last, state_last = model(idx, last_only=True)
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state_last.wkv, state_full.wkv)
