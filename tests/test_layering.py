@@ -20,6 +20,7 @@ FORBIDDEN = {
     "train": {"lifecycle", "cli"},
     "generate": {"train", "lifecycle", "cli"},
     "quant": {"train", "lifecycle", "cli", "generate", "data"},
+    "surgery": {"train", "lifecycle", "cli", "generate", "quant", "data", "io"},
     "lifecycle": {"cli"},
 }
 

@@ -6,7 +6,19 @@ modules import torch and the lifecycle code inside the command body, so `rwkvctl
 
 from __future__ import annotations
 
-from rwkvctl.cli import chat, demo, inspect_cmd, kernels, model_cmds, plot, prepare, quantize, tokenizer, train  # noqa: F401  (registration side effects)
+from rwkvctl.cli import (  # noqa: F401  (registration side effects)
+    add_gate,
+    chat,
+    demo,
+    inspect_cmd,
+    kernels,
+    model_cmds,
+    plot,
+    prepare,
+    quantize,
+    tokenizer,
+    train,
+)
 from rwkvctl.cli._common import app
 
 __all__ = ["app"]

@@ -52,6 +52,45 @@ def optimizer_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
 
 
+def remap_adamw_state(
+    saved: dict[str, Any], old_groups: list[dict[str, Any]], new_groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """An AdamW state dict saved for one set of parameter groups, re-addressed to another by parameter name.
+
+    torch numbers parameters by position, group after group, so adding parameters (surgery) shifts every index
+    after them. Moments and step counts follow their parameter's name; parameters new in `new_groups` get no
+    state (AdamW starts them fresh, with their own bias correction). Group settings come from the saved group of
+    the same kind, else from the first saved group with the new group's weight decay and lr scale.
+    `old_groups`/`new_groups`: `param_groups()` of the model before and after.
+    """
+    saved_groups = saved.get("param_groups", [])
+    if len(saved_groups) != len(old_groups) or any(
+        len(s["params"]) != len(g["names"]) for s, g in zip(saved_groups, old_groups, strict=True)
+    ):
+        raise ValueError("the saved optimizer state does not match the model's parameter groups")
+    index = {}
+    for saved_group, group in zip(saved_groups, old_groups, strict=True):
+        for pid, name in zip(saved_group["params"], group["names"], strict=True):
+            index[name] = pid
+    by_kind = {g.get("group"): g for g in saved_groups}
+    state: dict[int, Any] = {}
+    groups, position = [], 0
+    for group in new_groups:
+        template = by_kind.get(group["group"])
+        if template is None:
+            template = {**saved_groups[0], "weight_decay": group["weight_decay"], LR_SCALE_KEY: group[LR_SCALE_KEY],
+                        "group": group["group"]}  # fmt: skip
+        settings = {k: v for k, v in template.items() if k != "params"}
+        ids = list(range(position, position + len(group["names"])))
+        for pid, name in zip(ids, group["names"], strict=True):
+            old = index.get(name)
+            if old is not None and old in saved["state"]:
+                state[pid] = saved["state"][old]
+        groups.append({**settings, "params": ids})
+        position += len(ids)
+    return {"state": state, "param_groups": groups}
+
+
 def build_adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
     """torch AdamW over the RWKV-LM groups. `fused` (CPU and CUDA): one kernel over all parameters, deterministic,
     and on CPU ~7x faster than the foreach form (which took ~18% of a small World-vocab model's step)."""
