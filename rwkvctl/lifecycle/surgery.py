@@ -1,23 +1,26 @@
 """`rwkvctl add-gate` as a lifecycle stage: add the output gate to a run (or a checkpoint file) and carry on.
 
-For a run, the chosen checkpoint (`latest` or an earlier step, as the RWKV-5 7B team did) becomes step N of a new
-run directory: the weights gain the gate (rwkvctl.surgery), AdamW's moments and step counts follow their parameters
-by name (the new parameters start fresh), and the data position, RNG states, learning-rate schedule and metrics up to
-step N are carried over, so `rwkvctl train --resume` on the new run continues the same trajectory with the gate. The
-original run is only read.
+For a run (single strategy, or DeepSpeed ZeRO-1/2, whose shards are gathered parameter by parameter), the chosen
+checkpoint (`latest` or an earlier step, as the RWKV-5 7B team did) becomes step N of a new run directory: the
+weights gain the gate (rwkvctl.surgery), AdamW's moments and step counts follow their parameters by name (the new
+parameters start fresh), and the data position, RNG states, learning-rate schedule and metrics up to step N are
+carried over, so `rwkvctl train --resume` on the new run continues the same trajectory with the gate. The original
+run is only read. The new step N holds the per-parameter state file, which both strategies load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rwkvctl.config import ModelConfig
+from rwkvctl.config import ModelConfig, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.atomic import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
@@ -47,12 +50,30 @@ def add_gate_to_checkpoint(src: str | Path, dst: str | Path, *, init: str = "rwk
     new_sd, new_cfg = _gated(state_dict, meta.model, init, seed, source=src)
     extra = {**meta.extra, "surgery": {"add_gate": init, "seed": seed, "source": src.name}}
     save_checkpoint(dst, new_sd, replace(meta, model=new_cfg, extra=extra))
-    return GateResult(dst, meta.step, _count(new_sd, new_cfg), None)
+    return GateResult(dst, meta.step, _count(new_cfg), None)
 
 
 def add_gate_to_run(
     run_dir: str | Path, out_dir: str | Path, *, step: str | int = "latest", init: str = "rwkv-lm", seed: int = 0
 ) -> GateResult:
+    def gate(weights: dict[str, Tensor], cfg: ModelConfig, source: Path) -> tuple[dict[str, Tensor], ModelConfig]:
+        return _gated(weights, cfg, init, seed, source=source)
+
+    result = branch_run(run_dir, out_dir, step=step, transform=gate, note={"add_gate": init, "seed": seed})
+    assert result.config is not None
+    return replace(result, added_params=_count(result.config.model))
+
+
+Transform = Callable[[dict[str, Tensor], ModelConfig, Path], tuple[dict[str, Tensor], ModelConfig]]
+
+
+def branch_run(
+    run_dir: str | Path, out_dir: str | Path, *, step: str | int = "latest", transform: Transform | None = None,
+    note: dict | None = None,
+) -> GateResult:
+    """Start a new run directory at a checkpoint of `run_dir`, its model changed by `transform` (None: unchanged),
+    with the optimizer state re-addressed by parameter name and written in the per-parameter form both strategies
+    load (for a ZeRO run this also un-shards it). See the module docstring."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt = find_checkpoint(run_dir, step)
     if ckpt is None:
@@ -62,23 +83,15 @@ def add_gate_to_run(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new --out")
     saved = read_state(ckpt)
-    if not saved.engine.startswith("single"):
-        raise CheckpointError(
-            f"{ckpt}: written by the {saved.engine} strategy; add-gate carries optimizer state over for the single "
-            "strategy only so far (DeepSpeed ZeRO shards are flat per-rank buffers)"
-        )
     cfg = RunConfig.from_dict(saved.config, source=str(ckpt))
-    try:
-        engine_state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        weights, optimizer = engine_state["model"], engine_state["optimizer"]
-    except (OSError, RuntimeError, KeyError, EOFError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({str(e).splitlines()[0]})") from None
-    new_sd, new_model_cfg = _gated(weights, cfg.model, init, seed, source=ckpt)
+    weights, optimizer = training_state(ckpt, saved.engine, cfg)
+    new_sd, new_model_cfg = transform(weights, cfg.model, ckpt) if transform else (weights, cfg.model)
     new_cfg = replace(cfg, run_dir=str(out_dir), model=new_model_cfg)
     try:
         new_optimizer = remap_adamw_state(optimizer, _groups(cfg), _groups(new_cfg))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: {e}; was it written by this version of rwkvctl?") from None
+        raise CheckpointError(f"{ckpt}: {e}; was it written by this version of rwkvctl?") from None
+    note = {**(note or {}), "from_run": str(run_dir), "from_step": saved.step}
 
     writer = CheckpointWriter(out_dir, cfg.train.keep_last)
     tmp = writer.begin(saved.step)
@@ -88,11 +101,9 @@ def add_gate_to_run(
             shutil.copy2(rng, tmp / rng.name)
         meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.tokens,
                               tokenizer=_exported_tokenizer(ckpt, saved.step),
-                              extra={"run_dir": str(out_dir), "engine": saved.engine,
-                                     "surgery": {"add_gate": init, "seed": seed, "source": str(ckpt)}})  # fmt: skip
+                              extra={"run_dir": str(out_dir), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp / f"rwkv-{saved.step}.pth", new_sd, meta)
-        state = replace(saved, config=new_cfg.to_dict())
-        writer.commit(saved.step, state)
+        writer.commit(saved.step, replace(saved, config=new_cfg.to_dict()))
     except BaseException:
         writer.abort(saved.step)
         raise
@@ -101,9 +112,37 @@ def add_gate_to_run(
         shutil.copy2(run_dir / METRICS_FILE, out_dir / METRICS_FILE)
         truncate_after(out_dir, saved.step)
         (out_dir / "metrics.superseded.jsonl").unlink(missing_ok=True)  # later steps belong to the other run
-    record = {"add_gate": init, "seed": seed, "from_run": str(run_dir), "from_step": saved.step}
-    atomic_write_text(out_dir / "surgery.json", json.dumps(record, indent=1) + "\n")
-    return GateResult(out_dir, saved.step, _count(new_sd, new_model_cfg), new_cfg)
+    atomic_write_text(out_dir / "branch.json", json.dumps(note, indent=1) + "\n")
+    return GateResult(out_dir, saved.step, 0, new_cfg)
+
+
+def training_state(ckpt: Path, engine: str, cfg: RunConfig) -> tuple[dict[str, Tensor], dict]:
+    """A checkpoint's weights and AdamW state in the single strategy's per-parameter form, whoever wrote it: the
+    single strategy's file as is, or a ZeRO-1/2 checkpoint's shards gathered parameter by parameter."""
+    if engine.startswith("deepspeed"):
+        if engine == "deepspeed-zero3":
+            raise CheckpointError(f"{ckpt}: ZeRO-3 checkpoints cannot be re-addressed yet (stages 1 and 2 can)")
+        from rwkvctl.train.engine import read_zero_checkpoint  # imports deepspeed: only when needed
+
+        weights, moments, step = read_zero_checkpoint(ckpt)
+        o = cfg.optim
+        dummy = torch.nn.Parameter(torch.zeros(1))
+        defaults = torch.optim.AdamW([dummy], lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                     weight_decay=0.0, fused=True).state_dict()["param_groups"][0]  # fmt: skip
+        state, groups, index = {}, [], 0
+        for group in _groups(cfg):
+            ids = list(range(index, index + len(group["names"])))
+            for i, name in zip(ids, group["names"], strict=True):
+                state[i] = {"step": torch.tensor(step), **moments[name]}
+            settings = {k: v for k, v in group.items() if k not in ("params", "names")}
+            groups.append({**defaults, **settings, "params": ids})
+            index += len(ids)
+        return weights, {"state": state, "param_groups": groups}
+    try:
+        engine_state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        return engine_state["model"], engine_state["optimizer"]
+    except (OSError, RuntimeError, KeyError, EOFError) as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({str(e).splitlines()[0]})") from None
 
 
 def _gated(
@@ -121,8 +160,9 @@ def _groups(cfg: RunConfig) -> list[dict]:
     return param_groups(model, cfg.optim)
 
 
-def _count(state_dict: dict[str, Tensor], cfg: ModelConfig) -> int:
-    return sum(state_dict[name].numel() for name in added_gate_names(cfg))
+def _count(cfg: ModelConfig) -> int:
+    shapes = param_shapes(cfg)
+    return sum(math.prod(shapes[name]) for name in added_gate_names(cfg))
 
 
 def _exported_tokenizer(ckpt: Path, step: int) -> str:

@@ -30,10 +30,62 @@ from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
-from rwkvctl.train.plain import Engine
+from rwkvctl.train.plain import STATE_FILE, Engine
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+
+
+def _checkpoint_types() -> list[type]:
+    """The DeepSpeed types inside its checkpoint files. Allowlisted for torch.load(weights_only=True), they let us
+    read ZeRO files without running any other pickled code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
+    """Per-parameter fp32 master weights, AdamW moments and the step count of a ZeRO-1/2 checkpoint written by
+    `DeepSpeedEngine.save` with any number of ranks, read from its files without starting DeepSpeed.
+
+    Every rank's optimizer file holds one contiguous slice of each flat parameter group (master weights, exp_avg,
+    exp_avg_sq) and a map of which parameter occupies which part of it; a parameter's full tensor is its pieces
+    in rank order. -> (weights, {name: {"exp_avg", "exp_avg_sq"}}, step)."""
+    state_dir = directory / DS_DIR / DS_TAG
+    shards = sorted(state_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                    key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))  # fmt: skip
+    if not shards:
+        raise CheckpointError(f"{state_dir}: no ZeRO-1/2 optimizer shards (ZeRO-3 checkpoints are not supported)")
+    try:
+        with torch.serialization.safe_globals(_checkpoint_types()):
+            shapes = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                                weights_only=True)["param_shapes"]  # fmt: skip
+            pieces: dict[str, dict[str, list[Tensor]]] = {}
+            step = 0.0
+            for shard in shards:
+                opt = torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+                base = opt["base_optimizer_state"]
+                states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+                for g, mapping in enumerate(opt["param_slice_mappings"]):
+                    flat = {"fp32": opt["single_partition_of_fp32_groups"][g], **states[g]}
+                    step = max(step, float(flat.get("step", 0)))
+                    for name, where in mapping.items():
+                        parts = pieces.setdefault(name, {"fp32": [], "exp_avg": [], "exp_avg_sq": []})
+                        for key, bucket in parts.items():
+                            bucket.append(flat[key].narrow(0, where.start, where.numel))
+    except (OSError, RuntimeError, KeyError, IndexError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}: unreadable ZeRO checkpoint ({str(e).splitlines()[0][:160]})") from None
+    weights, moments = {}, {}
+    for group_shapes in shapes:
+        for name, shape in group_shapes.items():
+            if name not in pieces:
+                raise CheckpointError(f"{state_dir}: parameter {name!r} is in no optimizer shard")
+            full = {key: torch.cat(bucket).view(shape) for key, bucket in pieces[name].items()}  # pieces -> shape
+            weights[name] = full.pop("fp32").clone()
+            moments[name] = {key: value.clone() for key, value in full.items()}
+    return weights, moments, step
 
 
 def _free_port() -> int:
@@ -170,6 +222,9 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        if not (directory / DS_DIR / DS_TAG).is_dir() and (directory / STATE_FILE).is_file():
+            self._load_portable(directory / STATE_FILE)
+            return
         if not (directory / DS_DIR / DS_TAG).is_dir():
             hint = " (it was written by the single strategy; resume without --strategy deepspeed)" if (
                 directory / "engine_state.pt").is_file() else ""
@@ -178,6 +233,52 @@ class DeepSpeedEngine(Engine):
                                           load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
+
+    def _load_portable(self, path: Path) -> None:
+        """Start from a per-parameter state (the single strategy's file, e.g. written by `add-gate` for a ZeRO run):
+        module weights, fp32 master weights and AdamW moments are set parameter by parameter, so the ZeRO layout
+        (rank count, flat groups) of whoever wrote it does not matter. Parameters without saved moments (new ones)
+        start at zero; ZeRO keeps one step count per flat group, so they share the run's."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.zero_stage == 3:
+            raise CheckpointError(f"{path}: a ZeRO-3 run cannot start from a per-parameter state yet; use stage 1/2")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            weights, saved = state["model"], state["optimizer"]
+            groups = param_groups(self.model, self.cfg.optim)
+            names = [n for g in groups for n in g["names"]]
+            ids = [i for g in saved["param_groups"] for i in g["params"]]
+            if len(ids) != len(names):
+                raise ValueError(f"{len(ids)} saved parameters for a model with {len(names)}")
+            moments = {name: saved["state"].get(i) for name, i in zip(names, ids, strict=True)}
+            step = max((float(st["step"]) for st in moments.values() if st), default=0.0)
+            self._materialize_optimizer_state(step)
+            for name, p in self.model.named_parameters():
+                w = weights[name].to(self.device, torch.float32)
+                with torch.no_grad():
+                    p.data.copy_(w.to(p.dtype))  # the (bf16) module weights the next forward uses
+                safe_set_full_fp32_param(p, w)
+                st = moments.get(name)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = st[key].to(self.device, torch.float32) if st else torch.zeros_like(w)
+                    safe_set_full_optimizer_state(p, value, key)
+        except (KeyError, ValueError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot restore the training state ({str(e).splitlines()[0]})") from None
+
+    def _materialize_optimizer_state(self, step: float) -> None:
+        """AdamW creates its state at the first step, and ZeRO links each parameter to its slice of that state
+        only then; a state restored before any step needs both now. One entry per flat fp32 partition, at the
+        run's step count (ZeRO cannot keep per-parameter counts)."""
+        base = self.optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {
+                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+        self.optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's own hook for exactly this linking
 
     def export_state_dict(self) -> dict[str, Tensor]:
         if self.zero_stage == 3:
