@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from rwkvctl.errors import ConfigError
-from rwkvctl.io.quantized import dequantize, pack_codes
+from rwkvctl.io.quantized import PackedWeight, dequantize, pack_codes
 
 BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(att|ffn)\.(receptance|key|value|gate|output)\.weight$")
 EMBEDDINGS = ("emb.weight", "head.weight")
@@ -153,3 +154,55 @@ def quantize_state_dict(
         if on_tensor is not None:
             on_tensor(name, len(state_dict))
     return tensors, entries, reports
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear layer whose weight stays packed in memory (4 or 8 bits plus two fp16 numbers per group)
+    and is expanded, a block of rows at a time, for each call: memory of the packed form, compute of an ordinary
+    matmul plus the expansion. Only the block being multiplied exists in float at any moment."""
+
+    ROWS_PER_BLOCK_BYTES = 64 << 20  # fp32 bytes of expanded weight alive at once
+
+    def __init__(self, weight: PackedWeight) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group = weight.bits, weight.group
+        self.register_buffer("packed", weight.packed)
+        # fp16 scales stored as int16 bits: `model.to(dtype)` casts floating buffers and must leave these alone
+        self.register_buffer("scale_bits", weight.scale.view(torch.int16))
+        self.register_buffer("minimum_bits", weight.minimum.view(torch.int16))
+        self.rows_per_block = max(1, self.ROWS_PER_BLOCK_BYTES // (4 * self.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.out_features <= self.rows_per_block:
+            return F.linear(x, self._expand(slice(None), x.dtype))
+        parts = [
+            F.linear(x, self._expand(slice(a, a + self.rows_per_block), x.dtype))
+            for a in range(0, self.out_features, self.rows_per_block)
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _expand(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        scale, minimum = self.scale_bits[rows].view(torch.float16), self.minimum_bits[rows].view(torch.float16)
+        return dequantize(self.packed[rows], scale, minimum, self.bits, self.group).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
+
+
+def use_packed_weights(model: nn.Module, packed: dict[str, PackedWeight]) -> list[str]:
+    """Swap the Linear layers whose weights are in `packed` (by state-dict name, `x.y.weight`) for QuantLinear
+    layers (on the packed tensors' device; move the model afterwards). Returns the names swapped; other packed
+    weights (the embedding) are left to the caller."""
+    swapped = []
+    modules = dict(model.named_modules())
+    for name, weight in packed.items():
+        owner = name.removesuffix(".weight")
+        module = modules.get(owner)
+        if not isinstance(module, nn.Linear) or module.bias is not None:
+            continue
+        parent_name, _, child = owner.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, QuantLinear(weight))
+        swapped.append(name)
+    return swapped

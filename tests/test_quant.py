@@ -150,3 +150,35 @@ def test_cli_quantize_summary_and_errors(random_model, tmp_path: Path) -> None:
 def test_eval_tokens_outside_the_vocabulary_are_refused(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="512 vocabulary rows"):
         quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec(), eval_tokens=[1, 2, 600])
+
+
+def test_packed_weights_at_run_time_give_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
+    from rwkvctl.lifecycle.models import load_model
+    from rwkvctl.quant import QuantLinear
+
+    path = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec()).path
+    expanded, _ = load_model(path)
+    packed, meta = load_model(path, keep_quantized=True)
+    assert isinstance(packed.blocks[1].ffn.value, QuantLinear) and isinstance(packed.head, QuantLinear)
+    assert meta.extra["quantization"]["quantized_tensors"] == 2 * 8 + 2  # 5 att + 3 ffn matrices per layer, emb, head
+    idx = torch.randint(0, CFG.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, sa = expanded(idx)
+        b, sb = packed(idx)
+        step_a, _ = expanded.step(idx[:, 0], sa)
+        step_b, _ = packed.step(idx[:, 0], sb)
+    assert torch.equal(a, b) and torch.equal(step_a, step_b)
+
+    def nbytes(m: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    assert nbytes(packed) < 0.6 * nbytes(expanded)
+    half, _ = load_model(path, keep_quantized=True, dtype=torch.bfloat16)
+    assert half.head.scale_bits.dtype == torch.int16 and half.emb.weight.dtype == torch.bfloat16  # scales intact
+    QuantLinear.ROWS_PER_BLOCK_BYTES, saved = 64 * 4 * 4, QuantLinear.ROWS_PER_BLOCK_BYTES  # force row blocks
+    try:
+        blocked, _ = load_model(path, keep_quantized=True)
+        with torch.no_grad():
+            assert torch.allclose(blocked(idx)[0], a, atol=1e-5)
+    finally:
+        QuantLinear.ROWS_PER_BLOCK_BYTES = saved

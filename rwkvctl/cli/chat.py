@@ -45,6 +45,13 @@ def chat_command(
     save: Annotated[Path | None, typer.Option("--save-state", help="Save the state here when the chat ends.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
+    keep_quantized: Annotated[
+        bool,
+        typer.Option(
+            "--keep-quantized",
+            help="A quantized model's weights stay packed (~4.5 bits each in memory; several times slower on CPU).",
+        ),
+    ] = False,
 ) -> None:
     """Chat with a model in RNN mode: constant memory however long the conversation, state save/load."""
     finite = all(math.isfinite(v) for v in (temperature, top_p, presence, frequency, decay))
@@ -87,7 +94,8 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
     from rwkvctl.lifecycle.models import load_model, parse_dtype
 
     with console.status(f"loading {escape(str(model_path))}..."):
-        model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device)
+        keep = opts["keep_quantized"]
+        model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep)
         tok = load_tokenizer(tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
         raise fail(

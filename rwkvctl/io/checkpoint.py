@@ -25,7 +25,7 @@ from rwkvctl.config import ModelConfig, infer_config, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.atomic import atomic_path, atomic_write_text
 from rwkvctl.io.quantized import META_KEY as QUANT_META_KEY
-from rwkvctl.io.quantized import dequantize_state_dict
+from rwkvctl.io.quantized import PackedWeight, quant_summary, split_quantized
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 SIDECAR_FORMAT = "rwkvctl-checkpoint"
@@ -243,27 +243,39 @@ def _describes_other_model(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
-    """Read and validate a checkpoint. Returns (state dict with bare RWKV-LM names, meta)."""
+    """Read and validate a checkpoint. Returns (state dict with bare RWKV-LM names, meta). A quantized file's
+    weights come back expanded to their original dtype."""
+    state_dict, packed, meta = load_checkpoint_packed(path)
+    for name, weight in packed.items():
+        state_dict[name] = weight.expand().to(weight.dtype)
+    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta
+
+
+def load_checkpoint_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, PackedWeight], CheckpointMeta]:
+    """Like `load_checkpoint`, but a quantized file's weights stay packed: (the other tensors, the packed weights
+    by name, meta). For a plain checkpoint the packed dict is empty."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; pass the .pth or .safetensors file inside it")
-    quantization = None
+    packed: dict[str, PackedWeight] = {}
     if path.suffix == ".safetensors":
         state_dict, metadata = _read_safetensors(path)
         embedded = metadata.get("rwkvctl")
-        if QUANT_META_KEY in metadata:  # a `rwkvctl quantize` file: weights come back dequantized
-            state_dict, quantization = dequantize_state_dict(state_dict, metadata[QUANT_META_KEY], source=str(path))
+        if QUANT_META_KEY in metadata:  # a `rwkvctl quantize` file
+            state_dict, packed = split_quantized(state_dict, metadata[QUANT_META_KEY], source=str(path))
     else:
         state_dict, embedded = _read_pth(path), None
     state_dict = normalize_keys(state_dict)
-    shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
+    # shapes (and placeholders) of the packed weights stand in for them in the checks below
+    stand_ins = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in normalize_keys(packed).items()}
+    shapes = {k: tuple(t.shape) for k, t in {**state_dict, **stand_ins}.items()}
     meta = _read_meta(path, embedded, shapes)
-    if quantization is not None:
-        meta.extra["quantization"] = {**meta.extra.get("quantization", {}), **quantization}
+    if packed:
+        meta.extra["quantization"] = {**meta.extra.get("quantization", {}), **quant_summary(packed)}
     try:
-        validate_state_dict(state_dict, meta.model, source=str(path))
+        validate_state_dict({**state_dict, **stand_ins}, meta.model, source=str(path))
     except CheckpointError as e:
         side = sidecar_path(path)
         if side.exists() and _describes_other_model(shapes, meta.model):
@@ -273,5 +285,4 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
                 "delete the sidecar to infer the config from the tensors"
             ) from None
         raise e from None
-    # canonical RWKV-LM registration order (safetensors stores keys sorted)
-    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta
+    return state_dict, normalize_keys(packed), meta

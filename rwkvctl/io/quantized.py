@@ -10,6 +10,7 @@ group size, shape and original dtype. Choosing the codes (rwkvctl.quant) is sepa
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,11 +55,31 @@ def quant_metadata(entries: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"format": FORMAT_VERSION, "tensors": entries})
 
 
-def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: str) -> tuple[dict[str, Tensor], dict]:
-    """Turn a quantized file's tensors back into a plain state dict (original names and dtypes).
+@dataclass(frozen=True)
+class PackedWeight:
+    """One quantized weight as stored: codes, per-group scale and minimum, and what it expands to."""
 
-    Returns (state dict, summary for the checkpoint's metadata). Damaged or inconsistent entries are one-line
-    `CheckpointError`s naming the tensor."""
+    packed: Tensor  # uint8 (out, in / 2) at 4 bits, (out, in) at 8
+    scale: Tensor  # fp16 (out, in / group)
+    minimum: Tensor  # fp16 (out, in / group)
+    bits: int
+    group: int
+    dtype: torch.dtype  # of the original weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], self.scale.shape[1] * self.group)
+
+    def expand(self, rows: slice = slice(None)) -> Tensor:
+        """The weight (or some of its rows) in fp32."""
+        return dequantize(self.packed[rows], self.scale[rows], self.minimum[rows], self.bits, self.group)
+
+
+def split_quantized(
+    tensors: dict[str, Tensor], raw_meta: str, *, source: str
+) -> tuple[dict[str, Tensor], dict[str, PackedWeight]]:
+    """A quantized file's tensors -> (the tensors stored as they are, the quantized weights by original name).
+    Damaged or inconsistent entries are one-line `CheckpointError`s naming the tensor."""
     try:
         meta = json.loads(raw_meta)
         entries = meta["tensors"]
@@ -66,12 +87,12 @@ def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: 
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{source}: damaged quantization metadata ({META_KEY!r})") from None
-    out = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
-    bits_seen: dict[int, int] = {}
+    plain = {k: v for k, v in tensors.items() if not k.endswith(SUFFIXES)}
+    packed: dict[str, PackedWeight] = {}
     for name, e in entries.items():
         try:
             bits, group, shape, dtype = int(e["bits"]), int(e["group"]), tuple(e["shape"]), DTYPES[e["dtype"]]
-            packed, scale, minimum = (tensors[name + s] for s in SUFFIXES)
+            codes, scale, minimum = (tensors[name + s] for s in SUFFIXES)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: quantized tensor {name!r} is incomplete ({err})") from None
         rows, cols = shape if len(shape) == 2 else (0, 0)
@@ -80,13 +101,28 @@ def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: 
             bits in (4, 8)
             and group > 0
             and cols % group == 0
-            and packed.dtype == torch.uint8
-            and tuple(packed.shape) == (rows, cols // per_byte)
+            and codes.dtype == torch.uint8
+            and tuple(codes.shape) == (rows, cols // per_byte)
             and tuple(scale.shape) == tuple(minimum.shape) == (rows, cols // group)
         )
         if not ok:
             raise CheckpointError(f"{source}: quantized tensor {name!r} has inconsistent shapes or settings")
-        out[name] = dequantize(packed, scale, minimum, bits, group).to(dtype)
-        bits_seen[bits] = bits_seen.get(bits, 0) + rows * cols
-    summary = {"quantized_tensors": len(entries), "params_by_bits": {str(b): n for b, n in sorted(bits_seen.items())}}
-    return out, summary
+        packed[name] = PackedWeight(codes, scale, minimum, bits, group, dtype)
+    return plain, packed
+
+
+def quant_summary(packed: dict[str, PackedWeight]) -> dict:
+    by_bits: dict[int, int] = {}
+    for w in packed.values():
+        by_bits[w.bits] = by_bits.get(w.bits, 0) + w.shape[0] * w.shape[1]
+    return {"quantized_tensors": len(packed), "params_by_bits": {str(b): n for b, n in sorted(by_bits.items())}}
+
+
+def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: str) -> tuple[dict[str, Tensor], dict]:
+    """Turn a quantized file's tensors back into a plain state dict (original names and dtypes).
+    Returns (state dict, summary for the checkpoint's metadata)."""
+    plain, packed = split_quantized(tensors, raw_meta, source=source)
+    out = dict(plain)
+    for name, w in packed.items():
+        out[name] = w.expand().to(w.dtype)
+    return out, quant_summary(packed)

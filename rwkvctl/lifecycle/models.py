@@ -15,6 +15,7 @@ from rwkvctl.io.checkpoint import (
     CheckpointMeta,
     detect_version,
     load_checkpoint,
+    load_checkpoint_packed,
     save_checkpoint,
     sidecar_path,
 )
@@ -81,11 +82,30 @@ def _available_memory() -> int | None:
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    keep_quantized: bool = False,
 ) -> tuple[RWKV5, CheckpointMeta]:
-    """Build an RWKV5 from a checkpoint (rwkvctl's own or a bare RWKV-LM file)."""
-    state_dict, meta = load_checkpoint(path)
-    return model_from_state_dict(state_dict, meta.model, dtype=dtype, device=device), meta
+    """Build an RWKV5 from a checkpoint (rwkvctl's own or a bare RWKV-LM file). `keep_quantized`: a quantized
+    file's Linear weights stay packed (QuantLinear, ~4.5 bits per weight in memory instead of 16 or 32); the
+    embedding, a lookup table, is expanded either way."""
+    if not keep_quantized:
+        state_dict, meta = load_checkpoint(path)
+        return model_from_state_dict(state_dict, meta.model, dtype=dtype, device=device), meta
+    state_dict, packed, meta = load_checkpoint_packed(path)
+    from rwkvctl.quant import use_packed_weights
+
+    linear = {k: w for k, w in packed.items() if k != "emb.weight"}
+    placeholders = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in linear.items()}
+    if "emb.weight" in packed:
+        state_dict["emb.weight"] = packed["emb.weight"].expand().to(packed["emb.weight"].dtype)
+    with torch.device("meta"):
+        model = RWKV5(meta.model)
+    model.load_state_dict({**state_dict, **placeholders}, assign=True)
+    use_packed_weights(model, linear)  # replaces every placeholder before anything touches it
+    return model.to(device=device, dtype=dtype).eval(), meta
 
 
 def model_from_state_dict(
