@@ -37,7 +37,8 @@ def demo_command(
     steps: Annotated[int, typer.Option(help="Training steps (about 0.5-1 s each on a 2-core CPU).")] = 100,
     tokens: Annotated[int, typer.Option(help="Tokens to generate at the end.")] = 48,
 ) -> None:
-    """Run the lifecycle on the bundled sample: corpus -> prepare -> train -> plot -> inspect -> generate."""
+    """Run the lifecycle on the bundled sample: corpus -> prepare -> train -> plot -> inspect -> generate ->
+    quantize -> chat."""
     corpus, data, run = workdir / "corpus", workdir / "data", workdir / "run"
     _run("1. a small real-text corpus in SlimPajama's layout", ["sample-corpus", str(corpus)])
     _run(
@@ -69,6 +70,28 @@ def demo_command(
     _run("5. inspect the exported RWKV-LM checkpoint", ["inspect", str(exported[-1]), "--no-tensors"])
     console.print(Rule("[bold cyan]6. generate in RNN mode from the trained model"))
     _generate(exported[-1], tokens)
+    quantized = workdir / "model-q4.safetensors"
+    eval_text = workdir / "eval.txt"
+    eval_text.write_text(_validation_text(corpus), encoding="utf-8")
+    _run(
+        "7. quantize to 4 bits and compare with the original on validation text",
+        ["quantize", str(exported[-1]), str(quantized), "--eval", str(eval_text), "--eval-tokens", "512", "--force"],
+    )
+    _run(
+        "8. chat with the 4-bit model (RNN mode, one scripted turn)",
+        ["chat", str(quantized), "-m", "def main():", "--max-tokens", str(tokens), "--seed", "0"],
+    )
+
+
+def _validation_text(corpus: Path) -> str:
+    from rwkvctl.data.corpus import Doc, DocumentStream
+
+    texts: list[str] = []
+    for path in sorted((corpus / "validation").rglob("*.jsonl*")):
+        texts += [d.data.decode() for d in DocumentStream(str(path)) if isinstance(d, Doc)]
+        if sum(map(len, texts)) > 20_000:
+            break
+    return "\n\n".join(texts)[:20_000]
 
 
 def _generate(checkpoint: Path, n_tokens: int) -> None:
