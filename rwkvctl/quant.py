@@ -75,6 +75,8 @@ def group_size_for(cols: int, group: int) -> int:
 def quantize_weight(w: Tensor, bits: int, group: int, search: bool = True) -> QuantizedWeight:
     """Quantize a 2-D weight (out, in); `group` must divide `in`."""
     w32 = w.detach().float()
+    if not torch.isfinite(w32).all():
+        raise ConfigError("holds NaN or infinite values; quantize a healthy checkpoint")
     rows, cols = w32.shape
     levels = 2**bits - 1
     codes = torch.empty(rows, cols, dtype=torch.uint8)
@@ -98,6 +100,8 @@ def quantize_weight(w: Tensor, bits: int, group: int, search: bool = True) -> Qu
         assert best_s is not None and best_m is not None
         codes[a : a + ROWS_PER_CHUNK] = _codes(x, best_s, best_m, levels).reshape(-1, cols).to(torch.uint8)
         scale[a : a + ROWS_PER_CHUNK], minimum[a : a + ROWS_PER_CHUNK] = best_s.half(), best_m.half()
+    if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
+        raise ConfigError("has values beyond the fp16 range of the scales (|w| > 65504); keep it unquantized")
     packed = pack_codes(codes, bits)
     restored = dequantize(packed, scale, minimum, bits, group)
     norm = float(w32.norm())
@@ -142,7 +146,10 @@ def quantize_state_dict(
             reports.append(TensorReport(name, tuple(w.shape), None, 0, 0.0, w.numel() * w.element_size()))
         else:
             group = group_size_for(w.shape[1], spec.group)
-            qw = quantize_weight(w, bits, group, spec.search)
+            try:
+                qw = quantize_weight(w, bits, group, spec.search)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}") from None
             tensors[name + ".qweight"], tensors[name + ".scale"], tensors[name + ".min"] = (
                 qw.packed,
                 qw.scale,

@@ -88,6 +88,7 @@ def test_quantized_file_loads_as_a_checkpoint_and_keeps_quality(checkpoint: Path
     a, _ = load_model(checkpoint)
     b, _ = load_model(res.path)
     assert compare_models(a, a, tokens).mean_kl == pytest.approx(0, abs=1e-6)
+    assert compare_models(a, b, tokens).mean_kl == pytest.approx(q.mean_kl, rel=1e-4)  # the file is what was judged
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(res.path, tmp_path / "qq.safetensors", QuantSpec())
     with pytest.raises(CheckpointError, match="safetensors"):
@@ -182,3 +183,15 @@ def test_packed_weights_at_run_time_give_the_same_logits(checkpoint: Path, tmp_p
             assert torch.allclose(blocked(idx)[0], a, atol=1e-5)
     finally:
         QuantLinear.ROWS_PER_BLOCK_BYTES = saved
+
+
+def test_unquantizable_weights_are_refused_by_name(random_model, tmp_path: Path) -> None:
+    sd = random_model(CFG).state_dict()
+    for bad, message in ((float("nan"), "NaN or infinite"), (1e6, "fp16 range")):
+        broken = dict(sd)
+        broken["blocks.1.ffn.key.weight"] = sd["blocks.1.ffn.key.weight"].clone()
+        broken["blocks.1.ffn.key.weight"][3, 5] = bad
+        path = save_checkpoint(tmp_path / "bad.pth", broken, CheckpointMeta(model=CFG))
+        with pytest.raises(ConfigError, match=f"blocks.1.ffn.key.weight: .*{message}"):
+            quantize_checkpoint(path, tmp_path / "q.safetensors", QuantSpec())
+        assert not (tmp_path / "q.safetensors").exists()

@@ -35,6 +35,11 @@ def add_gate_command(
     position, RNG and schedule. The original run is left untouched; the new one continues from the same step."""
     from rwkvctl.lifecycle.surgery import add_gate_to_checkpoint, add_gate_to_run
 
+    source = source.resolve() if source.exists() else source
+    if not source.exists():
+        raise fail(f"{source}: no such run dir or checkpoint file")
+    if not resume and (max_steps is not None or stop_after_steps is not None):
+        raise fail("--max-steps and --stop-after-steps apply to the training that --resume starts; add --resume")
     if source.is_dir():
         out = out or source.with_name(source.name + "-gate")
         result = add_gate_to_run(source, out, step="latest" if step is None else step, init=init, seed=seed)

@@ -25,7 +25,7 @@ from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.atomic import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
 from rwkvctl.model.rwkv5 import RWKV5
-from rwkvctl.surgery import add_gate, added_gate_names
+from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.metrics import METRICS_FILE, truncate_after
 from rwkvctl.train.optim import param_groups, remap_adamw_state
@@ -48,7 +48,9 @@ def add_gate_to_checkpoint(src: str | Path, dst: str | Path, *, init: str = "rwk
         raise CheckpointError(f"{dst}: name the output .pth or .safetensors")
     state_dict, meta = load_checkpoint(src)
     new_sd, new_cfg = _gated(state_dict, meta.model, init, seed, source=src)
-    extra = {**meta.extra, "surgery": {"add_gate": init, "seed": seed, "source": src.name}}
+    # written in full precision: a quantized source's quantization record no longer applies
+    kept = {k: v for k, v in meta.extra.items() if k != "quantization"}
+    extra = {**kept, "surgery": {"add_gate": init, "seed": seed, "source": src.name}}
     save_checkpoint(dst, new_sd, replace(meta, model=new_cfg, extra=extra))
     return GateResult(dst, meta.step, _count(new_cfg), None)
 
@@ -56,6 +58,9 @@ def add_gate_to_checkpoint(src: str | Path, dst: str | Path, *, init: str = "rwk
 def add_gate_to_run(
     run_dir: str | Path, out_dir: str | Path, *, step: str | int = "latest", init: str = "rwkv-lm", seed: int = 0
 ) -> GateResult:
+    if init not in GATE_INITS:  # before reading a possibly large training state
+        raise CheckpointError(f"unknown gate init {init!r}; choose one of {', '.join(GATE_INITS)}")
+
     def gate(weights: dict[str, Tensor], cfg: ModelConfig, source: Path) -> tuple[dict[str, Tensor], ModelConfig]:
         return _gated(weights, cfg, init, seed, source=source)
 
@@ -103,7 +108,8 @@ def branch_run(
                               tokenizer=_exported_tokenizer(ckpt, saved.step),
                               extra={"run_dir": str(out_dir), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp / f"rwkv-{saved.step}.pth", new_sd, meta)
-        writer.commit(saved.step, replace(saved, config=new_cfg.to_dict()))
+        # The step is stored per parameter (the single strategy's file): any strategy and rank count may resume it.
+        writer.commit(saved.step, replace(saved, config=new_cfg.to_dict(), engine="single"))
     except BaseException:
         writer.abort(saved.step)
         raise
@@ -128,7 +134,7 @@ def training_state(ckpt: Path, engine: str, cfg: RunConfig) -> tuple[dict[str, T
         o = cfg.optim
         dummy = torch.nn.Parameter(torch.zeros(1))
         defaults = torch.optim.AdamW([dummy], lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
-                                     weight_decay=0.0, fused=True).state_dict()["param_groups"][0]  # fmt: skip
+                                     weight_decay=0.0).state_dict()["param_groups"][0]  # fmt: skip
         state, groups, index = {}, [], 0
         for group in _groups(cfg):
             ids = list(range(index, index + len(group["names"])))

@@ -58,14 +58,22 @@ def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, 
                     key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))  # fmt: skip
     if not shards:
         raise CheckpointError(f"{state_dir}: no ZeRO-1/2 optimizer shards (ZeRO-3 checkpoints are not supported)")
+    ranks = [int(f.name.split("zero_pp_rank_")[1].split("_")[0]) for f in shards]
+    if ranks != list(range(len(ranks))):
+        raise CheckpointError(f"{state_dir}: optimizer shards for ranks {ranks}; a complete checkpoint has one per "
+                              "rank from 0 (copy every node's shards into this directory)")  # fmt: skip
+    weights, moments = {}, {}
     try:
         with torch.serialization.safe_globals(_checkpoint_types()):
-            shapes = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                                weights_only=True)["param_shapes"]  # fmt: skip
+            # mmap: a 7B run's shards are ~90 GB; only the slices being gathered are read
+            shapes = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True,
+                                mmap=True)["param_shapes"]  # fmt: skip
             pieces: dict[str, dict[str, list[Tensor]]] = {}
             step = 0.0
             for shard in shards:
-                opt = torch.load(shard, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+                opt = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+                if opt.get("partition_count", [len(shards)])[0] != len(shards):
+                    raise ValueError(f"{shard.name} belongs to a run of {opt['partition_count'][0]} ranks")
                 base = opt["base_optimizer_state"]
                 states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
                 for g, mapping in enumerate(opt["param_slice_mappings"]):
@@ -74,17 +82,18 @@ def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, 
                     for name, where in mapping.items():
                         parts = pieces.setdefault(name, {"fp32": [], "exp_avg": [], "exp_avg_sq": []})
                         for key, bucket in parts.items():
-                            bucket.append(flat[key].narrow(0, where.start, where.numel))
+                            bucket.append(flat[key].detach().narrow(0, where.start, where.numel))
+            for group_shapes in shapes:
+                for name, shape in group_shapes.items():
+                    if name not in pieces:
+                        raise ValueError(f"parameter {name!r} is in no optimizer shard")
+                    if sum(t.numel() for t in pieces[name]["fp32"]) != math.prod(shape):
+                        raise ValueError(f"the shards hold part of {name!r} only")
+                    full = {key: torch.cat(b).view(shape) for key, b in pieces.pop(name).items()}  # pieces -> shape
+                    weights[name] = full.pop("fp32")
+                    moments[name] = full
     except (OSError, RuntimeError, KeyError, IndexError, EOFError, ValueError) as e:
         raise CheckpointError(f"{state_dir}: unreadable ZeRO checkpoint ({str(e).splitlines()[0][:160]})") from None
-    weights, moments = {}, {}
-    for group_shapes in shapes:
-        for name, shape in group_shapes.items():
-            if name not in pieces:
-                raise CheckpointError(f"{state_dir}: parameter {name!r} is in no optimizer shard")
-            full = {key: torch.cat(bucket).view(shape) for key, bucket in pieces[name].items()}  # pieces -> shape
-            weights[name] = full.pop("fp32").clone()
-            moments[name] = {key: value.clone() for key, value in full.items()}
     return weights, moments, step
 
 
@@ -244,13 +253,15 @@ class DeepSpeedEngine(Engine):
         if self.zero_stage == 3:
             raise CheckpointError(f"{path}: a ZeRO-3 run cannot start from a per-parameter state yet; use stage 1/2")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             weights, saved = state["model"], state["optimizer"]
             groups = param_groups(self.model, self.cfg.optim)
             names = [n for g in groups for n in g["names"]]
             ids = [i for g in saved["param_groups"] for i in g["params"]]
-            if len(ids) != len(names):
-                raise ValueError(f"{len(ids)} saved parameters for a model with {len(names)}")
+            sizes = [len(g["params"]) for g in saved["param_groups"]]
+            if sizes != [len(g["names"]) for g in groups]:
+                raise ValueError(f"saved parameter groups of {sizes} parameters do not match this model's "
+                                 "(optim.weight_decay or optim.layerwise_lr changed?)")  # fmt: skip
             moments = {name: saved["state"].get(i) for name, i in zip(names, ids, strict=True)}
             step = max((float(st["step"]) for st in moments.values() if st), default=0.0)
             self._materialize_optimizer_state(step)

@@ -92,7 +92,9 @@ def test_add_gate_refusals(gateless_run: Path, tmp_path: Path, make_config, patt
         add_gate_to_run(gateless_run, tmp_path / "g5", step=5)
     add_gate_to_run(gateless_run, tmp_path / "g1")
     with pytest.raises(CheckpointError, match="already has the output gate"):
-        add_gate_to_run(tmp_path / "g1", tmp_path / "g2")
+        add_gate_to_run(tmp_path / "g1", tmp_path / "g2")  # (a branch can itself be branched: it got this far)
+    with pytest.raises(CheckpointError, match="unknown gate init"):
+        add_gate_to_run(gateless_run, tmp_path / "g4", init="zeros")
     with pytest.raises(CheckpointError, match="no checkpoints"):
         add_gate_to_run(tmp_path / "busy", tmp_path / "g3")
 
@@ -145,3 +147,21 @@ def test_cli_add_gate_and_resume(gateless_run: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["add-gate", str(ckpt), "--resume"])
     assert res.exit_code == 2 and "run dir" in res.output
+    res = runner.invoke(app, ["add-gate", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "no such run dir" in res.output
+    res = runner.invoke(app, ["add-gate", str(gateless_run), "-o", str(tmp_path / "x"), "--max-steps", "20"])
+    assert res.exit_code == 2 and "--resume" in res.output and not (tmp_path / "x").exists()
+
+
+def test_a_quantized_checkpoint_becomes_a_plain_gated_one(tmp_path: Path, random_model) -> None:
+    from rwkvctl.io.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+    from rwkvctl.lifecycle.quantize import quantize_checkpoint
+    from rwkvctl.quant import QuantSpec
+
+    cfg = ModelConfig(n_layer=1, n_embd=64, vocab_size=128, head_size=32, gate=False)
+    src = save_checkpoint(tmp_path / "m.pth", random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
+    q = quantize_checkpoint(src, tmp_path / "q.safetensors", QuantSpec()).path
+    gated = add_gate_to_checkpoint(q, tmp_path / "g.safetensors").out
+    _, meta = load_checkpoint(gated)
+    assert meta.model.gate and "quantization" not in meta.extra  # full precision now, and says so
+    quantize_checkpoint(gated, tmp_path / "gq.safetensors", QuantSpec())  # so it can be quantized again

@@ -13,6 +13,7 @@ import torch
 
 from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.lifecycle.surgery import add_gate_to_run, branch_run
+from rwkvctl.lifecycle.train import train
 from rwkvctl.train.engine import read_zero_checkpoint
 from rwkvctl.train.run_state import list_checkpoints
 
@@ -72,6 +73,11 @@ def test_unsharded_state_resumes_the_zero_run_exactly(zero_run, tmp_path):
     a, _ = load_checkpoint(list_checkpoints(zero_run)[6] / "rwkv-6.pth")
     b, _ = load_checkpoint(list_checkpoints(branch.out)[6] / "rwkv-6.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the per-parameter step is no longer tied to the ZeRO layout: a single process can take it over too
+    single = branch_run(zero_run, tmp_path / "single", step=3)
+    cfg = single.config.with_overrides({"train.strategy": "single", "train.device": "cpu"})
+    result = train(cfg, resume="latest")
+    assert result.resumed_from == 3 and result.step == 6 and np.isfinite(result.final_loss)
 
 
 def test_add_gate_to_a_zero_run_resumes_under_deepspeed(zero_run, tmp_path):
