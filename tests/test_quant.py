@@ -168,7 +168,8 @@ def test_packed_weights_at_run_time_give_the_same_logits(checkpoint: Path, tmp_p
         b, sb = packed(idx)
         step_a, _ = expanded.step(idx[:, 0], sa)
         step_b, _ = packed.step(idx[:, 0], sb)
-    assert torch.equal(a, b) and torch.equal(step_a, step_b)
+    assert torch.equal(a, b)  # many rows: the expanded weight, the same matmul
+    torch.testing.assert_close(step_b, step_a, atol=1e-5, rtol=1e-5)  # one row: per-group dots, another sum order
 
     def nbytes(m: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])

@@ -49,7 +49,7 @@ def chat_command(
         bool,
         typer.Option(
             "--keep-quantized",
-            help="A quantized model's weights stay packed (~4.5 bits each in memory; several times slower on CPU).",
+            help="A quantized model's weights stay packed (~4.5 bits each in memory; ~3x slower per token on CPU).",
         ),
     ] = False,
 ) -> None:
