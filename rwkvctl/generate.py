@@ -26,21 +26,25 @@ class SamplingConfig:
 
 
 def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
-    """Draw one token id from 1-D logits."""
+    """Draw one token id from 1-D logits, in ChatRWKV's order (so its settings carry over): top-p and top-k cut
+    the model's own distribution, then the temperature reshapes what is left (it never changes which tokens
+    pass the cut)."""
     logits = logits.float()
     if cfg.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if cfg.top_k > 0:
-        kth = torch.topk(probs, min(cfg.top_k, probs.numel())).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    probs = torch.softmax(logits, dim=-1)
     if 0 < cfg.top_p < 1:
         sorted_probs, _ = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # the cutoff is the probability of the token at which the mass first reaches top_p
+        # the cutoff is the probability of the token at which the mass first reaches top_p (ties survive)
         position = int(torch.searchsorted(cumulative, (cumulative[-1] * cfg.top_p).reshape(1))[0])
         cutoff = sorted_probs[min(position, sorted_probs.numel() - 1)]
         probs = torch.where(probs >= cutoff, probs, torch.zeros_like(probs))
+    if cfg.top_k > 0:
+        kth = torch.topk(probs, min(cfg.top_k, probs.numel())).values[-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if cfg.temperature != 1:
+        probs = probs ** (1 / cfg.temperature)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 

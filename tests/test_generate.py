@@ -50,3 +50,14 @@ def test_text_stream_without_byte_decoding_waits_for_whole_characters():
     byte_stream = TextStream(lambda ids: bytes(ids), lambda ids: "")
     assert [byte_stream.push(0xC3), byte_stream.push(0xA9), byte_stream.push(0xE2)] == ["", "é", ""]
     assert byte_stream.flush() == "\ufffd"
+
+
+def test_temperature_reshapes_only_what_top_p_kept():
+    """ChatRWKV's order: a high temperature must not let tokens outside the nucleus in."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    hot = SamplingConfig(temperature=5.0, top_p=0.7)
+    draws = [sample(logits, hot, g) for _ in range(400)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 reach 0.7: token 2 and 3 never, however hot
+    share = draws.count(1) / len(draws)  # flattened within the nucleus: (0.3/0.5)^(1/5) -> ~0.475 of the mass
+    assert 0.4 < share < 0.55
