@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,11 @@ def inspect_command(
         from rwkvctl.data.inspect import describe_dataset
 
         render_dataset(console, describe_dataset(path))
+        return
+    from rwkvctl.io.state_file import is_state_file
+
+    if is_state_file(path):
+        _render_state_file(path)
         return
     from rwkvctl.lifecycle.models import describe_checkpoint
 
@@ -59,3 +65,27 @@ def inspect_command(
     if len(rows) < len(info.tensors):
         table.caption = f"{len(info.tensors) - len(rows)} more tensors (--limit 0 shows all)"
     console.print(table)
+
+
+def _render_state_file(path: Path) -> None:
+    """A `chat` conversation state: which model it belongs to and where the conversation stands."""
+    from rwkvctl.cli.chat import _printable
+    from rwkvctl.io.state_file import describe_state_file
+
+    d = describe_state_file(path)
+    model, info = d["model"], d["info"]
+    table = Table(title=escape(f"{path} (chat state)"), show_header=False, title_justify="left")
+    shape = ", ".join(f"{k} {v}" for k, v in model.items())
+    table.add_row("for a model with", escape(shape))
+    table.add_row("tokenizer / roles", escape(f"{info.get('tokenizer', '?')} / {info.get('user')}, {info.get('bot')}"))
+    table.add_row("tokens seen", f"{info.get('tokens_seen', '?')}")
+    state_bytes = sum(4 * math.prod(shape) for shape in d["shapes"].values())  # fp32 tensors
+    table.add_row(
+        "file size", f"{human(d['bytes'], 'B')}: state {human(state_bytes, 'B')} (never grows), the rest transcript"
+    )
+    console.print(table)
+    transcript = info.get("transcript") if isinstance(info.get("transcript"), list) else []
+    for entry in transcript[-6:]:
+        if isinstance(entry, list) and len(entry) == 2:
+            console.print(f"[bold]{escape(str(entry[0]))}:[/] ", end="")
+            console.print(_printable(str(entry[1])[:300]), markup=False, highlight=False, emoji=False)

@@ -109,3 +109,33 @@ def _check_shapes(path: Path, tensors: dict[str, Tensor], cfg: ModelConfig) -> N
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
         if not torch.isfinite(tensors[key]).all():
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+
+
+def is_state_file(path: str | Path) -> bool:
+    """A safetensors file carrying our state metadata (cheap: reads the header only)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return META_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def describe_state_file(path: str | Path) -> dict[str, Any]:
+    """What `rwkvctl inspect` shows about a state file: the model shape it belongs to and the recorded info."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable state file ({str(e)[:120]})") from None
+    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    return {"model": model, "info": info, "shapes": shapes, "bytes": path.stat().st_size}

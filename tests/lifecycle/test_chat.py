@@ -280,3 +280,12 @@ def test_cli_never_passes_control_characters_to_the_terminal(checkpoint: Path, t
     assert res.exit_code == 2 and "--system" in res.output
     res = _run(["chat", str(checkpoint), "-m", "x", "--temperature", "nan"])
     assert res.exit_code == 2 and "finite" in res.output
+
+
+def test_inspect_shows_a_state_file(checkpoint: Path, tmp_path: Path) -> None:
+    state = tmp_path / "conv.safetensors"
+    saved = _run(["chat", str(checkpoint), "-m", "Hi there", "--max-tokens", "3", "--save-state", str(state)])
+    assert saved.exit_code == 0, saved.output
+    res = _run(["inspect", str(state)])
+    assert res.exit_code == 0, res.output
+    assert "chat state" in res.output and "tokens seen" in res.output and "Hi there" in res.output
