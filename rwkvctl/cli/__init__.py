@@ -10,6 +10,7 @@ from rwkvctl.cli import (  # noqa: F401  (registration side effects)
     add_gate,
     chat,
     demo,
+    generate_cmd,
     inspect_cmd,
     kernels,
     model_cmds,
