@@ -159,6 +159,10 @@ def train_command(
     keep_last: Annotated[int | None, typer.Option(help="Keep the newest K checkpoints.")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validation loss every N steps (0: off).")] = None,
     grad_cp: Annotated[bool | None, typer.Option("--grad-cp/--no-grad-cp", help="Gradient checkpointing.")] = None,
+    segment_len: Annotated[
+        int | None,
+        typer.Option(help="Long windows: exact backprop through --ctx-len in segments of N tokens (memory of one)."),
+    ] = None,
     l2wrap: Annotated[bool | None, typer.Option("--l2wrap/--no-l2wrap", help="RWKV-LM's L2Wrap logit penalty.")] = None,
     compile_model: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
@@ -222,6 +226,7 @@ def train_command(
         "train.keep_last": keep_last,
         "data.val_every": val_every,
         "train.grad_checkpointing": grad_cp,
+        "train.segment_len": segment_len,
         "train.l2wrap": l2wrap,
         "train.compile": compile_model,
         "train.nan_policy": nan_policy,

@@ -99,6 +99,9 @@ class TrainConfig:
     """Start from these weights (.pth/.safetensors) instead of a fresh init (finetuning)."""
     grad_checkpointing: bool = False
     """Recompute each block in backward (less memory, ~30% more compute)."""
+    segment_len: int = 0
+    """Long windows: backpropagate through data.ctx_len in segments of this many tokens, exactly (full BPTT), with
+    the activation memory of one segment (0: the whole window at once). Single strategy."""
     l2wrap: bool = True
     """RWKV-LM's L2Wrap: a tiny penalty on the largest logit that keeps logits from drifting."""
     compile: bool = False
@@ -162,6 +165,11 @@ class RunConfig:
             raise ConfigError(f"run config: train.device={t.device!r}; use cpu, cuda, cuda:N or auto")
         if t.peak_tflops < 0:
             raise ConfigError(f"run config: train.peak_tflops must be >= 0, got {t.peak_tflops}")
+        if t.segment_len < 0:
+            raise ConfigError(f"run config: train.segment_len must be >= 0, got {t.segment_len}")
+        if t.segment_len and t.strategy != "single":
+            raise ConfigError("run config: train.segment_len (segmented long-window training) runs under the single "
+                              "strategy only so far; set train.strategy=single or train.segment_len=0")
         if t.zero_stage not in (1, 2, 3):
             raise ConfigError(f"run config: train.zero_stage must be 1, 2 or 3, got {t.zero_stage!r}")
         if o.lr_init <= 0 or o.lr_final < 0:

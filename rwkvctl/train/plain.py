@@ -8,6 +8,7 @@ same loop runs one plain process or many DeepSpeed ranks (rwkvctl/train/engine.p
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 from pathlib import Path
@@ -21,6 +22,7 @@ from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import build_adamw, set_lr
+from rwkvctl.train.segmented import segmented_backward, segmented_loss
 
 STATE_FILE = "engine_state.pt"
 
@@ -100,8 +102,12 @@ class Engine:
     def eval_loss(self, batch: Batch) -> float:
         was_training = self.model.training
         self.model.eval()
+        seg = getattr(getattr(self, "cfg", None), "train", None)
+        seg = seg.segment_len if seg is not None else 0
         try:
             with self._autocast():
+                if seg and batch.x.shape[1] > seg:  # a long window: one segment's activations at a time
+                    return segmented_loss(self.model, batch.x.to(self.device), batch.y.to(self.device), seg)
                 logits, _ = self.model(batch.x.to(self.device))
             return float(lm_loss(logits, batch.y.to(self.device), use_l2wrap=False))
         finally:
@@ -154,6 +160,14 @@ class PlainEngine(Engine):
         return contextlib.nullcontext()
 
     def micro_step(self, batch: Batch, accum: int) -> float:
+        seg = self.cfg.train.segment_len
+        if seg and batch.x.shape[1] > seg:
+            x, y = batch.x.to(self.device), batch.y.to(self.device)
+            value = segmented_backward(self.forward, x, y, seg, scale=1.0 / accum, l2wrap=self.cfg.train.l2wrap,
+                                       autocast=self._autocast)  # fmt: skip
+            if not math.isfinite(value):
+                self._bad_micro = True
+            return value
         with self._autocast():
             logits, _ = self.forward(batch.x.to(self.device))
             loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
