@@ -194,7 +194,7 @@ def train_command(
     or `torchrun --nproc_per_node N -m rwkvctl train ... --strategy deepspeed`.
     """
     from rwkvctl.errors import ConfigError
-    from rwkvctl.lifecycle.train import train
+    from rwkvctl.lifecycle.train import end_distributed, train
     from rwkvctl.train.config import RunConfig
 
     resuming = resume or resume_step is not None
@@ -244,6 +244,7 @@ def train_command(
     main = int(os.environ.get("RANK", "0")) == 0
     if not main:
         train(cfg, resume=resume_step if resume_step is not None else ("latest" if resuming else None))
+        end_distributed()
         return
     display = LiveDisplay()
     try:
@@ -254,6 +255,7 @@ def train_command(
         )
     finally:  # also before an error message, so it starts on a line of its own
         display.stop()
+    end_distributed()
     console.print(_summary(result))
     if result.interrupted:
         console.print(

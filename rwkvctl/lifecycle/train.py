@@ -40,7 +40,7 @@ from rwkvctl.train.run_state import (
 )
 from rwkvctl.train.schedule import planned_steps
 
-__all__ = ["TrainProgress", "TrainResult", "train"]
+__all__ = ["TrainProgress", "TrainResult", "end_distributed", "train"]
 
 
 @dataclass
@@ -175,6 +175,14 @@ def train(cfg: RunConfig, *, resume: str | int | None = None,
             engine.close()
     finally:  # a process-wide switch: give the caller back what it had
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+def end_distributed() -> None:
+    """For a process that owns its distributed run (the CLI): tear the process group down after a successful run.
+    Left to interpreter exit, gloo's worker threads can abort the process ("terminate called without an active
+    exception") after all the work is done. Not after a failure: other ranks may still be inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
