@@ -43,16 +43,10 @@ def _losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def zero_run(tmp_path_factory):
-    from rwkvctl.data.binidx import BinIdxWriter
-
-    root = tmp_path_factory.mktemp("zero")
-    rng = np.random.default_rng(0)
-    with BinIdxWriter(root / "d") as w:
-        for _ in range(100):
-            w.add_document(np.tile(rng.integers(1, 64, size=5), 16).astype(np.uint16))
-    _launch(root / "run", "--max-steps", "6", data=root / "d")
-    return root / "run"
+def zero_run(tmp_path_factory, motif_data):
+    run = tmp_path_factory.mktemp("zero") / "run"
+    _launch(run, "--max-steps", "6", data=motif_data)
+    return run
 
 
 def test_zero_shards_gather_to_the_exported_weights(zero_run):

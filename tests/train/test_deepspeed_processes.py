@@ -42,15 +42,8 @@ def _launch(run_dir, data, *extra, launcher="deepspeed"):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from rwkvctl.data.binidx import BinIdxWriter
-
-    root = tmp_path_factory.mktemp("dsdata")
-    rng = np.random.default_rng(0)
-    with BinIdxWriter(root / "d") as w:
-        for _ in range(100):
-            w.add_document(np.tile(rng.integers(1, 64, size=5), 16).astype(np.uint16))
-    return root / "d"
+def data(motif_data):
+    return motif_data
 
 
 def test_two_process_zero2_trains_and_resumes(tmp_path, data):
