@@ -63,12 +63,17 @@ class QuantizedWeight:
 
 
 def group_size_for(cols: int, group: int) -> int:
-    """The requested group, or the largest even divisor of the row length below it (tiny models)."""
-    g = min(group, cols)
+    """The requested group, or the largest even divisor of the row length below it (tiny models). A divisor under
+    half the request is refused: its scales would cost more bits than the codes save (2 weights: 20 bits each)."""
+    wanted = min(group, cols)
+    g = wanted
     while g > 2 and (cols % g or g % 2):
         g -= 1
-    if cols % g or g % 2:
-        raise ConfigError(f"cannot split rows of {cols} weights into even groups")
+    if cols % g or g % 2 or g < wanted / 2:
+        raise ConfigError(
+            f"rows of {cols} weights split into groups of {g} at best (asked for {group}); pass a --group that "
+            f"divides {cols}, or keep this tensor unquantized"
+        )
     return g
 
 
@@ -145,8 +150,8 @@ def quantize_state_dict(
             tensors[name] = w.contiguous()
             reports.append(TensorReport(name, tuple(w.shape), None, 0, 0.0, w.numel() * w.element_size()))
         else:
-            group = group_size_for(w.shape[1], spec.group)
             try:
+                group = group_size_for(w.shape[1], spec.group)
                 qw = quantize_weight(w, bits, group, spec.search)
             except ConfigError as e:
                 raise ConfigError(f"{name}: {e}") from None

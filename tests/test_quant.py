@@ -53,6 +53,8 @@ def test_range_search_beats_min_max_on_heavy_tails(group: int) -> None:
 def test_group_sizes_and_spec_validation() -> None:
     assert group_size_for(4096, 64) == 64 and group_size_for(32, 64) == 32 and group_size_for(48, 64) == 48
     assert group_size_for(100, 64) == 50
+    with pytest.raises(ConfigError, match="groups of 2 at best"):
+        group_size_for(2 * 53, 64)  # only 2 divides it evenly: scales would cost 16 bits per weight
     with pytest.raises(ConfigError):
         QuantSpec(bits=3)
     with pytest.raises(ConfigError):
