@@ -116,13 +116,3 @@ def quant_summary(packed: dict[str, PackedWeight]) -> dict:
     for w in packed.values():
         by_bits[w.bits] = by_bits.get(w.bits, 0) + w.shape[0] * w.shape[1]
     return {"quantized_tensors": len(packed), "params_by_bits": {str(b): n for b, n in sorted(by_bits.items())}}
-
-
-def dequantize_state_dict(tensors: dict[str, Tensor], raw_meta: str, *, source: str) -> tuple[dict[str, Tensor], dict]:
-    """Turn a quantized file's tensors back into a plain state dict (original names and dtypes).
-    Returns (state dict, summary for the checkpoint's metadata)."""
-    plain, packed = split_quantized(tensors, raw_meta, source=source)
-    out = dict(plain)
-    for name, w in packed.items():
-        out[name] = w.expand().to(w.dtype)
-    return out, quant_summary(packed)
