@@ -21,8 +21,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a message is one line, however narrow the terminal or log (Rich otherwise hard-wraps at 80 columns
+# when output is not a terminal, splitting paths and commands that people copy out of Slurm logs).
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,10 +12,13 @@ tested here with two processes (the first start JIT-builds a small comm op, cach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import pickle
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,49 @@ def _checkpoint_types() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _allowlisted_names() -> set[str]:
+    return {f"{t.__module__}.{t.__qualname__}" for t in _checkpoint_types()}
+
+
+def check_no_pickled_code(state_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint any of whose files would run code or build objects when unpickled.
+
+    Only the pickle stream of each file is read (not its tensors), so every rank can check every file before
+    DeepSpeed touches any of them: all ranks refuse together instead of one failing inside a collective."""
+    allowed = _allowlisted_names()
+    files = sorted(state_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{state_dir}: no DeepSpeed checkpoint files")
+    for f in files:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as e:  # not a zip-format torch file, a truncated archive, an unreadable pickle stream
+            raise CheckpointError(f"{f}: unreadable DeepSpeed checkpoint file ({str(e).splitlines()[0][:160]}); "
+                                  "resume from an earlier checkpoint") from None  # fmt: skip
+        unsafe = sorted(set(found) - allowed)
+        if unsafe:
+            raise CheckpointError(f"{f}: holds pickled objects other than tensors and DeepSpeed's own records "
+                                  f"({', '.join(unsafe[:3])}); it was not written by DeepSpeed for this run, so it "
+                                  "is not loaded: resume from an earlier checkpoint")  # fmt: skip
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Make every torch.load in this process weights-only, with DeepSpeed's record types allowed, even where
+    DeepSpeed asks for weights_only=False: the backstop behind `check_no_pickled_code` for any file DeepSpeed
+    reads while resuming."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load at every call
+    try:
+        with torch.serialization.safe_globals(_checkpoint_types()):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
@@ -238,8 +284,14 @@ class DeepSpeedEngine(Engine):
             hint = " (it was written by the single strategy; resume without --strategy deepspeed)" if (
                 directory / "engine_state.pt").is_file() else ""
             raise CheckpointError(f"{directory / DS_DIR}: no DeepSpeed state{hint}")
-        path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        check_no_pickled_code(directory / DS_DIR / DS_TAG)
+        try:
+            with weights_only_loads():
+                path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{directory / DS_DIR}: refused to unpickle a non-tensor object "
+                                  f"({str(e).splitlines()[0][:160]}); resume from an earlier checkpoint") from None
         if path is None:
             raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
 
