@@ -1,7 +1,7 @@
 """Build hook for rwkvctl: ship the C++/CUDA kernel sources inside the package.
 
 Project metadata lives in pyproject.toml. The WKV5 extension is compiled lazily on first use
-(rwkvctl/kernels/_build.py) or ahead of time with `rwkvctl kernels build`, never at install time, so
+(rwkvctl/kernels/build.py) or ahead of time with `rwkvctl kernels build`, never at install time, so
 installing stays fast and needs no compiler. For that, an installed rwkvctl must carry the sources:
 this copies the top-level csrc/ tree (every subdirectory, e.g. csrc/cuda/ and csrc/tokenizer/) into the
 wheel as rwkvctl/_csrc/. The sdist carries csrc/ itself (MANIFEST.in).

@@ -28,12 +28,12 @@ def main() -> None:
     ap.add_argument("--branch", type=int, default=160)
     args = ap.parse_args()
     from rwkvctl.data.sample_corpus import write_sample_corpus
+    from rwkvctl.lifecycle.add_gate import add_gate_to_run
     from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
-    from rwkvctl.lifecycle.surgery import add_gate_to_run
     from rwkvctl.lifecycle.train import train
     from rwkvctl.train.config import RunConfig
+    from rwkvctl.train.engine import STATE_FILE
     from rwkvctl.train.metrics import read_metrics
-    from rwkvctl.train.plain import STATE_FILE
     from rwkvctl.train.run_state import list_checkpoints
 
     work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-gate-"))

@@ -27,18 +27,18 @@ from rwkvctl.data.loader import TokenStream, TrainWindows
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.plain import PlainEngine
+from rwkvctl.train.single import SingleEngine
 
 BACKENDS = ("compiled", "reference")
 
 
-def build(backend: str, cfg: RunConfig) -> PlainEngine:
+def build(backend: str, cfg: RunConfig) -> SingleEngine:
     torch.manual_seed(0)
     model = init_weights(RWKV5(cfg.model), cfg.train.init, seed=0)
-    return PlainEngine(model, cfg)
+    return SingleEngine(model, cfg)
 
 
-def one_step(engine: PlainEngine, windows: TrainWindows, cfg: RunConfig, step: int) -> float:
+def one_step(engine: SingleEngine, windows: TrainWindows, cfg: RunConfig, step: int) -> float:
     t0 = time.perf_counter()
     for a in range(cfg.train.accum):
         engine.micro_step(windows.micro_batch(step * cfg.samples_per_step(), a, cfg.train.micro_bsz), cfg.train.accum)

@@ -17,7 +17,7 @@ import platform
 
 import torch
 
-from rwkvctl.kernels._build import load_extension
+from rwkvctl.kernels.build import load_extension
 from rwkvctl.kernels.check import fwd_bwd_seconds, random_inputs
 from rwkvctl.kernels.ops import wkv5_compiled
 from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from rwkvctl.kernels._build import load_extension
+from rwkvctl.kernels.build import load_extension
 from rwkvctl.kernels.check import errors_vs_reference, fwd_bwd_seconds, random_inputs
 from rwkvctl.kernels.ops import wkv5_compiled
 from rwkvctl.kernels.reference import wkv5_chunked

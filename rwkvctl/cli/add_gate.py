@@ -33,7 +33,7 @@ def add_gate_command(
 ) -> None:
     """Add the output gate (att.gate + time_mix_g) and keep everything else: weights, AdamW moments, data
     position, RNG and schedule. The original run is left untouched; the new one continues from the same step."""
-    from rwkvctl.lifecycle.surgery import add_gate_to_checkpoint, add_gate_to_run
+    from rwkvctl.lifecycle.add_gate import add_gate_to_checkpoint, add_gate_to_run
 
     source = source.resolve() if source.exists() else source
     if not source.exists():

@@ -28,16 +28,16 @@ def build_cmd(
     import shutil
     import time
 
-    from rwkvctl.kernels import _build
+    from rwkvctl.kernels import build
 
     if force:
-        build_dir = _build.build_dir()
+        build_dir = build.build_dir()
         if build_dir.exists():
             shutil.rmtree(build_dir)
     logging.getLogger("rwkvctl.kernels").setLevel(logging.ERROR)  # this command reports for itself
     with console.status("compiling the WKV5 extension (about a minute the first time)..."):
         start = time.perf_counter()
-        info = _build.load_extension(verbose=verbose)
+        info = build.load_extension(verbose=verbose)
         seconds = time.perf_counter() - start
     status = f"built in {seconds:.1f} s" if info.built_now else "already built (cached)"
     console.print(f"[bold]WKV5 extension[/]: {status}, CUDA {'yes' if info.with_cuda else 'no (CPU only)'}")
@@ -60,7 +60,7 @@ def check_cmd(
     import torch
 
     from rwkvctl.errors import KernelUnavailable
-    from rwkvctl.kernels import _build
+    from rwkvctl.kernels import build
     from rwkvctl.kernels.check import DEFAULT_SHAPES, check_shape
     from rwkvctl.kernels.ops import wkv5_compiled
 
@@ -74,7 +74,7 @@ def check_cmd(
     if threads:
         torch.set_num_threads(threads)
     with console.status("loading the WKV5 extension..."):
-        info = _build.load_extension()
+        info = build.load_extension()
     if device == "cuda" and not info.with_cuda:
         raise KernelUnavailable("the extension was built without CUDA (no nvcc/CUDA_HOME, or RWKVCTL_SKIP_CUDA_BUILD)")
     tol = 1e-4 if dtype == "float32" else 1e-2

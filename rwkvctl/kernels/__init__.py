@@ -44,7 +44,7 @@ def _fallback(reason: str, mode: str) -> bool:
 
 @torch.compiler.disable
 def _load_or_failure():
-    from rwkvctl.kernels._build import load_extension
+    from rwkvctl.kernels.build import load_extension
 
     try:
         return load_extension()
@@ -61,13 +61,13 @@ def uses_compiled(r: Tensor) -> bool:
         return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
     if r.device.type not in ("cpu", "cuda"):
         return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
-    from rwkvctl.kernels import _build
+    from rwkvctl.kernels import build
 
     # Plain reads of module state once loaded, so torch.compile traces straight through this function;
     # the first build/load happens in a function dynamo skips.
-    info = _build.loaded()
+    info = build.loaded()
     if info is None:
-        failed = _build.failure() or _load_or_failure()
+        failed = build.failure() or _load_or_failure()
         if isinstance(failed, KernelUnavailable):
             return _fallback(str(failed), mode)
         info = failed

@@ -26,9 +26,9 @@ from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.train.config import RunConfig
+from rwkvctl.train.engine import Engine, configure_determinism, resolve_device
 from rwkvctl.train.loop import LoopContext, TrainProgress, fit
 from rwkvctl.train.metrics import MetricsLog, WandbSink, mfu, peak_flops, truncate_after
-from rwkvctl.train.plain import Engine, PlainEngine, configure_determinism, resolve_device
 from rwkvctl.train.run_state import (
     CheckpointWriter,
     TrainerState,
@@ -39,6 +39,7 @@ from rwkvctl.train.run_state import (
     write_run_config,
 )
 from rwkvctl.train.schedule import planned_steps
+from rwkvctl.train.single import SingleEngine
 
 __all__ = ["TrainProgress", "TrainResult", "end_distributed", "train"]
 
@@ -98,10 +99,10 @@ def _graceful_signals(flag: _StopFlag) -> Iterator[None]:
 
 def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
     if cfg.train.strategy == "deepspeed":
-        from rwkvctl.train.engine import DeepSpeedEngine  # the only deepspeed importer, loaded on demand
+        from rwkvctl.train.deepspeed_engine import DeepSpeedEngine  # the only deepspeed importer, loaded on demand
 
         return DeepSpeedEngine(model, cfg)
-    return PlainEngine(model, cfg)
+    return SingleEngine(model, cfg)
 
 
 def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:

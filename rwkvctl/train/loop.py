@@ -16,8 +16,8 @@ from rwkvctl.data.loader import TrainWindows, ValWindows
 from rwkvctl.errors import TrainingError
 from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvctl.train.config import RunConfig
+from rwkvctl.train.engine import Engine
 from rwkvctl.train.metrics import MetricsLog, WandbSink
-from rwkvctl.train.plain import Engine
 from rwkvctl.train.run_state import CheckpointWriter, TrainerState, list_checkpoints
 from rwkvctl.train.schedule import lr_at
 

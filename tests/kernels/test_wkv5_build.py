@@ -15,7 +15,7 @@ import torch
 
 import rwkvctl.kernels as kernels
 from rwkvctl.errors import KernelUnavailable
-from rwkvctl.kernels import _build, reference
+from rwkvctl.kernels import build, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 has_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
@@ -30,8 +30,8 @@ def small_inputs(N: int = 64, T: int = 9):
 def test_import_compiles_nothing():
     code = (
         "import rwkvctl, rwkvctl.kernels, rwkvctl.kernels.ops, rwkvctl.model.rwkv5\n"
-        "from rwkvctl.kernels import _build\n"
-        "assert _build.loaded() is None\n"
+        "from rwkvctl.kernels import build\n"
+        "assert build.loaded() is None\n"
         "import torch\n"
         "try:\n    torch.ops.rwkvctl.wkv5_fwd\n"
         "except (AttributeError, RuntimeError):\n    pass\n"
@@ -41,23 +41,23 @@ def test_import_compiles_nothing():
 
 
 def test_sources_found_in_checkout():
-    src = _build.csrc_dir()
+    src = build.csrc_dir()
     assert src == ROOT / "csrc"
-    assert all((src / name).is_file() for name in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.HEADERS)
+    assert all((src / name).is_file() for name in build.CPU_SOURCES + build.CUDA_SOURCES + build.HEADERS)
 
 
 def test_extensions_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RWKVCTL_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    assert _build.extensions_dir() == tmp_path / "ext"
+    assert build.extensions_dir() == tmp_path / "ext"
     monkeypatch.delenv("RWKVCTL_EXTENSIONS_DIR")
-    assert _build.extensions_dir() == Path.home() / ".cache" / "rwkvctl" / "extensions"
+    assert build.extensions_dir() == Path.home() / ".cache" / "rwkvctl" / "extensions"
 
 
 @pytest.fixture
 def fresh_build_state(monkeypatch, tmp_path):
     """A process state where nothing was loaded yet, building into an empty cache."""
-    monkeypatch.setattr(_build, "_loaded", None)
-    monkeypatch.setattr(_build, "_failure", None)
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "_failure", None)
     monkeypatch.setattr(kernels, "_warned", set())
     monkeypatch.setenv("RWKVCTL_EXTENSIONS_DIR", str(tmp_path / "ext"))
 
@@ -65,9 +65,9 @@ def fresh_build_state(monkeypatch, tmp_path):
 def test_missing_compiler_is_a_clear_error(fresh_build_state, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-rwkvctl")
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler .*no-such-compiler-rwkvctl"):
-        _build.load_extension()
+        build.load_extension()
     with pytest.raises(KernelUnavailable):  # remembered: no second attempt
-        _build.load_extension()
+        build.load_extension()
 
 
 def test_auto_falls_back_to_reference_and_says_so_once(fresh_build_state, monkeypatch, caplog):
@@ -184,7 +184,7 @@ def test_wheel_and_sdist_carry_all_kernel_sources(tmp_path):
         assert {f"rwkvctl/_csrc/{p}" for p in expected} <= set(zf.namelist())
         zf.extractall(tmp_path / "site")
     found = subprocess.run(
-        [sys.executable, "-c", "from rwkvctl.kernels._build import csrc_dir; print(csrc_dir())"],
+        [sys.executable, "-c", "from rwkvctl.kernels.build import csrc_dir; print(csrc_dir())"],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
         check=True,

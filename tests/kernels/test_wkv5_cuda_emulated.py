@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkvctl.kernels import _build
+from rwkvctl.kernels import build as kernel_build
 from rwkvctl.kernels.check import NAMES, _error, forward_backward, random_inputs
 from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
 
@@ -22,12 +22,12 @@ def emulated():
     """The emulated op as an autograd-capable function with the reference's signature."""
     from torch.utils.cpp_extension import load
 
-    build = _build.extensions_dir() / "wkv5_cuda_emulation"
+    build = kernel_build.extensions_dir() / "wkv5_cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
     load(
         name="rwkvctl_wkv5_cuda_emulation",
         sources=[str(HERE / "wkv5_cuda_emulation.cpp")],
-        extra_include_paths=[str(_build.csrc_dir())],
+        extra_include_paths=[str(kernel_build.csrc_dir())],
         extra_cflags=["-O1"],
         build_directory=str(build),
         is_python_module=False,

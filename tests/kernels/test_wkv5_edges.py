@@ -54,7 +54,7 @@ def test_stale_build_lock_is_cleared_but_a_fresh_one_kept(tmp_path):
     import os
     import time
 
-    from rwkvctl.kernels._build import STALE_LOCK_S, _clear_stale_lock
+    from rwkvctl.kernels.build import STALE_LOCK_S, _clear_stale_lock
 
     lock = tmp_path / "lock"
     lock.touch()
@@ -67,11 +67,11 @@ def test_stale_build_lock_is_cleared_but_a_fresh_one_kept(tmp_path):
 
 
 def test_unsupported_head_size_falls_back_without_building(monkeypatch):
-    from rwkvctl.kernels import _build, uses_compiled
+    from rwkvctl.kernels import build, uses_compiled
 
-    monkeypatch.setattr(_build, "load_extension", lambda *a, **k: pytest.fail("must not build for N=8"))
-    monkeypatch.setattr(_build, "_loaded", None)
-    monkeypatch.setattr(_build, "_failure", None)
+    monkeypatch.setattr(build, "load_extension", lambda *a, **k: pytest.fail("must not build for N=8"))
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "_failure", None)
     assert uses_compiled(torch.zeros(1, 2, 1, 8)) is False
 
 

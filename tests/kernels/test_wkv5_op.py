@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 
 @pytest.fixture(scope="module", autouse=True)
 def ext():
-    from rwkvctl.kernels._build import load_extension
+    from rwkvctl.kernels.build import load_extension
 
     return load_extension()
 

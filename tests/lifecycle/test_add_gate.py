@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from rwkvctl.config import ModelConfig, param_shapes
 from rwkvctl.errors import CheckpointError
-from rwkvctl.lifecycle.surgery import add_gate_to_checkpoint, add_gate_to_run
+from rwkvctl.lifecycle.add_gate import add_gate_to_checkpoint, add_gate_to_run
 from rwkvctl.lifecycle.train import train
 from rwkvctl.surgery import add_gate
+from rwkvctl.train.engine import STATE_FILE
 from rwkvctl.train.metrics import read_metrics
 from rwkvctl.train.optim import param_groups
-from rwkvctl.train.plain import STATE_FILE
 from rwkvctl.train.run_state import list_checkpoints, read_state
 
 

@@ -9,14 +9,14 @@ import torch
 
 from rwkvctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from rwkvctl.lifecycle.train import train
-from rwkvctl.train import plain
+from rwkvctl.train import single
 from rwkvctl.train.metrics import read_metrics
 from rwkvctl.train.run_state import CheckpointWriter, list_checkpoints
 
 
 def _nan_on_calls(monkeypatch, calls):
     """Make the loss of the given micro-step calls (1-based) NaN, as a diverging model would."""
-    real = plain.lm_loss
+    real = single.lm_loss
     count = {"n": 0}
 
     def loss(logits, y, *, use_l2wrap):
@@ -24,7 +24,7 @@ def _nan_on_calls(monkeypatch, calls):
         out = real(logits, y, use_l2wrap=use_l2wrap)
         return out * float("nan") if count["n"] in calls else out
 
-    monkeypatch.setattr(plain, "lm_loss", loss)
+    monkeypatch.setattr(single, "lm_loss", loss)
 
 
 def test_nan_loss_skips_the_step_without_touching_weights(tmp_path, pattern_data, make_config, monkeypatch):

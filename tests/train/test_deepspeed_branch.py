@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from rwkvctl.io.checkpoint import load_checkpoint
-from rwkvctl.lifecycle.surgery import add_gate_to_run, branch_run
+from rwkvctl.lifecycle.add_gate import add_gate_to_run, branch_run
 from rwkvctl.lifecycle.train import train
-from rwkvctl.train.engine import read_zero_checkpoint
+from rwkvctl.train.deepspeed_engine import read_zero_checkpoint
 from rwkvctl.train.run_state import list_checkpoints
 
 pytestmark = pytest.mark.deepspeed

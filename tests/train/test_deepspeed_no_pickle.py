@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rwkvctl.errors import CheckpointError
-from rwkvctl.train.engine import check_no_pickled_code, weights_only_loads
+from rwkvctl.train.deepspeed_engine import check_no_pickled_code, weights_only_loads
 
 pytestmark = pytest.mark.deepspeed
 
@@ -95,7 +95,7 @@ def test_resume_refuses_a_payload_in_every_file(tmp_path: Path, motif_data: Path
     # forced to weights-only, so its weights_only=False cannot run the payload either.
     script = (
         "import sys; from pathlib import Path\n"
-        "import rwkvctl.train.engine as e\n"
+        "import rwkvctl.train.deepspeed_engine as e\n"
         "from rwkvctl.errors import CheckpointError\n"
         "from rwkvctl.model.rwkv5 import RWKV5\n"
         "from rwkvctl.train.config import RunConfig\n"

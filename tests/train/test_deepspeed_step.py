@@ -7,7 +7,7 @@ import pytest
 
 from rwkvctl.errors import TrainingError
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import DeepSpeedEngine, ds_config
+from rwkvctl.train.deepspeed_engine import DeepSpeedEngine, ds_config
 
 
 class _FakeDS:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rwkvctl.errors import ConfigError
-from rwkvctl.train.plain import clip_grads_to, resolve_device, total_grad_norm
+from rwkvctl.train.engine import clip_grads_to, resolve_device, total_grad_norm
 
 
 def test_cpu_and_auto_resolve():

@@ -1,0 +1,357 @@
+"""DeepSpeed ZeRO engine: the only module in rwkvctl that imports deepspeed.
+
+Launch the standard way; every rank runs the same `rwkvctl train ... --strategy deepspeed`:
+    deepspeed --no_local_rank --num_gpus 8 --module rwkvctl train --config examples/rwkv5-7b-8gpu.yaml
+    torchrun --nproc_per_node 8 -m rwkvctl train --config examples/rwkv5-7b-8gpu.yaml
+    deepspeed --no_local_rank --hostfile hosts.txt --module rwkvctl train ...   (multi-node; or torchrun --rdzv-*)
+(`--no_local_rank`: the launcher would otherwise insert `--local_rank=N` before the subcommand; the
+rank comes from the LOCAL_RANK environment variable either way.)
+On a CPU-only machine DeepSpeed picks its CPU accelerator and we use gloo, so the same code path is
+tested here with two processes (the first start JIT-builds a small comm op, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import pickle
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import Tensor, nn
+
+from rwkvctl.data.loader import Batch
+from rwkvctl.errors import CheckpointError, TrainingError
+from rwkvctl.train.config import RunConfig
+from rwkvctl.train.engine import STATE_FILE, Engine
+from rwkvctl.train.loss import lm_loss
+from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def _checkpoint_types() -> list[type]:
+    """The DeepSpeed types inside its checkpoint files. Allowlisted for torch.load(weights_only=True), they let us
+    read ZeRO files without running any other pickled code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _allowlisted_names() -> set[str]:
+    return {f"{t.__module__}.{t.__qualname__}" for t in _checkpoint_types()}
+
+
+def check_no_pickled_code(state_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint any of whose files would run code or build objects when unpickled.
+
+    Only the pickle stream of each file is read (not its tensors), so every rank can check every file before
+    DeepSpeed touches any of them: all ranks refuse together instead of one failing inside a collective."""
+    allowed = _allowlisted_names()
+    files = sorted(state_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{state_dir}: no DeepSpeed checkpoint files")
+    for f in files:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as e:  # not a zip-format torch file, a truncated archive, an unreadable pickle stream
+            raise CheckpointError(f"{f}: unreadable DeepSpeed checkpoint file ({str(e).splitlines()[0][:160]}); "
+                                  "resume from an earlier checkpoint") from None  # fmt: skip
+        unsafe = sorted(set(found) - allowed)
+        if unsafe:
+            raise CheckpointError(f"{f}: holds pickled objects other than tensors and DeepSpeed's own records "
+                                  f"({', '.join(unsafe[:3])}); it was not written by DeepSpeed for this run, so it "
+                                  "is not loaded: resume from an earlier checkpoint")  # fmt: skip
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Make every torch.load in this process weights-only, with DeepSpeed's record types allowed, even where
+    DeepSpeed asks for weights_only=False: the backstop behind `check_no_pickled_code` for any file DeepSpeed
+    reads while resuming."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load at every call
+    try:
+        with torch.serialization.safe_globals(_checkpoint_types()):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
+    """Per-parameter fp32 master weights, AdamW moments and the step count of a ZeRO-1/2 checkpoint written by
+    `DeepSpeedEngine.save` with any number of ranks, read from its files without starting DeepSpeed.
+
+    Every rank's optimizer file holds one contiguous slice of each flat parameter group (master weights, exp_avg,
+    exp_avg_sq) and a map of which parameter occupies which part of it; a parameter's full tensor is its pieces
+    in rank order. -> (weights, {name: {"exp_avg", "exp_avg_sq"}}, step)."""
+    state_dir = directory / DS_DIR / DS_TAG
+    shards = sorted(state_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                    key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))  # fmt: skip
+    if not shards:
+        raise CheckpointError(f"{state_dir}: no ZeRO-1/2 optimizer shards (ZeRO-3 checkpoints are not supported)")
+    ranks = [int(f.name.split("zero_pp_rank_")[1].split("_")[0]) for f in shards]
+    if ranks != list(range(len(ranks))):
+        raise CheckpointError(f"{state_dir}: optimizer shards for ranks {ranks}; a complete checkpoint has one per "
+                              "rank from 0 (copy every node's shards into this directory)")  # fmt: skip
+    weights, moments = {}, {}
+    try:
+        with torch.serialization.safe_globals(_checkpoint_types()):
+            # mmap: a 7B run's shards are ~90 GB; only the slices being gathered are read
+            shapes = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True,
+                                mmap=True)["param_shapes"]  # fmt: skip
+            pieces: dict[str, dict[str, list[Tensor]]] = {}
+            step = 0.0
+            for shard in shards:
+                opt = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+                if opt.get("partition_count", [len(shards)])[0] != len(shards):
+                    raise ValueError(f"{shard.name} belongs to a run of {opt['partition_count'][0]} ranks")
+                base = opt["base_optimizer_state"]
+                states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+                for g, mapping in enumerate(opt["param_slice_mappings"]):
+                    flat = {"fp32": opt["single_partition_of_fp32_groups"][g], **states[g]}
+                    step = max(step, float(flat.get("step", 0)))
+                    for name, where in mapping.items():
+                        parts = pieces.setdefault(name, {"fp32": [], "exp_avg": [], "exp_avg_sq": []})
+                        for key, bucket in parts.items():
+                            bucket.append(flat[key].detach().narrow(0, where.start, where.numel))
+            for group_shapes in shapes:
+                for name, shape in group_shapes.items():
+                    if name not in pieces:
+                        raise ValueError(f"parameter {name!r} is in no optimizer shard")
+                    if sum(t.numel() for t in pieces[name]["fp32"]) != math.prod(shape):
+                        raise ValueError(f"the shards hold part of {name!r} only")
+                    full = {key: torch.cat(b).view(shape) for key, b in pieces.pop(name).items()}  # pieces -> shape
+                    weights[name] = full.pop("fp32")
+                    moments[name] = full
+    except (OSError, RuntimeError, KeyError, IndexError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}: unreadable ZeRO checkpoint ({str(e).splitlines()[0][:160]})") from None
+    return weights, moments, step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ensure_dist_env() -> None:
+    """Started without a launcher: become a world of one (same code path, no MPI discovery)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())})
+
+
+def ds_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
+    """RWKV-LM's deepspeed_stage_2 preset (contiguous grads, overlap, reduce-scatter, buckets of ds_bucket_mb)."""
+    t = cfg.train
+    bucket = int(t.ds_bucket_mb * 1e6)
+    zero: dict[str, Any] = {
+        "stage": t.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_cuda,  # overlapping needs streams; the CPU accelerator has none
+        "reduce_scatter": True,
+        "allgather_bucket_size": bucket,
+        "reduce_bucket_size": bucket,
+    }
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_bsz,
+        "gradient_accumulation_steps": t.accum,
+        "train_batch_size": t.micro_bsz * t.accum * world_size,
+        "zero_optimization": zero,
+        # ZeRO-1/2 skip a step with a non-finite grad norm only when this is on (the default since ~0.16)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        out["gradient_clipping"] = cfg.optim.grad_clip
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO stage 1/2/3 data parallelism; bf16 params with fp32 master weights when precision=bf16."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        _ensure_dist_env()
+        accel = get_accelerator()
+        on_cuda = accel.device_name() == "cuda"
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(accel.device_name(local_rank)) if on_cuda else torch.device("cpu")
+        if on_cuda:
+            torch.cuda.set_device(self.device)
+        self.model = model
+        groups = optimizer_groups(param_groups(model, cfg.optim))
+        o = cfg.optim
+        if cfg.train.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer: Any = DeepSpeedCPUAdam(groups, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                              weight_decay=0.0, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
+                                          weight_decay=0.0, fused=True)  # CPU and CUDA both have it
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(cfg, self.world_size, on_cuda)
+        )
+        if cfg.train.compile:
+            self.ds.compile()
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.name = f"deepspeed-zero{self.zero_stage}"
+
+    def micro_step(self, batch: Batch, accum: int) -> float:
+        logits, _ = self.ds(batch.x.to(self.device))
+        loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
+        del logits  # the loss keeps what backward needs; the (B, T, V) logits can go before backward runs
+        value = float(loss.detach())
+        if not torch.isfinite(loss):
+            # DeepSpeed counts micro-steps itself, so we still go through backward, with an exactly-zero loss.
+            loss = sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+        self.ds.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+        return value
+
+    def optimizer_step(self, lr: float) -> float:
+        """DeepSpeed computes the grad norm inside step(), so finiteness can only be judged afterwards. ZeRO-1/2
+        (fp32, and bf16 with check_grad_overflow) see a non-finite norm as an overflow and skip the update; we
+        report the norm and the loop counts a skipped step. Where DeepSpeed applied it anyway (ZeRO-3 checks
+        overflow only under fp16, as do old releases) the weights are no longer trustworthy: stop, naming
+        the way back, rather than train on."""
+        set_lr(self.optimizer, lr)
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:  # compute_grad_norm disabled in the DeepSpeed config: nothing to judge by
+            return float("nan")
+        value = float(norm)
+        if not math.isfinite(value) and not getattr(self.optimizer, "overflow", False):
+            raise TrainingError(f"non-finite gradient norm ({value}) was applied by DeepSpeed {self.name}, "
+                                "which does not skip such steps; the weights are no longer valid: resume from "
+                                "the last checkpoint with --resume (and a lower optim.lr_init)")
+        return value
+
+    def skip_step(self) -> None:
+        # ZeRO keeps its gradients in private partitioned buffers; an update at lr 0 changes no weight
+        # (AdamW's decay term is lr-scaled too). Adam's moments still see the finite micro-batches.
+        set_lr(self.optimizer, 0.0)
+        self.ds.step()
+
+    def eval_loss(self, batch: Batch) -> float:
+        with torch.no_grad():
+            logits, _ = self.ds(batch.x.to(self.device))
+            return float(lm_loss(logits, batch.y.to(self.device), use_l2wrap=False))
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        if not (directory / DS_DIR / DS_TAG).is_dir() and (directory / STATE_FILE).is_file():
+            self._load_portable(directory / STATE_FILE)
+            return
+        if not (directory / DS_DIR / DS_TAG).is_dir():
+            hint = " (it was written by the single strategy; resume without --strategy deepspeed)" if (
+                directory / "engine_state.pt").is_file() else ""
+            raise CheckpointError(f"{directory / DS_DIR}: no DeepSpeed state{hint}")
+        check_no_pickled_code(directory / DS_DIR / DS_TAG)
+        try:
+            with weights_only_loads():
+                path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{directory / DS_DIR}: refused to unpickle a non-tensor object "
+                                  f"({str(e).splitlines()[0][:160]}); resume from an earlier checkpoint") from None
+        if path is None:
+            raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
+
+    def _load_portable(self, path: Path) -> None:
+        """Start from a per-parameter state (the single strategy's file, e.g. written by `add-gate` for a ZeRO run):
+        module weights, fp32 master weights and AdamW moments are set parameter by parameter, so the ZeRO layout
+        (rank count, flat groups) of whoever wrote it does not matter. Parameters without saved moments (new ones)
+        start at zero; ZeRO keeps one step count per flat group, so they share the run's."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.zero_stage == 3:
+            raise CheckpointError(f"{path}: a ZeRO-3 run cannot start from a per-parameter state yet; use stage 1/2")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            weights, saved = state["model"], state["optimizer"]
+            groups = param_groups(self.model, self.cfg.optim)
+            names = [n for g in groups for n in g["names"]]
+            ids = [i for g in saved["param_groups"] for i in g["params"]]
+            sizes = [len(g["params"]) for g in saved["param_groups"]]
+            if sizes != [len(g["names"]) for g in groups]:
+                raise ValueError(f"saved parameter groups of {sizes} parameters do not match this model's "
+                                 "(optim.weight_decay or optim.layerwise_lr changed?)")  # fmt: skip
+            moments = {name: saved["state"].get(i) for name, i in zip(names, ids, strict=True)}
+            step = max((float(st["step"]) for st in moments.values() if st), default=0.0)
+            self._materialize_optimizer_state(step)
+            for name, p in self.model.named_parameters():
+                w = weights[name].to(self.device, torch.float32)
+                with torch.no_grad():
+                    p.data.copy_(w.to(p.dtype))  # the (bf16) module weights the next forward uses
+                safe_set_full_fp32_param(p, w)
+                st = moments.get(name)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = st[key].to(self.device, torch.float32) if st else torch.zeros_like(w)
+                    safe_set_full_optimizer_state(p, value, key)
+        except (KeyError, ValueError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot restore the training state ({str(e).splitlines()[0]})") from None
+
+    def _materialize_optimizer_state(self, step: float) -> None:
+        """AdamW creates its state at the first step, and ZeRO links each parameter to its slice of that state
+        only then; a state restored before any step needs both now. One entry per flat fp32 partition, at the
+        run's step count (ZeRO cannot keep per-parameter counts)."""
+        base = self.optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {
+                    "step": torch.tensor(step, dtype=torch.float32, device=flat.device),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+        self.optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed's own hook for exactly this linking
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        if self.zero_stage == 3:
+            full = self.ds._zero3_consolidated_16bit_state_dict()  # every rank must call; rank 0 gets it
+            return {k: v.detach().cpu().clone() for k, v in (full or {}).items()}
+        return super().export_state_dict()
+
+    def close(self) -> None:
+        # The process group stays up: deepspeed.comm caches it, and a second engine in the same process
+        # (a benchmark, a notebook) must find it; it ends with the process.
+        destroy = getattr(self.ds, "destroy", None)
+        if destroy is not None:
+            destroy()
