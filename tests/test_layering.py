@@ -13,6 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "rwkvctl"
 FORBIDDEN = {
     "config": {"model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
     "errors": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
+    # the ground floor: crash-safe file writes, used by every layer that writes
+    "fs": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
     "kernels": {"model", "data", "io", "train", "lifecycle", "cli"},
     "model": {"data", "io", "train", "lifecycle", "cli"},
     "io": {"model", "data", "train", "lifecycle", "cli"},

@@ -21,7 +21,7 @@ from types import TracebackType
 import numpy as np
 
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import fsync_dir
+from rwkvctl.fs import fsync_dir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

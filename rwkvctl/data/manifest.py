@@ -15,7 +15,7 @@ from typing import Any
 
 from rwkvctl.data.binidx import split_prefix
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import atomic_write_text
+from rwkvctl.fs import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rwkvctl-binidx-manifest"

@@ -17,7 +17,7 @@ import numpy as np
 
 from rwkvctl.data.binidx import WRITE_CODES, BinIdxReader, split_prefix, write_index
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import fsync_dir
+from rwkvctl.fs import fsync_dir
 
 
 def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool = False) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import atomic_write_bytes
+from rwkvctl.fs import atomic_write_bytes
 
 TRAIN_FILES = 4
 VAL_FILES = 1

@@ -19,7 +19,7 @@ import numpy as np
 
 from rwkvctl.data.tokenizer_world import WorldTokenizer
 from rwkvctl.errors import TokenizerError
-from rwkvctl.io.atomic import fsync_dir
+from rwkvctl.fs import fsync_dir
 
 MAX_SPM_VOCAB = 65536
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rwkvctl.config import ModelConfig, infer_config, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.io.atomic import atomic_path, atomic_write_text
+from rwkvctl.fs import atomic_path, atomic_write_text
 from rwkvctl.io.quantized import META_KEY as QUANT_META_KEY
 from rwkvctl.io.quantized import PackedWeight, quant_summary, split_quantized
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError
-from rwkvctl.io.atomic import atomic_path
+from rwkvctl.fs import atomic_path
 
 META_KEY = "rwkvctl-state"
 FORMAT_VERSION = 1

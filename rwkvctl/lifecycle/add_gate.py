@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rwkvctl.config import ModelConfig, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.io.atomic import atomic_write_text
+from rwkvctl.fs import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkvctl.errors import ConfigError, TrainingError
-from rwkvctl.io.atomic import atomic_path
+from rwkvctl.fs import atomic_path
 from rwkvctl.train.metrics import read_metrics
 
 

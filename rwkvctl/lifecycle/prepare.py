@@ -34,7 +34,7 @@ from rwkvctl.data.corpus import expand_inputs, input_size
 from rwkvctl.data.manifest import MANIFEST_NAME, BadInput, Manifest, Shard, SourceCounts
 from rwkvctl.data.tokenizer import load_tokenizer
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import atomic_write_text
+from rwkvctl.fs import atomic_write_text
 from rwkvctl.lifecycle.prepare_unit import STATE_DIR, PrepareOptions, Unit, done_path, run_unit
 
 __all__ = ["PrepareOptions", "PrepareProgress", "PrepareResult", "Unit", "plan_units", "prepare", "rwkv_lm_numbers"]

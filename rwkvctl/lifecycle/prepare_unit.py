@@ -27,7 +27,7 @@ from rwkvctl.data.binidx import BinIdxWriter, dtype_for_vocab
 from rwkvctl.data.corpus import UNKNOWN_SOURCE, Block, Doc, DocumentStream, Problem, parse_line
 from rwkvctl.data.manifest import BadInput, Shard, SourceCounts
 from rwkvctl.errors import DataError
-from rwkvctl.io.atomic import atomic_write_text
+from rwkvctl.fs import atomic_write_text
 
 STATE_DIR = ".prepare"
 

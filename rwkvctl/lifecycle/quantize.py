@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rwkvctl.errors import CheckpointError
-from rwkvctl.io.atomic import atomic_path, atomic_write_text
+from rwkvctl.fs import atomic_path, atomic_write_text
 from rwkvctl.io.checkpoint import load_checkpoint, sidecar_path
 from rwkvctl.io.quantized import META_KEY, quant_metadata
 from rwkvctl.lifecycle.models import load_model, model_from_state_dict

@@ -10,7 +10,7 @@ from typing import Any
 
 from rwkvctl.config import ModelConfig, param_count
 from rwkvctl.errors import ConfigError, TrainingError
-from rwkvctl.io.atomic import atomic_write_text
+from rwkvctl.fs import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"

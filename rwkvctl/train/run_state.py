@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rwkvctl.errors import CheckpointError
-from rwkvctl.io.atomic import atomic_write_text, fsync_dir
+from rwkvctl.fs import atomic_write_text, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"

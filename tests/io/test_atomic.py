@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from rwkvctl.io.atomic import atomic_path, atomic_write_text
+from rwkvctl.fs import atomic_path, atomic_write_text
 
 
 def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):
