@@ -1,4 +1,6 @@
-"""The ground floor for writing files (imports nothing of rwkvctl). Crash-safe file writes: write to a temp name in the same directory, fsync, rename.
+"""The ground floor for writing files (imports nothing of rwkvctl).
+
+Crash-safe file writes: write to a temp name in the same directory, fsync, rename.
 
 A reader (or a resumed run) therefore sees either the old complete file or the new complete file,
 never a half-written one, even after kill -9 or a full disk.
