@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Callable
-from typing import Any, TypeVar
+from importlib import metadata
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,6 +29,36 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def version_line() -> str:
+    """rwkvctl's version and the versions that matter for reproducing a run (read from package metadata,
+    so `--version` stays as fast as `--help`: nothing is imported)."""
+    from rwkvctl import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    parts = [f"{name} {installed(name)}" for name in ("torch", "deepspeed")]
+    return f"rwkvctl {__version__} ({', '.join(parts)}, python {platform.python_version()})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(version_line(), highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit.")
+    ] = False,
+) -> None:
+    """Prepare data for, train, inspect and run RWKV-5.2 language models (RWKV-LM compatible)."""
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

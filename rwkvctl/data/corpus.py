@@ -10,6 +10,7 @@ surrogates from `\\ud800`-style escapes). Nothing here raises on bad data; I/O e
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import zlib
@@ -303,6 +304,15 @@ def parse_line(raw: bytes, line: int, text_key: str, source_key: str) -> Doc | P
     return record_to_doc(obj, line, text_key, source_key)
 
 
+def _optional_module(name: str, spec: str) -> Any:
+    """Parquet files and `datasets` inputs need the optional `hf` extra; say so instead of an ImportError."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DataError(f"{spec}: reading this input needs the `datasets` package (with pyarrow); install it with "
+                        "pip install 'rwkvctl[hf]'") from None
+
+
 def _reraise_system_error(e: Exception) -> None:
     """pyarrow reports bad data as OSError too, but without an errno; one with an errno came from the system."""
     if isinstance(e, OSError) and e.errno is not None:
@@ -365,7 +375,7 @@ class DocumentStream:
                     yield doc
 
     def _parquet(self, p: Path) -> Iterator[Doc | Problem]:
-        import pyarrow.parquet as pq
+        pq = _optional_module("pyarrow.parquet", str(p))
 
         try:
             pf = pq.ParquetFile(p)
@@ -387,7 +397,7 @@ class DocumentStream:
         self.consumed = total
 
     def _datasets(self) -> Iterator[Doc | Problem]:
-        import datasets
+        datasets = _optional_module("datasets", self.spec)
 
         try:
             if self.spec.startswith("hf:"):

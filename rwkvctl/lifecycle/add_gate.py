@@ -27,7 +27,7 @@ from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, sav
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import STATE_FILE
+from rwkvctl.train.engine import STATE_FILE, load_deepspeed_engine
 from rwkvctl.train.metrics import METRICS_FILE, truncate_after
 from rwkvctl.train.optim import param_groups, remap_adamw_state
 from rwkvctl.train.run_state import CheckpointWriter, find_checkpoint, read_state, write_run_config
@@ -128,9 +128,7 @@ def training_state(ckpt: Path, engine: str, cfg: RunConfig) -> tuple[dict[str, T
     if engine.startswith("deepspeed"):
         if engine == "deepspeed-zero3":
             raise CheckpointError(f"{ckpt}: ZeRO-3 checkpoints cannot be re-addressed yet (stages 1 and 2 can)")
-        from rwkvctl.train.deepspeed_engine import read_zero_checkpoint  # imports deepspeed: only when needed
-
-        weights, moments, step = read_zero_checkpoint(ckpt)
+        weights, moments, step = load_deepspeed_engine().read_zero_checkpoint(ckpt)  # imports deepspeed
         o = cfg.optim
         dummy = torch.nn.Parameter(torch.zeros(1))
         defaults = torch.optim.AdamW([dummy], lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,

@@ -26,7 +26,7 @@ from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import Engine, configure_determinism, resolve_device
+from rwkvctl.train.engine import Engine, configure_determinism, load_deepspeed_engine, resolve_device
 from rwkvctl.train.loop import LoopContext, TrainProgress, fit
 from rwkvctl.train.metrics import MetricsLog, WandbSink, mfu, peak_flops, truncate_after
 from rwkvctl.train.run_state import (
@@ -99,9 +99,7 @@ def _graceful_signals(flag: _StopFlag) -> Iterator[None]:
 
 def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
     if cfg.train.strategy == "deepspeed":
-        from rwkvctl.train.deepspeed_engine import DeepSpeedEngine  # the only deepspeed importer, loaded on demand
-
-        return DeepSpeedEngine(model, cfg)
+        return load_deepspeed_engine().DeepSpeedEngine(model, cfg)  # the only deepspeed importer, on demand
     return SingleEngine(model, cfg)
 
 

@@ -8,9 +8,11 @@ same loop runs one process (rwkvctl/train/single.py) or many DeepSpeed ranks (rw
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import resource
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -23,6 +25,18 @@ from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.segmented import segmented_loss
 
 STATE_FILE = "engine_state.pt"
+
+
+def load_deepspeed_engine() -> ModuleType:
+    """The DeepSpeed engine module (rwkvctl.train.deepspeed_engine), imported on demand: DeepSpeed is an optional
+    extra, and a missing one is a one-line error naming what to install."""
+    try:
+        return importlib.import_module("rwkvctl.train.deepspeed_engine")
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "deepspeed":
+            raise
+        raise ConfigError("DeepSpeed runs need the `deepspeed` package, which is not installed: "
+                          "pip install 'rwkvctl[deepspeed]'") from None  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:

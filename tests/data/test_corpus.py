@@ -10,6 +10,7 @@ import pytest
 import zstandard
 
 from rwkvctl.data.corpus import Doc, DocumentStream, Problem, expand_inputs
+from rwkvctl.errors import DataError
 
 
 def _rows(n: int = 5) -> list[bytes]:
@@ -214,3 +215,19 @@ def test_lines_much_longer_than_the_block_target(tmp_path: Path) -> None:
     assert text == b"\n".join(lines) + b"\n"
     assert [b.first for b in blocks] == [sum(x.lines for x in blocks[:i]) for i in range(len(blocks))]
     assert all(b.data[: b.end].endswith(b"\n") for b in blocks)
+
+
+def test_parquet_and_datasets_inputs_without_the_hf_extra_say_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def no_hf(name: str, *args, **kwargs):
+        if name.split(".")[0] in ("datasets", "pyarrow"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_hf)
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"p\.parquet: .*pip install 'rwkvctl\[hf\]'"):
+        _read(tmp_path / "p.parquet")

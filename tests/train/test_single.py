@@ -50,3 +50,15 @@ def test_norm_and_clip_fall_back_on_torch_without_the_2_6_helpers(monkeypatch, m
         torch.testing.assert_close(a.grad, b.grad)
     clipped = total_grad_norm(old)
     assert clipped <= max_norm * (1 + 1e-5) and (max_norm < norm_old or torch.allclose(clipped, norm_old))
+
+
+def test_deepspeed_runs_without_the_extra_name_what_to_install(monkeypatch):
+    import sys
+
+    from rwkvctl.errors import ConfigError
+    from rwkvctl.train.engine import load_deepspeed_engine
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError(name="deepspeed")
+    monkeypatch.delitem(sys.modules, "rwkvctl.train.deepspeed_engine", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'rwkvctl\[deepspeed\]'"):
+        load_deepspeed_engine()
