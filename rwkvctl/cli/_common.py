@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
+import time
 from collections.abc import Callable
 from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from rwkvctl.errors import RwkvctlError
@@ -23,10 +25,56 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-# soft_wrap: a message is one line, however narrow the terminal or log (Rich otherwise hard-wraps at 80 columns
-# when output is not a terminal, splitting paths and commands that people copy out of Slurm logs).
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+LOG_WIDTH = 4096  # "never wrap" for output that is not a terminal; tables stay as wide as their content
+
+
+class LogFriendlyConsole(Console):
+    """Rich's console, except that output which is not a terminal (a log file, a pipe, Slurm, CI) is never
+    hard-wrapped: Rich would wrap at 80 columns (or $COLUMNS) there, splitting the paths and commands people copy
+    out of logs. Messages are soft-wrapped everywhere (one line each, however narrow the terminal)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._explicit_width = kwargs.get("width") is not None  # Rich also sets _width from $COLUMNS
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = super().size
+        if self.is_terminal or getattr(self, "_explicit_width", False):
+            return dims
+        return ConsoleDimensions(LOG_WIDTH, dims.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = LogFriendlyConsole(soft_wrap=True)
+err_console = LogFriendlyConsole(stderr=True, soft_wrap=True)
+
+
+class LogTicker:
+    """When output is not a terminal, progress is a plain line now and then instead of a redrawn bar: `due()` says
+    when (every RWKVCTL_LOG_EVERY seconds, default 30; 0 prints every update)."""
+
+    def __init__(self) -> None:
+        try:
+            self.every = max(0.0, float(os.environ.get("RWKVCTL_LOG_EVERY", "30")))
+        except ValueError:
+            self.every = 30.0
+        self.last = -math.inf
+
+    def due(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+
+def live_output() -> bool:
+    """Redrawn progress bars only on a terminal; logs get periodic lines (LogTicker)."""
+    return console.is_terminal and not console.is_dumb_terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,6 +11,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from rwkvctl.cli._common import LogTicker, live_output
+
 
 def _si(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -38,10 +40,14 @@ class PrepareView:
         )
         self._started = False
         self.task = self.progress.add_task("prepare", total=None, files="0/0", docs="0", tokens="0", rate="-")
+        self.console = console
+        self.live = live_output()
+        self.ticker = LogTicker()
 
     def update(self, p: Any) -> None:
         if not self._started:  # start on the first report, so argument errors print without a bar
-            self.progress.start()
+            if self.live:
+                self.progress.start()
             self._started = True
         rate = f"{p.text_bytes / p.elapsed / 1e6:.1f}" if p.elapsed > 0 else "-"
         if p.in_bytes_total:  # on-disk bytes read: smooth within large files
@@ -57,12 +63,16 @@ class PrepareView:
             tokens=_si(p.tokens),
             rate=rate,
         )
+        if not self.live and self.ticker.due(force=p.files_total > 0 and p.files_done == p.files_total):
+            pct = f"{100 * done / total:.0f}%" if total else "-"
+            self.console.print(f"prepare {pct} files {p.files_done}/{p.files_total} docs {_si(p.docs)} tokens "
+                               f"{_si(p.tokens)} {rate} MB/s elapsed {p.elapsed:.0f}s", markup=False, highlight=False)
 
     def __enter__(self) -> PrepareView:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._started:
+        if self._started and self.live:
             self.progress.stop()
 
 

@@ -15,13 +15,18 @@ from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
-from rwkvctl.cli._common import app, console, handles_errors
+from rwkvctl.cli._common import app, console, handles_errors, live_output
 
 PROMPT = "def main():\n"
 
 
+def _heading(title: str) -> None:
+    # a rule spans the console: on a terminal that is its width; in a log, a plain line is the readable form
+    console.print(Rule(f"[bold cyan]{title}") if live_output() else f"== {title} ==", markup=False)
+
+
 def _run(title: str, argv: list[str]) -> None:
-    console.print(Rule(f"[bold cyan]{title}"))
+    _heading(title)
     console.print(Text(f"$ rwkvctl {' '.join(argv)}", style="dim"))
     code = app(argv, standalone_mode=False)
     if code:  # the failing command already printed its one-line error
@@ -68,7 +73,7 @@ def demo_command(
     if not exported:
         raise typer.Exit(1)
     _run("5. inspect the exported RWKV-LM checkpoint", ["inspect", str(exported[-1]), "--no-tensors"])
-    console.print(Rule("[bold cyan]6. generate in RNN mode from the trained model"))
+    _heading("6. generate in RNN mode from the trained model")
     _generate(exported[-1], tokens)
     quantized = workdir / "model-q4.safetensors"
     eval_text = workdir / "eval.txt"

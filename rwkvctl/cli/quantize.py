@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, fail, handles_errors, human
+from rwkvctl.cli._common import LogTicker, app, console, fail, handles_errors, human, live_output
 
 
 @app.command("quantize")
@@ -47,11 +47,16 @@ def quantize_command(
     spec = QuantSpec(bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search)
     tokens = _eval_tokens(eval_text, tokenizer, eval_tokens) if eval_text is not None else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    live, ticker, done = live_output(), LogTicker(), 0
+    with Progress(*columns, console=console, transient=True, disable=not live) as progress:
         task = progress.add_task("quantizing", total=None)
 
         def advance(name: str, total: int) -> None:
+            nonlocal done
+            done += 1
             progress.update(task, total=total, advance=1, description=f"quantizing {escape(name)}")
+            if not live and ticker.due(force=done == total):  # a log, not a terminal: a plain line now and then
+                console.print(f"quantizing {done}/{total} {name}", markup=False, highlight=False)
 
         result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, on_tensor=advance)
     _summary(result, spec)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, handles_errors, human
+from rwkvctl.cli._common import LogTicker, app, console, handles_errors, human, live_output
 
 
 def _duration(seconds: float | None) -> str:
@@ -35,6 +35,8 @@ class LiveDisplay:
     """
 
     def __init__(self) -> None:
+        self.live_output = live_output()
+        self.ticker = LogTicker()
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -49,10 +51,25 @@ class LiveDisplay:
         self.started = False
 
     def stop(self) -> None:
-        if self.started:
+        if self.started and self.live_output:
             self.live.stop()
-            self.started = False
-            console.line()  # the live display leaves its last line open when stdout is not a terminal
+        if self.started and not self.live_output and self.pending is not None:
+            console.print(self.pending, markup=False, highlight=False)  # the last step is always logged
+        self.started = False
+        self.pending = None
+
+    pending: str | None = None
+
+    def _log_line(self, event: Any) -> None:
+        """One plain line per step when due (output that is not a terminal: Slurm, tee, CI)."""
+        line = f"step {event.step}/{event.total_steps} " + " ".join(
+            f"{k} {self.latest.get(k, '-')}" for k in ("loss", "lr", "grad-norm", "tokens/s", "tokens", "ETA")
+        )
+        if self.ticker.due(force=event.step == event.total_steps):
+            console.print(line, markup=False, highlight=False)
+            self.pending = None
+        else:
+            self.pending = line
 
     def _render(self) -> Group:
         table = Table(box=None, show_header=True, header_style="bold cyan", pad_edge=False)
@@ -65,20 +82,22 @@ class LiveDisplay:
 
     def __call__(self, event: Any) -> None:
         if not self.started:
-            self.live.start()
+            if self.live_output:
+                self.live.start()
             self.started = True
         if event.kind == "message":
-            self.live.console.print(f"[yellow]{escape(event.message)}[/]")
+            console.print(f"[yellow]{escape(event.message)}[/]")
         elif event.kind == "checkpoint":
-            self.live.console.print(f"step {event.step}: checkpoint [bold]{escape(str(event.path))}[/]")
+            console.print(f"step {event.step}: checkpoint [bold]{escape(str(event.path))}[/]")
         elif event.kind == "val":
             self.latest["val"] = _fmt(event.val_loss, ".4f")
-            self.live.console.print(f"step {event.step}: val loss [bold]{_fmt(event.val_loss, '.4f')}[/]")
+            console.print(f"step {event.step}: val loss [bold]{_fmt(event.val_loss, '.4f')}[/]")
         self.progress.update(self.task, total=event.total_steps, completed=event.step)
         if event.kind == "step":
+            skipped = " (skipped)" if event.skipped else ""
             self.latest.update(
                 {
-                    "loss": _fmt(event.loss, ".4f") + (" [red](skipped)[/]" if event.skipped else ""),
+                    "loss": _fmt(event.loss, ".4f") + (f"[red]{skipped}[/]" if self.live_output else skipped),
                     "lr": _fmt(event.lr, ".3g"),
                     "grad-norm": _fmt(event.grad_norm, ".3g"),
                     "tokens/s": human(event.tokens_per_s or 0),
@@ -86,7 +105,10 @@ class LiveDisplay:
                     "ETA": _duration(event.eta_s),
                 }
             )
-        self.live.update(self._render())
+            if not self.live_output:
+                self._log_line(event)
+        if self.live_output:
+            self.live.update(self._render())
 
 
 def _summary(result: Any) -> Table:

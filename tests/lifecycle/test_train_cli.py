@@ -9,7 +9,7 @@ runner = CliRunner()
 
 
 def test_train_help_lists_the_main_options():
-    out = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output  # not the caller's width
     for option in ("--config", "--resume", "--resume-step", "--strategy", "--zero-stage", "--accum", "--wandb",
                    "--grad-cp", "--nan-policy", "--val-every", "--set"):
         assert option in out
