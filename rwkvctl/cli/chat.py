@@ -12,12 +12,14 @@ import typer
 from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, err_console, fail, handles_errors, human
+from rwkvctl.cli.chat_input import MessageReader
 from rwkvctl.errors import RwkvctlError
 
 HELP = (
     "/retry  new reply to the last message    /reset  back to the start\n"
     "/save PATH, /load PATH  conversation state   /info  tokens seen, state size\n"
-    "/quit or Ctrl-D  end (Ctrl-C stops a reply and forgets that turn)"
+    "/quit or Ctrl-D  end (Ctrl-C stops a reply and forgets that turn)\n"
+    "Up/Down: earlier messages; a message spans lines when pasted, with Esc-Enter, or with a trailing \\"
 )
 
 
@@ -151,9 +153,10 @@ def _printable(text: str) -> str:
 def _interactive(conv: Any, stats: dict) -> None:
     console.print(f"[dim]{escape(HELP)}[/]")
     user = escape(conv.settings.user)
+    reader = MessageReader(console)
     while True:
         try:
-            line = console.input(f"[bold green]{user}:[/] ")
+            line = reader.read(f"[bold green]{user}:[/] ", _printable(conv.settings.user) + ":")
             if not sys.stdin.isatty():  # piped input is not echoed: show what was said
                 console.print(_printable(line), markup=False, highlight=False, emoji=False)
         except EOFError:

@@ -294,6 +294,25 @@ class DeepSpeedEngine(Engine):
                                   f"({str(e).splitlines()[0][:160]}); resume from an earlier checkpoint") from None
         if path is None:
             raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
+        self._replay_cpu_adam_steps()
+
+    def _replay_cpu_adam_steps(self) -> None:
+        """--offload: DeepSpeedCPUAdam's C++ half keeps beta1^t and beta2^t itself, multiplying by beta once a step,
+        but a fresh one first called at step t (after a resume) takes pow(beta, t) instead (csrc/includes/cpu_adam.h,
+        IncrementStep), which can differ in the last bit (float 0.99^3). 1 - beta2^t magnifies that bit to ~2e-6 of
+        the update, the fp32 master weights move by an ulp, some bf16 weights round the other way, and the resumed
+        run drifts from the uninterrupted one. Replaying steps 1..t on empty tensors, the calls an optimizer step
+        makes in the same order (only the powers change, ~1 us a call), gives it the running optimizer's products."""
+        base = getattr(self.optimizer, "optimizer", None)
+        if not hasattr(base, "ds_opt_adam"):  # not DeepSpeedCPUAdam
+            return
+        steps = max((int(s["step"]) for s in base.state.values() if "step" in s), default=0)
+        empty = torch.empty(0)
+        for t in range(1, steps + 1):
+            for g in base.param_groups:
+                beta1, beta2 = g["betas"]
+                base.ds_opt_adam.adam_update(base.opt_id, t, 0.0, beta1, beta2, g["eps"], 0.0, g["bias_correction"],
+                                             empty, empty, empty, empty)
 
     def _load_portable(self, path: Path) -> None:
         """Start from a per-parameter state (the single strategy's file, e.g. written by `add-gate` for a ZeRO run):

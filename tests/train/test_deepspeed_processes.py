@@ -1,6 +1,6 @@
 """Two real DeepSpeed processes (CPU accelerator, gloo), ZeRO-2 (also with CPU offload) and ZeRO-3: train under
 the `deepspeed` launcher, checkpoint, resume under `torchrun`; the resumed run's losses equal an uninterrupted
-run's (bit for bit, or to rounding with offload).
+run's bit for bit (with CPU offload too).
 
 Slow-ish (~2 min: nine launches of two processes; the first ever launch also JIT-builds DeepSpeed's small CPU
 comm op, cached in ~/.cache/torch_extensions), so it is kept to a handful of steps of a tiny model.
@@ -111,9 +111,11 @@ def test_two_process_zero3_resumes_exactly_and_exports_whole_weights(tmp_path, d
 
 
 def test_two_process_zero2_cpu_offload_resumes_exactly(tmp_path, data):
-    """--offload keeps the optimizer on the CPU (DeepSpeedCPUAdam). Its resume is exact up to rounding: the C++
-    optimizer forms beta^t by repeated multiplication while it runs, but with pow() when it restarts at step t, so
-    the resumed run's first step matches and later ones differ in the last bits (~1e-7 relative)."""
+    """--offload keeps the optimizer on the CPU (DeepSpeedCPUAdam), whose C++ half forms beta^t by multiplying once
+    a step while it runs but with pow() when first called at step t after a restart; 0.99^3 differs in the last bit,
+    1 - beta2^t magnifies it, and the resumed run drifted (by an amount that depends on the CPU: 1.5e-5 at step 4 on
+    one machine, equal losses but different weights on another). The engine replays the C++ step bookkeeping on
+    resume, so the resumed run equals the uninterrupted one bit for bit: losses and exported weights."""
     run, straight = tmp_path / "run", tmp_path / "straight"
     off = ("--offload", "--max-steps", "4")
     for d, extra in ((run, ("--stop-after-steps", "2")), (run, ("--resume",)), (straight, ())):
@@ -123,5 +125,7 @@ def test_two_process_zero2_cpu_offload_resumes_exactly(tmp_path, data):
         [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         for d in (run, straight)
     ]
-    assert len(losses[0]) == 4 and losses[0][:3] == losses[1][:3]
-    assert np.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    got, _ = load_checkpoint(run / "checkpoints" / "step-00000004" / "rwkv-4.pth")
+    want, _ = load_checkpoint(straight / "checkpoints" / "step-00000004" / "rwkv-4.pth")
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the losses alone can hide the drift at step 4
