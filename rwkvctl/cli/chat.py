@@ -45,7 +45,7 @@ def chat_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (replies repeat exactly with the same seed).")] = None,
     load: Annotated[Path | None, typer.Option("--load-state", help="Start from a saved conversation state.")] = None,
     save: Annotated[Path | None, typer.Option("--save-state", help="Save the state here when the chat ends.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
     keep_quantized: Annotated[
         bool,
@@ -94,7 +94,9 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
     from rwkvctl.generate import Penalties, SamplingConfig
     from rwkvctl.lifecycle.chat import ChatSettings, Conversation
     from rwkvctl.lifecycle.models import load_model, parse_dtype
+    from rwkvctl.train.engine import resolve_device
 
+    device = str(resolve_device(device, setting="--device"))  # a missing GPU is one line, before any loading
     with console.status(f"loading {escape(str(model_path))}..."):
         keep = opts["keep_quantized"]
         model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep)

@@ -27,7 +27,7 @@ def generate_command(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (the same seed repeats the output).")] = None,
     tokenizer: Annotated[str, typer.Option(help="'world' or spm:PATH (must match the model).")] = "world",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
     keep_quantized: Annotated[
         bool, typer.Option("--keep-quantized", help="Keep a quantized model's weights packed (less memory).")
@@ -50,7 +50,9 @@ def generate_command(
     from rwkvctl.data.tokenizer import load_tokenizer
     from rwkvctl.generate import SamplingConfig, TextStream, generate
     from rwkvctl.lifecycle.models import load_model, parse_dtype
+    from rwkvctl.train.engine import resolve_device
 
+    device = str(resolve_device(device, setting="--device"))  # a missing GPU is one line, before any loading
     with console.status("loading the model..."):
         model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep_quantized)
         tok = load_tokenizer(tokenizer)

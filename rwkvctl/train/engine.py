@@ -39,22 +39,23 @@ def load_deepspeed_engine() -> ModuleType:
                           "pip install 'rwkvctl[deepspeed]'") from None  # fmt: skip
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this torch build and machine actually have."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against what this torch build and machine actually have (before
+    anything is loaded). `setting` names where the value came from, for the error line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"{setting}={name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device={name!r}: only cpu and cuda devices are supported")
+        raise ConfigError(f"{setting}={name!r}: only cpu and cuda devices are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ConfigError(f"train.device={name!r}: {why}; use --device cpu (or auto)")
+            raise ConfigError(f"{setting}={name!r}: {why}; use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ConfigError(f"{setting}={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 

@@ -289,3 +289,13 @@ def test_inspect_shows_a_state_file(checkpoint: Path, tmp_path: Path) -> None:
     res = _run(["inspect", str(state)])
     assert res.exit_code == 0, res.output
     assert "chat state" in res.output and "tokens seen" in res.output and "Hi there" in res.output
+
+
+def test_chat_and_generate_check_the_device_first(checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for cmd in (["chat", str(checkpoint), "-m", "hi"], ["generate", str(checkpoint), "-p", "hi"]):
+        res = _run([*cmd, "--device", "cuda"])
+        assert res.exit_code == 2 and "--device='cuda'" in res.output and "Traceback" not in res.output
+        res = _run([*cmd, "--device", "tpu"])
+        assert res.exit_code == 2 and "--device='tpu'" in res.output and "cpu, cuda" in res.output
