@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwkvctl.errors import ConfigError
+from rwkvctl.names import INIT_SCHEMES as INIT_SCHEMES  # re-exported: the init schemes are model config
 
 WORLD_VOCAB_SIZE = 65536
-INIT_SCHEMES = ("v5.2-2023", "rwkv-lm-2024")
 
 
 def default_dim_ffn(n_embd: int, gate: bool) -> int:

@@ -37,15 +37,16 @@ def test_init_then_inspect(tmp_path):
     assert out.exists() and (tmp_path / "tiny.pth.json").exists()
     result = invoke("inspect", out, "--limit", "0")
     assert result.exit_code == 0, result.output
-    for needle in ("RWKV-5.2", "2 x 128", "blocks.1.att.time_decay", "float32", "sidecar"):
+    for needle in ("RWKV-5.2", "2 x 128", "blocks.1.att.time_decay", "fp32", "sidecar"):
         assert needle in result.output
+    assert "float32" not in result.output  # one spelling per dtype across commands (rwkvctl.names)
 
 
 def test_init_no_gate_safetensors_bf16(tmp_path):
     out = tmp_path / "ng.safetensors"
     assert invoke("init", "--no-gate", "--vocab-size", "256", "--dtype", "bf16", out).exit_code == 0
     result = invoke("inspect", out, "--no-tensors")
-    assert "no output gate" in result.output and "bfloat16" in result.output
+    assert "no output gate" in result.output and "bf16" in result.output and "bfloat16" not in result.output
 
 
 def test_refuses_to_overwrite(tmp_path):
