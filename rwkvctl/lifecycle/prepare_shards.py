@@ -63,12 +63,11 @@ class SplitPolicy:
     """Which split a document goes to and how many copies: a seeded hash of its text, so reruns agree."""
 
     def __init__(self, split: str | None, val_fraction: float, source_weights: dict[str, float], seed: int) -> None:
-        self.fixed = split  # "val" for explicit validation inputs, None = decided per document
         self.val_fraction, self.source_weights = val_fraction, source_weights
         self.key = seed.to_bytes(8, "little", signed=True)
         # mixed: documents of one batch may go to different splits or be repeated; else all go once to `default`
         self.mixed = (split is None and val_fraction > 0) or bool(source_weights)
-        self.default = split or "train"
+        self.default = split or "train"  # split: "val" for explicit validation inputs, None = decided per document
 
     def route(self, d: Doc) -> tuple[str, int]:
         """-> (split, copies) of one document."""

@@ -133,7 +133,3 @@ class L2Wrap(torch.autograd.Function):
         glogits = torch.zeros_like(logits)
         glogits.scatter_(-1, max_ids, (max_vals * factor * grad_output).to(logits.dtype))
         return grad_output, glogits
-
-
-def l2wrap(loss: Tensor, logits: Tensor) -> Tensor:
-    return L2Wrap.apply(loss, logits)
