@@ -1,8 +1,8 @@
 """Tokenizer selection (`world`, `spm:PATH`) and the SentencePiece tokenizer/trainer.
 
-Every tokenizer offers the same small surface that `prepare`, `inspect` and chat need: `name`,
-`vocab_size`, `eod_id`, `backend`, `backend_note`, `encode(str) -> list[int]`, `decode(ids) -> str`,
-`encode_batch(bytes, offsets)` and `describe()` (recorded in the dataset manifest so a dataset says how it was tokenized).
+Every tokenizer offers the same small surface that `prepare`, `inspect` and chat need: `name`, `vocab_size`,
+`eod_id`, `backend`, `backend_note`, `encode(str) -> list[int]`, `decode(ids) -> str`, `encode_batch(bytes, offsets)`
+and `describe()` (recorded in the dataset manifest so a dataset says how it was tokenized).
 """
 
 from __future__ import annotations
