@@ -1,4 +1,6 @@
-"""The one-way layer rules of code-style.md, checked by scanning every import in the package."""
+"""The one-way layer rules, checked by scanning every import in the package:
+cli -> lifecycle -> train / generate / surgery / quant -> model / data / io -> kernels -> config / names / errors / fs.
+Only rwkvctl/cli imports typer/rich; only train/deepspeed_engine.py imports deepspeed."""
 
 import ast
 import subprocess

@@ -40,3 +40,31 @@ def test_notice_only_for_an_old_spelling():
                                                ("torch.float16", "fp16"), ("torch.int8", "int8")])
 def test_dtype_name(torch_name, short):
     assert dtype_name(torch_name) == short
+
+
+def _options():
+    import typer.main
+
+    from rwkvctl.cli import app
+
+    def walk(group, prefix):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from walk(command, f"{prefix}{name} ")
+            else:
+                for param in command.params:
+                    yield f"{prefix}{name} --{param.name}", param.help or ""
+
+    return dict(walk(typer.main.get_command(app), ""))
+
+
+def test_help_texts_use_only_the_current_spellings():
+    import re
+
+    old = {name for table in DEPRECATED.values() for name in table}
+    for option, text in _options().items():
+        words = set(re.findall(r"[\w.-]+", text))
+        assert not words & old, f"{option} help says {sorted(words & old)}"
+    options = _options()
+    for option in ("init --init", "add-gate --init"):
+        assert all(s in options[option] for s in INIT_SCHEMES), option

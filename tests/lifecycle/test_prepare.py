@@ -27,7 +27,9 @@ def ref_tok():
 
 
 def parse_pair(prefix: Path) -> dict:
-    """Independent MMIDIDX parser (layout from data-and-long-context.md §3.1), no project code."""
+    """Independent MMIDIDX v1 parser (Megatron's layout, as RWKV-LM's RWKV-v5/src/binidx.py reads it), no project
+    code: .idx = magic (9 B), <Q version, <B dtype code, <Q n, <Q n_doc_idx, int32 sizes[n], int64 pointers[n],
+    int64 doc_idx[n_doc_idx]; .bin = the tokens back to back."""
     raw = prefix.with_name(prefix.name + ".idx").read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, code, n, d = struct.unpack("<QBQQ", raw[9:34])
