@@ -58,9 +58,9 @@ def main() -> None:
         return {"worst_loss_20_steps_after": round(max(losses), 4), "final_val_loss": round(vals[-1][1], 4)}
 
     rows = {"no gate (continue the base run)": summary(work / "base")}
-    for name, init, rwkv_lm_style in (("ours, init rwkv-lm (gain 0.1), AdamW kept", "rwkv-lm", False),
+    for name, init, rwkv_lm_style in (("ours, init rwkv-lm-2024 (gain 0.1), AdamW kept", "rwkv-lm-2024", False),
                                       ("ours, init v5.2-2023 (gain 1.0), AdamW kept", "v5.2-2023", False),
-                                      ("RWKV-LM load_partial: default Linear init, optimizer restarted", "rwkv-lm", True)):  # noqa: E501
+                                      ("RWKV-LM load_partial: default Linear init, optimizer restarted", "rwkv-lm-2024", True)):  # noqa: E501
         out = work / f"gate-{len(rows)}"
         res = add_gate_to_run(work / "base", out, step=args.branch, init=init)
         if rwkv_lm_style:

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from rwkvctl.errors import ConfigError
+from rwkvctl.names import INIT_SCHEMES as INIT_SCHEMES  # re-exported: the init schemes are model config
 
 WORLD_VOCAB_SIZE = 65536
-INIT_SCHEMES = ("v5.2-2023", "rwkv-lm-2024")
 
 
 def default_dim_ffn(n_embd: int, gate: bool) -> int:
     """RWKV-LM's FFN width: 3.5x with the gate, 4x without, floored to a multiple of 32.
 
-    3.5x FFN + gate has the same parameter count as 4x FFN without it (rwkv5-spec §1.1).
+    3.5x FFN + gate has the same parameter count as 4x FFN without it: with A = C, key + value are 2*3.5C*C and the
+    gate C*C, together 2*4C*C.
     """
     mult = 3.5 if gate else 4.0
     return int((n_embd * mult) // 32 * 32)

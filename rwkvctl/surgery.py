@@ -19,8 +19,10 @@ from torch import Tensor
 
 from rwkvctl.config import ModelConfig, param_shapes
 from rwkvctl.errors import ConfigError
+from rwkvctl.names import canonical
 
-GATE_INITS = {"rwkv-lm": 0.1, "v5.2-2023": 1.0}
+# init scheme -> orthogonal gain of att.gate.weight
+GATE_INITS = {"rwkv-lm-2024": 0.1, "v5.2-2023": 1.0}
 
 
 def added_gate_names(cfg: ModelConfig) -> list[str]:
@@ -28,11 +30,12 @@ def added_gate_names(cfg: ModelConfig) -> list[str]:
 
 
 def add_gate(
-    state_dict: dict[str, Tensor], cfg: ModelConfig, *, init: str = "rwkv-lm", seed: int = 0
+    state_dict: dict[str, Tensor], cfg: ModelConfig, *, init: str = "rwkv-lm-2024", seed: int = 0
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """-> (state dict of the gated model in RWKV-LM order, its config). The input is not modified."""
     if cfg.gate:
         raise ConfigError("the model already has the output gate")
+    init = canonical("init", init).name  # the old spelling rwkv-lm too, for one release
     if init not in GATE_INITS:
         raise ConfigError(f"unknown gate init {init!r}; choose one of {', '.join(GATE_INITS)}")
     new_cfg = replace(cfg, gate=True, dim_ffn=cfg.dim_ffn)  # keep the FFN width the weights have

@@ -35,6 +35,3 @@ def make_random_model(cfg, seed: int = 0):
 @pytest.fixture
 def random_model():
     return make_random_model
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,7 +5,8 @@ from rwkvctl.errors import ConfigError
 
 
 def closed_form(cfg: ModelConfig) -> int:
-    """rwkv5-spec §7 with A = C: P = L*(6C^2 + 2FC + 14C) + 2VC + 4C."""
+    """Closed form with A = C: per layer 6C^2 (r, k, v, o, gate, ffn.receptance) + 2FC (ffn.key, ffn.value) + 14C
+    (6 mixes, decay + bonus, ln1/ln2/ln_x weights and biases); emb + head 2VC; ln0 + ln_out 4C."""
     C, F, L, V = cfg.n_embd, cfg.dim_ffn, cfg.n_layer, cfg.vocab_size
     return L * (6 * C * C + 2 * F * C + 14 * C) + 2 * V * C + 4 * C
 

@@ -1,4 +1,6 @@
-"""The one-way layer rules of code-style.md, checked by scanning every import in the package."""
+"""The one-way layer rules, checked by scanning every import in the package:
+cli -> lifecycle -> train / generate / surgery / quant -> model / data / io -> kernels -> config / names / errors / fs.
+Only rwkvctl/cli imports typer/rich; only train/deepspeed_engine.py imports deepspeed."""
 
 import ast
 import subprocess
@@ -15,6 +17,9 @@ FORBIDDEN = {
     "errors": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
     # the ground floor: crash-safe file writes, used by every layer that writes
     "fs": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
+    # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
+    "names": {"config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate",
+              "surgery", "quant"},
     "kernels": {"model", "data", "io", "train", "lifecycle", "cli"},
     "model": {"data", "io", "train", "lifecycle", "cli"},
     "io": {"model", "data", "train", "lifecycle", "cli"},
@@ -62,3 +67,17 @@ def test_help_does_not_import_torch():
     code = "import sys; from rwkvctl.cli import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_deprecated_spellings_live_only_in_names():
+    """Old dtype/init spellings (rwkvctl.names.DEPRECATED) appear as string literals nowhere else in the package:
+    commands translate them through rwkvctl.names, so the alias table has one home."""
+    from rwkvctl.names import DEPRECATED
+
+    old = {name for table in DEPRECATED.values() for name in table}
+    for path, rel, _ in modules():
+        if str(rel) == "names.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert node.value not in old, f"{rel}:{node.lineno} spells {node.value!r}; use rwkvctl.names"

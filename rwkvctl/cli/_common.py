@@ -16,6 +16,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from rwkvctl.errors import RwkvctlError
+from rwkvctl.names import canonical
 
 app = typer.Typer(
     name="rwkvctl",
@@ -113,6 +114,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise. The message is plain text, never markup."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def one_spelling(kind: str, value: str, flag: str) -> str:
+    """The one spelling of an option's dtype/init value (rwkvctl.names); an old spelling still works for one
+    release and prints a one-line deprecation notice."""
+    spelling = canonical(kind, value)
+    notice = spelling.notice(flag)
+    if notice:
+        err_console.print(f"[yellow]deprecated:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+    return spelling.name
 
 
 def handles_errors(fn: F) -> F:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from rwkvctl.cli._common import app, console, fail, handles_errors, human
+from rwkvctl.cli._common import app, console, fail, handles_errors, human, one_spelling
 
 
 @app.command("add-gate")
@@ -22,8 +22,9 @@ def add_gate_command(
         int | None, typer.Option(help="Run checkpoint step to branch from (default: the newest).")
     ] = None,
     init: Annotated[
-        str, typer.Option(help="Gate init: rwkv-lm (orthogonal, gain 0.1) or v5.2-2023 (orthogonal, gain 1.0).")
-    ] = "rwkv-lm",
+        str,
+        typer.Option(help="Gate init: rwkv-lm-2024 (orthogonal, gain 0.1) or v5.2-2023 (orthogonal, gain 1.0)."),
+    ] = "rwkv-lm-2024",
     seed: Annotated[int, typer.Option(help="Seed of the gate's initialisation.")] = 0,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue training the new run right away (rwkvctl train --resume).")
@@ -35,6 +36,7 @@ def add_gate_command(
     position, RNG and schedule. The original run is left untouched; the new one continues from the same step."""
     from rwkvctl.lifecycle.add_gate import add_gate_to_checkpoint, add_gate_to_run
 
+    init = one_spelling("init", init, "--init")
     source = source.resolve() if source.exists() else source
     if not source.exists():
         raise fail(f"{source}: no such run dir or checkpoint file")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rwkvctl.cli._common import app, console, fail, handles_errors
+from rwkvctl.cli._common import app, console, fail, handles_errors, one_spelling
 
 kernels_app = typer.Typer(help="Build and check the compiled WKV5 kernel (C++ CPU, CUDA).", no_args_is_help=True)
 app.add_typer(kernels_app, name="kernels")
@@ -50,7 +50,7 @@ def build_cmd(
 @handles_errors
 def check_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Input dtype: float32 or bfloat16 (state is always fp32).")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Input dtype: fp32 or bf16 (state is always fp32).")] = "fp32",
     reps: Annotated[int, typer.Option(min=1, help="Timed repetitions per shape (median is shown).")] = 3,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0 = torch's default).")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Only the three short shapes (a few seconds).")] = False,
@@ -64,9 +64,10 @@ def check_cmd(
     from rwkvctl.kernels.check import DEFAULT_SHAPES, check_shape
     from rwkvctl.kernels.ops import wkv5_compiled
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtype = one_spelling("dtype", dtype, "--dtype")
     if dtype not in dtypes:
-        raise fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+        raise fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
     if device not in ("cpu", "cuda"):
         raise fail(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -77,7 +78,7 @@ def check_cmd(
         info = build.load_extension()
     if device == "cuda" and not info.with_cuda:
         raise KernelUnavailable("the extension was built without CUDA (no nvcc/CUDA_HOME, or RWKVCTL_SKIP_CUDA_BUILD)")
-    tol = 1e-4 if dtype == "float32" else 1e-2
+    tol = 1e-4 if dtype == "fp32" else 1e-2
     table = Table("B x T x H x N", "fwd err", "bwd err (worst)", "ours fwd+bwd", "chunked ref", "speed-up", "ok")
     failed = 0
     for shape in DEFAULT_SHAPES[:3] if quick else DEFAULT_SHAPES:

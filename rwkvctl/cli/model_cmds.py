@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rwkvctl.cli._common import app, console, fail, handles_errors, human
-from rwkvctl.config import INIT_SCHEMES, PRESETS, param_count, preset
+from rwkvctl.config import PRESETS, param_count, preset
 
 
 @app.command("init")
@@ -28,7 +28,11 @@ def init_command(
         typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate gives the gate-less v5 layout (4x FFN)."),
     ] = True,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary rows (65536 = RWKV World).")] = 65536,
-    init: Annotated[str, typer.Option(help=f"Init scheme: {', '.join(INIT_SCHEMES)} (see docs).")] = "v5.2-2023",
+    init: Annotated[
+        str,
+        typer.Option(help="Init scheme: v5.2-2023 (the v5.2 release's, which the 7B run used) or rwkv-lm-2024 "
+                     "(RWKV-LM's since 2024-04)."),
+    ] = "v5.2-2023",
     seed: Annotated[int, typer.Option(help="Random seed of the initialisation.")] = 0,
     dtype: Annotated[str, typer.Option(help="Stored dtype: fp32 or bf16 (RWKV-LM trains in bf16).")] = "fp32",
     meta: Annotated[bool, typer.Option("--meta", help="Only count parameters; allocate and write nothing.")] = False,

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rwkvctl.cli._common import LogTicker, app, console, handles_errors, human, live_output
+from rwkvctl.train.config import field_docs
 
 
 def _duration(seconds: float | None) -> str:
@@ -150,56 +151,59 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+# option parameter -> the run config key it overrides; the option's --help is that field's docstring
+# (rwkvctl/train/config.py), so one text describes a setting in the YAML, in --set and on the command line
+CONFIG_FLAGS = {
+    "run_dir": "run_dir", "data": "data.path", "ctx_len": "data.ctx_len", "micro_bsz": "train.micro_bsz",
+    "accum": "train.accum", "max_steps": "train.max_steps", "max_tokens": "train.max_tokens",
+    "lr_init": "optim.lr_init", "lr_final": "optim.lr_final", "warmup_steps": "optim.warmup_steps",
+    "strategy": "train.strategy", "zero_stage": "train.zero_stage", "offload": "train.offload",
+    "precision": "train.precision", "device": "train.device", "seed": "train.seed", "save_every": "train.save_every",
+    "keep_last": "train.keep_last", "val_every": "data.val_every", "grad_cp": "train.grad_checkpointing",
+    "segment_len": "train.segment_len", "l2wrap": "train.l2wrap", "compile_model": "train.compile",
+    "nan_policy": "train.nan_policy", "init_from": "train.init_from", "stop_after_steps": "train.stop_after_steps",
+    "wandb": "train.wandb", "peak_tflops": "train.peak_tflops",
+}
+
+
+def _doc(param: str) -> str:
+    """--help of a config option: its field's docstring (plain text; brackets must not read as Rich markup)."""
+    return escape(field_docs()[CONFIG_FLAGS[param]])
+
+
 @app.command("train")
 @handles_errors
 def train_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (see examples/).")] = None,
-    run_dir: Annotated[
-        str | None, typer.Option(help="Run directory: checkpoints, metrics.jsonl, run_config.yaml.")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Dataset: prepare's output dir/manifest, or a binidx prefix.")
-    ] = None,
+    run_dir: Annotated[str | None, typer.Option(help=_doc("run_dir"))] = None,
+    data: Annotated[str | None, typer.Option(help=_doc("data"))] = None,
     preset: Annotated[str | None, typer.Option(help="Model size preset (tiny, 0.1b, 0.4b, 1.5b, 3b, 7b).")] = None,
-    ctx_len: Annotated[int | None, typer.Option(help="Tokens per training window.")] = None,
-    micro_bsz: Annotated[int | None, typer.Option(help="Sequences per micro-batch per process.")] = None,
-    accum: Annotated[int | None, typer.Option(help="Micro-batches accumulated per optimizer step.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Planned optimizer steps (the lr schedule spans them).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Planned tokens (alternative to --max-steps).")] = None,
-    lr_init: Annotated[float | None, typer.Option(help="Peak learning rate (after warm-up).")] = None,
-    lr_final: Annotated[float | None, typer.Option(help="Final learning rate of the cosine decay.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps (never repeated on resume).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="single, or deepspeed (launch with deepspeed/torchrun).")] = None,
-    zero_stage: Annotated[int | None, typer.Option(help="DeepSpeed ZeRO stage 1, 2 or 3.")] = None,
-    offload: Annotated[
-        bool | None, typer.Option("--offload/--no-offload", help="DeepSpeed CPU optimizer offload.")
-    ] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 or bf16.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (single strategy).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for init, data order and RNGs.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Keep the newest K checkpoints.")] = None,
-    val_every: Annotated[int | None, typer.Option(help="Validation loss every N steps (0: off).")] = None,
-    grad_cp: Annotated[bool | None, typer.Option("--grad-cp/--no-grad-cp", help="Gradient checkpointing.")] = None,
-    segment_len: Annotated[
-        int | None,
-        typer.Option(help="Long windows: exact backprop through --ctx-len in segments of N tokens (memory of one)."),
-    ] = None,
-    l2wrap: Annotated[bool | None, typer.Option("--l2wrap/--no-l2wrap", help="RWKV-LM's L2Wrap logit penalty.")] = None,
-    compile_model: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
-    ] = None,
-    nan_policy: Annotated[str | None, typer.Option(help="On NaN/Inf loss: skip (the step) or stop.")] = None,
-    init_from: Annotated[
-        str | None, typer.Option(help="Start from these weights (finetune) instead of a fresh init.")
-    ] = None,
-    stop_after_steps: Annotated[
-        int | None, typer.Option(help="Stop (with a checkpoint) after N steps of this run.")
-    ] = None,
-    wandb: Annotated[
-        str | None, typer.Option(help="Log to this Weights & Biases project (WANDB_MODE=offline ok).")
-    ] = None,
-    peak_tflops: Annotated[float | None, typer.Option(help="Accelerator peak TFLOP/s for the MFU estimate.")] = None,
+    ctx_len: Annotated[int | None, typer.Option(help=_doc("ctx_len"))] = None,
+    micro_bsz: Annotated[int | None, typer.Option(help=_doc("micro_bsz"))] = None,
+    accum: Annotated[int | None, typer.Option(help=_doc("accum"))] = None,
+    max_steps: Annotated[int | None, typer.Option(help=_doc("max_steps"))] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_doc("max_tokens"))] = None,
+    lr_init: Annotated[float | None, typer.Option(help=_doc("lr_init"))] = None,
+    lr_final: Annotated[float | None, typer.Option(help=_doc("lr_final"))] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=_doc("warmup_steps"))] = None,
+    strategy: Annotated[str | None, typer.Option(help=_doc("strategy"))] = None,
+    zero_stage: Annotated[int | None, typer.Option(help=_doc("zero_stage"))] = None,
+    offload: Annotated[bool | None, typer.Option("--offload/--no-offload", help=_doc("offload"))] = None,
+    precision: Annotated[str | None, typer.Option(help=_doc("precision"))] = None,
+    device: Annotated[str | None, typer.Option(help=_doc("device"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_doc("seed"))] = None,
+    save_every: Annotated[int | None, typer.Option(help=_doc("save_every"))] = None,
+    keep_last: Annotated[int | None, typer.Option(help=_doc("keep_last"))] = None,
+    val_every: Annotated[int | None, typer.Option(help=_doc("val_every"))] = None,
+    grad_cp: Annotated[bool | None, typer.Option("--grad-cp/--no-grad-cp", help=_doc("grad_cp"))] = None,
+    segment_len: Annotated[int | None, typer.Option(help=_doc("segment_len"))] = None,
+    l2wrap: Annotated[bool | None, typer.Option("--l2wrap/--no-l2wrap", help=_doc("l2wrap"))] = None,
+    compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile", help=_doc("compile_model"))] = None,
+    nan_policy: Annotated[str | None, typer.Option(help=_doc("nan_policy"))] = None,
+    init_from: Annotated[str | None, typer.Option(help=_doc("init_from"))] = None,
+    stop_after_steps: Annotated[int | None, typer.Option(help=_doc("stop_after_steps"))] = None,
+    wandb: Annotated[str | None, typer.Option(help=_doc("wandb"))] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help=_doc("peak_tflops"))] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any config key: SECTION.KEY=VALUE (repeatable).")
     ] = None,
@@ -215,6 +219,7 @@ def train_command(
     `deepspeed --no_local_rank --num_gpus N --module rwkvctl train ... --strategy deepspeed`
     or `torchrun --nproc_per_node N -m rwkvctl train ... --strategy deepspeed`.
     """
+    given = dict(locals())  # the parameters (nothing else is bound yet), for CONFIG_FLAGS
     from rwkvctl.errors import ConfigError
     from rwkvctl.lifecycle.train import end_distributed, train
     from rwkvctl.train.config import RunConfig
@@ -226,37 +231,8 @@ def train_command(
         cfg = RunConfig.from_yaml(Path(run_dir) / "run_config.yaml")
     else:
         cfg = RunConfig()
-    flags: dict[str, Any] = {
-        "run_dir": run_dir,
-        "data.path": data,
-        "model.preset": preset,
-        "data.ctx_len": ctx_len,
-        "train.micro_bsz": micro_bsz,
-        "train.accum": accum,
-        "train.max_steps": max_steps,
-        "train.max_tokens": max_tokens,
-        "optim.lr_init": lr_init,
-        "optim.lr_final": lr_final,
-        "optim.warmup_steps": warmup_steps,
-        "train.strategy": strategy,
-        "train.zero_stage": zero_stage,
-        "train.offload": offload,
-        "train.precision": precision,
-        "train.device": device,
-        "train.seed": seed,
-        "train.save_every": save_every,
-        "train.keep_last": keep_last,
-        "data.val_every": val_every,
-        "train.grad_checkpointing": grad_cp,
-        "train.segment_len": segment_len,
-        "train.l2wrap": l2wrap,
-        "train.compile": compile_model,
-        "train.nan_policy": nan_policy,
-        "train.init_from": init_from,
-        "train.stop_after_steps": stop_after_steps,
-        "train.wandb": wandb,
-        "train.peak_tflops": peak_tflops,
-    }
+    flags: dict[str, Any] = {key: given[param] for param, key in CONFIG_FLAGS.items()}
+    flags["model.preset"] = preset
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
     cfg = cfg.with_overrides(overrides) if overrides else cfg

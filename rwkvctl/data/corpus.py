@@ -327,7 +327,6 @@ class DocumentStream:
         self.text_key = text_key
         self.source_key = source_key
         self.consumed = 0
-        self._raw: _Counting | None = None
 
     def __iter__(self) -> Iterator[Doc | Problem]:
         p = Path(self.spec)
@@ -350,7 +349,7 @@ class DocumentStream:
         p = Path(self.spec)
         # An OSError (opening or reading) propagates: it says nothing about the data, and may pass.
         f = open(p, "rb")  # noqa: SIM115  (closed below; generator may be abandoned)
-        self._raw = raw = _Counting(f)
+        raw = _Counting(f)
         last = 0
         try:
             for data, end in _blocks(p, raw, block_bytes):

@@ -3,7 +3,8 @@
 
 Every window is `ctx_len + 1` consecutive tokens of the flat stream (one or more binidx files viewed as
 one concatenated array, as RWKV-LM does): inputs are the first ctx_len, targets the last ctx_len.
-Windows cross document (and file) boundaries; token 0 is an ordinary target (spec §5.4).
+Windows cross document (and file) boundaries; token 0 is an ordinary target, with no mask and no state reset, as
+in RWKV-LM's RWKV-v5/src/dataset.py.
 
 Sample numbering: the g-th sample of the whole run (over all ranks) is
 `g = samples_seen + (accum_idx * micro_bsz + b) * world_size + rank`, which for one process and no

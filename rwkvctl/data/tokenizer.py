@@ -1,7 +1,7 @@
 """Tokenizer selection (`world`, `spm:PATH`) and the SentencePiece tokenizer/trainer.
 
-Every tokenizer offers the same small surface that `prepare`, `inspect` and chat need: `name`,
-`vocab_size`, `eod_id`, `encode(str) -> list[int]`, `decode(ids) -> str`, `encode_batch(bytes, offsets)`
+Every tokenizer offers the same small surface that `prepare`, `inspect` and chat need: `name`, `vocab_size`,
+`eod_id`, `backend`, `backend_note`, `encode(str) -> list[int]`, `decode(ids) -> str`, `encode_batch(bytes, offsets)`
 and `describe()` (recorded in the dataset manifest so a dataset says how it was tokenized).
 """
 
@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -22,24 +21,6 @@ from rwkvctl.errors import TokenizerError
 from rwkvctl.fs import fsync_dir
 
 MAX_SPM_VOCAB = 65536
-
-
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-    eod_id: int
-    backend: str  # the encoder in use: "native", "python", "sentencepiece"
-    backend_note: str  # why a slow fallback runs ("" when none)
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
-
-    def encode_batch(
-        self, data: bytes, offsets: np.ndarray, append_eod: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def describe(self) -> dict: ...
 
 
 class SentencePieceTokenizer:

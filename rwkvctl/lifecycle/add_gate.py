@@ -25,6 +25,7 @@ from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
 from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.names import canonical
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.engine import STATE_FILE, load_deepspeed_engine
@@ -41,9 +42,12 @@ class GateResult:
     config: RunConfig | None  # the new run's config (None for a file)
 
 
-def add_gate_to_checkpoint(src: str | Path, dst: str | Path, *, init: str = "rwkv-lm", seed: int = 0) -> GateResult:
+def add_gate_to_checkpoint(
+    src: str | Path, dst: str | Path, *, init: str = "rwkv-lm-2024", seed: int = 0
+) -> GateResult:
     """Weights only: a gate-less checkpoint file -> a gated one (RWKV-LM names, loads in the `rwkv` package)."""
     src, dst = Path(src), Path(dst)
+    init = canonical("init", init).name  # recorded in the new file's metadata: the one spelling
     if dst.suffix not in SUFFIXES:
         raise CheckpointError(f"{dst}: name the output .pth or .safetensors")
     state_dict, meta = load_checkpoint(src)
@@ -56,8 +60,9 @@ def add_gate_to_checkpoint(src: str | Path, dst: str | Path, *, init: str = "rwk
 
 
 def add_gate_to_run(
-    run_dir: str | Path, out_dir: str | Path, *, step: str | int = "latest", init: str = "rwkv-lm", seed: int = 0
+    run_dir: str | Path, out_dir: str | Path, *, step: str | int = "latest", init: str = "rwkv-lm-2024", seed: int = 0
 ) -> GateResult:
+    init = canonical("init", init).name  # the old spelling rwkv-lm too, for one release
     if init not in GATE_INITS:  # before reading a possibly large training state
         raise CheckpointError(f"unknown gate init {init!r}; choose one of {', '.join(GATE_INITS)}")
 

@@ -21,8 +21,9 @@ from rwkvctl.io.checkpoint import (
 )
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.names import DTYPE_NAMES, dtype_name
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -148,7 +149,7 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     state_dict, meta = load_checkpoint(path)
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     tensors = [
-        TensorInfo(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel()) for k, t in state_dict.items()
+        TensorInfo(k, tuple(t.shape), dtype_name(str(t.dtype)), t.numel()) for k, t in state_dict.items()
     ]
     dtypes: dict[str, int] = {}
     for t in tensors:

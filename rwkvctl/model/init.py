@@ -10,7 +10,8 @@ Two "official" inits exist and runs are not comparable across them, so the choic
   0.5*sqrt(V/C) (0.5 if V <= C); att.receptance, att.value, ffn.key gain 1; att.key and att.gate gain
   0.1; att.output, ffn.value, ffn.receptance zero.
 
-The per-layer mixes, decays, bonuses and ln_x weights are the same in both (rwkv5-spec §2).
+The per-layer mixes, decays, bonuses and ln_x weights are the same in both (RWKV-LM RWKV-v5/src/model.py
+`RWKV_TimeMix_RWKV5.__init__` and `RWKV_ChannelMix.__init__`, unchanged between the two eras).
 """
 
 from __future__ import annotations

@@ -33,14 +33,6 @@ class RecurrentState:
             wkv=torch.zeros(L, batch, H, N, N, device=device, dtype=torch.float32),
         )
 
-    @property
-    def batch_size(self) -> int:
-        return self.wkv.shape[1]
-
-    def detach(self) -> RecurrentState:
-        """Cut the graph (truncated BPTT); values are kept."""
-        return RecurrentState(self.att_shift.detach(), self.ffn_shift.detach(), self.wkv.detach())
-
     def clone(self) -> RecurrentState:
         """An independent copy, e.g. to branch a conversation."""
         return RecurrentState(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())

@@ -7,9 +7,12 @@ reader months later) knows exactly what was run. stdlib + yaml only, like rwkvct
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,7 @@ class RunConfig:
     """One training run: model + data + optimizer + trainer settings, and where it lives."""
 
     run_dir: str = "runs/run"
+    """Run directory: checkpoints, metrics.jsonl, run_config.yaml."""
     model: ModelConfig = field(default_factory=lambda: preset("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -297,3 +301,30 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
     return value
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Dotted config key -> the docstring under that field ("train.micro_bsz" -> "Sequences per micro-batch ...").
+
+    The attribute docstrings above are the one text about each setting: `rwkvctl train --help` shows them too. Read
+    from the source with ast (Python keeps no attribute docstrings at run time), so no import beyond this module's.
+    """
+    sections = {"": RunConfig, "model.": ModelConfig, "data.": DataConfig, "optim.": OptimConfig,
+                "train.": TrainConfig}
+    return {prefix + name: doc for prefix, klass in sections.items() for name, doc in _attribute_docs(klass).items()}
+
+
+def _attribute_docs(klass: type) -> dict[str, str]:
+    """field -> docstring of a dataclass defined at the top level of its module (whitespace folded to spaces)."""
+    path = sys.modules[klass.__module__].__file__
+    assert path is not None
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == klass.__name__)
+    docs = {}
+    for field_node, after in zip(node.body, node.body[1:], strict=False):  # a field's docstring follows it
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[field_node.target.id] = " ".join(after.value.value.split())
+    return docs

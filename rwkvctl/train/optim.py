@@ -1,4 +1,5 @@
-"""AdamW with RWKV-LM's parameter groups (rwkv5-spec §4.2), and the L2Wrap logit penalty (§4.4)."""
+"""AdamW with RWKV-LM's parameter groups and its L2Wrap logit penalty (both in RWKV-LM RWKV-v5/src/model.py:
+`configure_optimizers` and `class L2Wrap`)."""
 
 from __future__ import annotations
 
@@ -112,9 +113,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward it also pushes the largest logit of each position towards 0.
 
-    Equivalent to adding 1e-4 * mean_{b,t}(max_v logit^2) / 2. Unlike RWKV-LM (which ignores grad_output,
-    spec §8.9), the extra gradient is multiplied by grad_output, so it is scaled exactly like the loss
-    itself under gradient accumulation (loss/accum) and data-parallel averaging.
+    Equivalent to adding 1e-4 * mean_{b,t}(max_v logit^2) / 2. Unlike RWKV-LM (whose backward ignores
+    grad_output and scales by 1/(B*T) alone), the extra gradient is multiplied by grad_output, so it is scaled exactly
+    like the loss itself under gradient accumulation (loss/accum) and data-parallel averaging.
     """
 
     FACTOR = 1e-4
@@ -133,7 +134,3 @@ class L2Wrap(torch.autograd.Function):
         glogits = torch.zeros_like(logits)
         glogits.scatter_(-1, max_ids, (max_vals * factor * grad_output).to(logits.dtype))
         return grad_output, glogits
-
-
-def l2wrap(loss: Tensor, logits: Tensor) -> Tensor:
-    return L2Wrap.apply(loss, logits)

@@ -2,7 +2,8 @@
 
 Because nothing here depends on the current process (no run-local step counter, no callback state), a
 resumed run gets exactly the lr it would have had without the interruption: no re-warm-up, unlike
-RWKV-LM (rwkv5-spec §4.3, §8.5).
+RWKV-LM, whose warm-up factor uses the run-local `global_step` and so restarts on every resume (RWKV-v5/src/trainer.py
+`on_train_batch_start`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ class SingleEngine(Engine):
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_adamw(self.model, cfg.optim, fused=self.device.type in ("cpu", "cuda"))
         self.bf16 = cfg.train.precision == "bf16"
-        self._bad_micro = False
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.bf16:
@@ -45,16 +43,13 @@ class SingleEngine(Engine):
             x, y = batch.x.to(self.device), batch.y.to(self.device)
             value = segmented_backward(self.forward, x, y, seg, scale=1.0 / accum, l2wrap=self.cfg.train.l2wrap,
                                        autocast=self._autocast)  # fmt: skip
-            if not math.isfinite(value):
-                self._bad_micro = True
             return value
         with self._autocast():
             logits, _ = self.forward(batch.x.to(self.device))
             loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
         del logits  # the loss keeps what backward needs; the (B, T, V) logits can go before backward runs
         value = float(loss.detach())
-        if not torch.isfinite(loss):
-            self._bad_micro = True
+        if not torch.isfinite(loss):  # no backward: the loop sees the NaN and skips the step
             return value
         (loss / accum).backward()
         return value
@@ -74,7 +69,6 @@ class SingleEngine(Engine):
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._bad_micro = False
 
     def save(self, directory: Path) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / STATE_FILE)

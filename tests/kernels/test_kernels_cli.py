@@ -29,4 +29,13 @@ def test_kernels_check_quick_passes():
 def test_kernels_check_bad_option_is_one_line():
     result = runner.invoke(app, ["kernels", "check", "--dtype", "int8"])
     assert result.exit_code != 0
-    assert "--dtype must be float32 or bfloat16" in result.output and "Traceback" not in result.output
+    assert "--dtype must be fp32 or bf16" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("old, new", [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")])
+def test_kernels_check_old_dtype_spelling_prints_a_deprecation(old, new):
+    # --device bogus stops the command right after the dtype is read, before anything is compiled
+    result = runner.invoke(app, ["kernels", "check", "--dtype", old, "--device", "bogus"])
+    assert f"--dtype {old} is deprecated" in result.output and f"use --dtype {new}" in result.output
+    current = runner.invoke(app, ["kernels", "check", "--dtype", new, "--device", "bogus"])
+    assert "deprecated" not in current.output

@@ -123,13 +123,15 @@ def test_weights_only_surgery_loads_in_the_official_package(tmp_path: Path, rand
 def test_gate_init_scale_and_order(random_model) -> None:
     cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=128, head_size=32, gate=False)
     sd = random_model(cfg).state_dict()
-    quiet, new_cfg = add_gate(sd, cfg, init="rwkv-lm", seed=0)
+    quiet, new_cfg = add_gate(sd, cfg, init="rwkv-lm-2024", seed=0)
     loud, _ = add_gate(sd, cfg, init="v5.2-2023", seed=0)
     assert list(quiet) == list(param_shapes(new_cfg))  # RWKV-LM's order
     g = quiet["blocks.0.att.gate.weight"]
     torch.testing.assert_close(g @ g.T, 0.01 * torch.eye(64), atol=1e-5, rtol=0)  # orthogonal, gain 0.1
     torch.testing.assert_close(loud["blocks.0.att.gate.weight"], 10 * g)
     assert not torch.equal(quiet["blocks.0.att.gate.weight"], quiet["blocks.1.att.gate.weight"])
+    old_spelling, _ = add_gate(sd, cfg, init="rwkv-lm", seed=0)  # deprecated, still accepted for one release
+    torch.testing.assert_close(old_spelling, quiet, atol=0, rtol=0)
 
 
 def test_cli_add_gate_and_resume(gateless_run: Path, tmp_path: Path) -> None:
@@ -165,3 +167,22 @@ def test_a_quantized_checkpoint_becomes_a_plain_gated_one(tmp_path: Path, random
     _, meta = load_checkpoint(gated)
     assert meta.model.gate and "quantization" not in meta.extra  # full precision now, and says so
     quantize_checkpoint(gated, tmp_path / "gq.safetensors", QuantSpec())  # so it can be quantized again
+
+
+@pytest.mark.parametrize("given, notice", [("rwkv-lm", True), ("rwkv-lm-2024", False)])
+def test_cli_gate_init_spelling(tmp_path: Path, random_model, given: str, notice: bool) -> None:
+    """rwkv-lm-2024 is the one spelling (as in `init`/`train`); the old `rwkv-lm` works for one release, with a
+    one-line notice, and the file records the current spelling either way."""
+    from rwkvctl.cli import app
+    from rwkvctl.io.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+
+    cfg = ModelConfig(n_layer=1, n_embd=64, vocab_size=128, head_size=32, gate=False)
+    src = save_checkpoint(tmp_path / "m.pth", random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
+    out = tmp_path / "g.pth"
+    res = CliRunner().invoke(app, ["add-gate", str(src), "-o", str(out), "--init", given])
+    assert res.exit_code == 0, res.output
+    assert ("--init rwkv-lm is deprecated" in res.output) is notice
+    assert "init rwkv-lm-2024" in res.output
+    assert load_checkpoint(out)[1].extra["surgery"]["add_gate"] == "rwkv-lm-2024"
+    with pytest.raises(CheckpointError, match="unknown gate init"):
+        add_gate_to_run(tmp_path, tmp_path / "x", init="rwkv")

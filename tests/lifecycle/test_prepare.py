@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from prepare_testdata import make_corpus, tree_bytes  # noqa: E402  (pythonpath in pyproject)
 
 from rwkvctl.data.binidx import BinIdxReader, magic_prime
 from rwkvctl.data.manifest import Manifest, resolve_prefixes
@@ -28,7 +27,9 @@ def ref_tok():
 
 
 def parse_pair(prefix: Path) -> dict:
-    """Independent MMIDIDX parser (layout from data-and-long-context.md §3.1), no project code."""
+    """Independent MMIDIDX v1 parser (Megatron's layout, as RWKV-LM's RWKV-v5/src/binidx.py reads it), no project
+    code: .idx = magic (9 B), <Q version, <B dtype code, <Q n, <Q n_doc_idx, int32 sizes[n], int64 pointers[n],
+    int64 doc_idx[n_doc_idx]; .bin = the tokens back to back."""
     raw = prefix.with_name(prefix.name + ".idx").read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, code, n, d = struct.unpack("<QBQQ", raw[9:34])
@@ -47,7 +48,7 @@ def parse_pair(prefix: Path) -> dict:
     }
 
 
-def test_end_to_end_layout_counts_and_ids(tmp_path: Path, ref_tok) -> None:
+def test_end_to_end_layout_counts_and_ids(tmp_path: Path, ref_tok, make_corpus) -> None:
     rows = make_corpus(tmp_path / "c", n_files=2, docs_per_file=25)
     make_corpus(tmp_path / "v", n_files=1, docs_per_file=5, seed=9)
     res = prepare(
@@ -90,7 +91,7 @@ def test_end_to_end_layout_counts_and_ids(tmp_path: Path, ref_tok) -> None:
     assert parse_pair(tmp_path / "merged")["tokens"].size < p["tokens"].size
 
 
-def test_workers_nodes_and_rerun_are_identical(tmp_path: Path) -> None:
+def test_workers_nodes_and_rerun_are_identical(tmp_path: Path, make_corpus, tree_bytes) -> None:
     make_corpus(tmp_path / "c", n_files=4, docs_per_file=10)
     inputs = [str(tmp_path / "c")]
     one = prepare(PrepareOptions(inputs=inputs, out_dir=tmp_path / "w1", val_fraction=0.2))
@@ -112,7 +113,7 @@ def test_workers_nodes_and_rerun_are_identical(tmp_path: Path) -> None:
     assert node_files == tree_bytes(tmp_path / "w1")
 
 
-def test_val_fraction_and_source_weights(tmp_path: Path) -> None:
+def test_val_fraction_and_source_weights(tmp_path: Path, make_corpus) -> None:
     rows = make_corpus(tmp_path / "c", n_files=2, docs_per_file=60)
     base = prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "a", val_fraction=0.25, seed=3))
     m = base.manifest
@@ -160,7 +161,7 @@ def test_bad_inputs_are_reported_not_fatal(tmp_path: Path) -> None:
         BinIdxReader(tmp_path / "out" / s.prefix)  # every listed shard is complete and valid
 
 
-def test_bad_arguments(tmp_path: Path) -> None:
+def test_bad_arguments(tmp_path: Path, make_corpus) -> None:
     make_corpus(tmp_path / "c", n_files=1, docs_per_file=3)
     with pytest.raises(DataError, match="no input files matched"):
         prepare(PrepareOptions(inputs=[str(tmp_path / "nothing*.zst")], out_dir=tmp_path / "o"))
@@ -192,7 +193,7 @@ def no_native(monkeypatch: pytest.MonkeyPatch):
     tokenizer._world.cache_clear()
 
 
-def test_encoder_backend_is_reported(tmp_path: Path, no_native) -> None:
+def test_encoder_backend_is_reported(tmp_path: Path, no_native, make_corpus) -> None:
     make_corpus(tmp_path / "c", n_files=1, docs_per_file=3)
     res = prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o"))
     assert res.manifest.encoder["backend"] == "python"
@@ -201,7 +202,7 @@ def test_encoder_backend_is_reported(tmp_path: Path, no_native) -> None:
     assert saved.encoder == res.manifest.encoder
 
 
-def test_native_encoder_is_reported(tmp_path: Path) -> None:
+def test_native_encoder_is_reported(tmp_path: Path, make_corpus) -> None:
     from rwkvctl.data.tokenizer import load_tokenizer
 
     make_corpus(tmp_path / "c", n_files=1, docs_per_file=3)
@@ -211,7 +212,7 @@ def test_native_encoder_is_reported(tmp_path: Path) -> None:
     assert Manifest.load(tmp_path / "o").encoder == res.manifest.encoder == want
 
 
-def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
+def test_sentencepiece_tokenizer(tmp_path: Path, make_corpus) -> None:
     from rwkvctl.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     rows = make_corpus(tmp_path / "c", n_files=1, docs_per_file=40)

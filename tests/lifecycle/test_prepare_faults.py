@@ -6,7 +6,6 @@ import errno
 from pathlib import Path
 
 import pytest
-from prepare_testdata import make_corpus, tree_bytes  # noqa: E402  (pythonpath in pyproject)
 
 from rwkvctl.data import binidx, corpus
 from rwkvctl.errors import DataError
@@ -14,7 +13,7 @@ from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
 
 
 @pytest.fixture
-def corpus_dir(tmp_path: Path) -> Path:
+def corpus_dir(tmp_path: Path, make_corpus) -> Path:
     make_corpus(tmp_path / "c", n_files=2, docs_per_file=12)
     return tmp_path / "c"
 
@@ -37,13 +36,13 @@ def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, err: O
     return calls
 
 
-def _assert_like_clean_run(corpus_dir: Path, tmp_path: Path, out: Path) -> None:
+def _assert_like_clean_run(corpus_dir: Path, tmp_path: Path, out: Path, tree_bytes) -> None:
     clean = tmp_path / "clean"
     prepare(_opts(corpus_dir, clean))
     assert tree_bytes(out) == tree_bytes(clean)
 
 
-def test_write_error_is_fatal_and_records_nothing(corpus_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_write_error_is_fatal_and_records_nothing(corpus_dir: Path, tmp_path: Path, monkeypatch, tree_bytes) -> None:
     out = tmp_path / "out"
     enospc = OSError(errno.ENOSPC, "No space left on device")
     calls = _fail_once(monkeypatch, binidx.BinIdxWriter, "add_documents", enospc)
@@ -55,7 +54,7 @@ def test_write_error_is_fatal_and_records_nothing(corpus_dir: Path, tmp_path: Pa
     monkeypatch.undo()
     res = prepare(_opts(corpus_dir, out))  # disk freed: the rerun does the input, nothing is skipped as bad
     assert res.manifest.bad_inputs == [] and len(res.manifest.inputs_done) == 2
-    _assert_like_clean_run(corpus_dir, tmp_path, out)
+    _assert_like_clean_run(corpus_dir, tmp_path, out, tree_bytes)
 
 
 def test_close_error_is_fatal_too(corpus_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -69,7 +68,9 @@ def test_close_error_is_fatal_too(corpus_dir: Path, tmp_path: Path, monkeypatch)
     assert res.manifest.bad_inputs == [] and res.units_done_now == 2
 
 
-def test_transient_read_error_is_not_a_permanent_skip(corpus_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_transient_read_error_is_not_a_permanent_skip(
+    corpus_dir: Path, tmp_path: Path, monkeypatch, tree_bytes
+) -> None:
     out = tmp_path / "out"
     _fail_once(monkeypatch, corpus._Counting, "read", OSError(errno.EIO, "Input/output error"))
     with pytest.raises(DataError, match="read error .*rerun to resume"):
@@ -78,7 +79,7 @@ def test_transient_read_error_is_not_a_permanent_skip(corpus_dir: Path, tmp_path
     monkeypatch.undo()
     res = prepare(_opts(corpus_dir, out))
     assert res.manifest.bad_inputs == [] and len(res.manifest.inputs_done) == 2
-    _assert_like_clean_run(corpus_dir, tmp_path, out)
+    _assert_like_clean_run(corpus_dir, tmp_path, out, tree_bytes)
 
 
 def test_unopenable_input_is_fatal_not_skipped(corpus_dir: Path, tmp_path: Path, monkeypatch) -> None:

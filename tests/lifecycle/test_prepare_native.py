@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from prepare_testdata import make_corpus, tree_bytes  # noqa: E402  (pythonpath in pyproject)
 
 from rwkvctl.data.tokenizer_world import WorldTokenizer
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
@@ -22,7 +21,7 @@ PROBLEMS = [b"{broken", b'{"text": ""}', b'{"text": "\xff"}', b'{"text": "lone \
 
 
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
+def corpus(tmp_path: Path, make_corpus) -> Path:
     if WorldTokenizer().backend != "native":
         pytest.skip("no C++ compiler: the native JSONL path is not used")
     root = tmp_path / "c"
@@ -48,7 +47,7 @@ def corpus(tmp_path: Path) -> Path:
     [{}, {"val_fraction": 0.2, "source_weights": {"RedPajamaGithub": 2.0, "S1": 0.5}}, {"workers": 2}],
     ids=["plain", "val+weights", "2-workers"],
 )
-def test_native_path_writes_what_python_writes(corpus: Path, tmp_path: Path, extra: dict) -> None:
+def test_native_path_writes_what_python_writes(corpus: Path, tmp_path: Path, extra: dict, tree_bytes) -> None:
     outs = {}
     for native in (True, False):
         out = tmp_path / f"out-{native}"
@@ -63,7 +62,7 @@ def test_native_path_writes_what_python_writes(corpus: Path, tmp_path: Path, ext
         assert outs[True][1].manifest.docs() == 2 * 60 + 90 + 13
 
 
-def test_encoder_thread_on_and_off_agree(corpus: Path, tmp_path: Path) -> None:
+def test_encoder_thread_on_and_off_agree(corpus: Path, tmp_path: Path, tree_bytes) -> None:
     trees = []
     for thread in (True, False):
         out = tmp_path / f"t-{thread}"

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from prepare_testdata import make_corpus, tree_bytes  # (pythonpath in pyproject)
-
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
 
 # The pure-Python encoder (~1-3 MB/s) makes each input take a noticeable time, so kills land mid-unit; its ids
@@ -60,7 +58,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> int:
     return len(list((out / ".prepare" / "done").glob("*.json")))
 
 
-def test_kill_and_resume_is_byte_identical(tmp_path: Path) -> None:
+def test_kill_and_resume_is_byte_identical(tmp_path: Path, make_corpus, tree_bytes) -> None:
     make_corpus(tmp_path / "c", n_files=10, docs_per_file=400, seed=1)
     ref = prepare(
         PrepareOptions(
@@ -111,7 +109,7 @@ prepare(PrepareOptions(inputs=[sys.argv[1]], out_dir=sys.argv[2], workers=int(sy
 """
 
 
-def test_kill_and_resume_on_the_native_block_path(tmp_path: Path) -> None:
+def test_kill_and_resume_on_the_native_block_path(tmp_path: Path, make_corpus, tree_bytes) -> None:
     """The default path (C++ JSONL blocks, no val split): kills inside units, between them and in renames."""
     from rwkvctl.data.tokenizer_world import WorldTokenizer
 
