@@ -7,6 +7,9 @@ A bare official `.pth` without a sidecar still loads: the config is inferred fro
 
 Loading never runs pickled code: `.pth` goes through ``torch.load(weights_only=True)``. Every problem
 becomes a one-line `CheckpointError` naming the file and what is wrong.
+
+This module reads plain checkpoints. Quantized ones (`rwkvctl quantize`) are read by rwkvctl.quant.format, which
+sits above io and builds on `read_checkpoint_file` and `checked_state_dict` here.
 """
 
 from __future__ import annotations
