@@ -63,7 +63,7 @@ def main() -> None:
 
     from rwkvctl.lifecycle.models import load_model
     from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
-    from rwkvctl.quant import QuantSpec
+    from rwkvctl.quant.policy import QuantSpec
 
     work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-quant-"))
     t0 = time.time()

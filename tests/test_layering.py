@@ -20,10 +20,11 @@ FORBIDDEN = {
     # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
     "names": {"config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate",
               "surgery", "quant"},
-    "kernels": {"model", "data", "io", "train", "lifecycle", "cli"},
-    "model": {"data", "io", "train", "lifecycle", "cli"},
-    "io": {"model", "data", "train", "lifecycle", "cli"},
-    "data": {"model", "train", "lifecycle", "cli"},
+    "kernels": {"model", "data", "io", "train", "lifecycle", "cli", "quant"},
+    "model": {"data", "io", "train", "lifecycle", "cli", "quant"},
+    # quantized checkpoints are read by quant.format on top of io (io reads plain ones)
+    "io": {"model", "data", "train", "lifecycle", "cli", "quant"},
+    "data": {"model", "train", "lifecycle", "cli", "quant"},
     "train": {"lifecycle", "cli"},
     "generate": {"train", "lifecycle", "cli"},
     "quant": {"train", "lifecycle", "cli", "generate", "data"},
@@ -61,6 +62,12 @@ def test_layer_rules(path, rel, layer):
         if top == "rwkvctl" and "." in name:
             target = name.split(".")[1]
             assert target not in FORBIDDEN.get(layer, set()), f"{rel} ({layer}) must not import {name}"
+
+
+def test_the_quantized_format_has_one_owner():
+    """Only rwkvctl/quant/format.py names the quantization metadata key (so only it reads or writes the layout)."""
+    owners = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if '"rwkvctl-quant"' in p.read_text()]
+    assert owners == ["quant/format.py"]
 
 
 def test_help_does_not_import_torch():

@@ -11,10 +11,12 @@ from typer.testing import CliRunner
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.io.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from rwkvctl.io.quantized import META_KEY, dequantize, pack_codes, unpack_codes
+from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
-from rwkvctl.quant import QuantSpec, group_size_for, quantize_weight
+from rwkvctl.quant.format import META_KEY
+from rwkvctl.quant.format import load_checkpoint_expanded as load_checkpoint
+from rwkvctl.quant.groupwise import dequantize, group_size_for, pack_codes, quantize_weight, unpack_codes
+from rwkvctl.quant.policy import QuantSpec
 
 CFG = ModelConfig(n_layer=2, n_embd=64, vocab_size=512, head_size=32)
 
@@ -34,11 +36,12 @@ def test_error_is_bounded_and_every_group_is_within_half_a_step(bits: int, bound
     w = torch.randn(96, 256) * 0.05
     q = quantize_weight(w, bits, 64)
     assert q.rel_error < bound
-    restored = dequantize(q.packed, q.scale, q.minimum, bits, 64)
-    steps = q.scale.float().repeat_interleave(64, dim=1)
+    restored = dequantize(q.stored["qweight"], q.stored["scale"], q.stored["min"], bits, 64)
+    steps = q.stored["scale"].float().repeat_interleave(64, dim=1)
     # within half a step of its group's grid, or clipped by the searched range (never more than the range shrink)
     assert ((restored - w).abs() <= steps * 0.5 + 1e-6).float().mean() > 0.95
-    assert torch.equal(quantize_weight(torch.zeros(4, 64), bits, 64).packed, pack_codes(torch.zeros(4, 64), bits))
+    zeros = quantize_weight(torch.zeros(4, 64), bits, 64).stored["qweight"]
+    assert torch.equal(zeros, pack_codes(torch.zeros(4, 64), bits))
 
 
 @pytest.mark.parametrize("group", [64, 256])
@@ -122,7 +125,7 @@ def test_damaged_quantized_files_are_one_line_errors(checkpoint: Path, tmp_path:
     with pytest.raises(CheckpointError, match="damaged quantization metadata"):
         load_checkpoint(write(tensors, {**metadata, META_KEY: "{not json"}))
     entries = json.loads(metadata[META_KEY])
-    entries["tensors"]["blocks.0.att.key.weight"]["bits"] = 3
+    entries["tensors"]["blocks.0.att.key.weight"]["params"]["bits"] = 3
     with pytest.raises(CheckpointError, match="inconsistent"):
         load_checkpoint(write(tensors, {**metadata, META_KEY: json.dumps(entries)}))
 
@@ -157,7 +160,7 @@ def test_eval_tokens_outside_the_vocabulary_are_refused(checkpoint: Path, tmp_pa
 
 def test_packed_weights_at_run_time_give_the_same_logits(checkpoint: Path, tmp_path: Path) -> None:
     from rwkvctl.lifecycle.models import load_model
-    from rwkvctl.quant import QuantLinear
+    from rwkvctl.quant.linear import QuantLinear
 
     path = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec()).path
     expanded, _ = load_model(path)

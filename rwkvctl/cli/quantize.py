@@ -42,7 +42,7 @@ def quantize_command(
     if eval_tokens < 2:
         raise fail("--eval-tokens must be at least 2")
     from rwkvctl.lifecycle.quantize import quantize_checkpoint
-    from rwkvctl.quant import QuantSpec
+    from rwkvctl.quant.policy import QuantSpec
 
     spec = QuantSpec(bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search)
     tokens = _eval_tokens(eval_text, tokenizer, eval_tokens) if eval_text is not None else None
@@ -84,7 +84,7 @@ def _summary(result, spec) -> None:  # noqa: ANN001  (lifecycle result types are
     table.add_column("worst rel. error", justify="right")
     groups: dict[str, list] = {}
     for t in result.tensors:
-        kind = "emb/head" if t.name in ("emb.weight", "head.weight") else "block matrices" if t.bits else "other"
+        kind = "emb/head" if t.kind == "embedding" else "block matrices" if t.bits else "other"
         groups.setdefault(kind, []).append(t)
     for kind, rows in groups.items():
         bits = rows[0].bits

@@ -7,6 +7,9 @@ A bare official `.pth` without a sidecar still loads: the config is inferred fro
 
 Loading never runs pickled code: `.pth` goes through ``torch.load(weights_only=True)``. Every problem
 becomes a one-line `CheckpointError` naming the file and what is wrong.
+
+This module reads plain checkpoints. Quantized ones (`rwkvctl quantize`) are read by rwkvctl.quant.format, which
+sits above io and builds on `read_checkpoint_file` and `checked_state_dict` here.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from torch import Tensor
 from rwkvctl.config import ModelConfig, infer_config, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_path, atomic_write_text
-from rwkvctl.io.quantized import META_KEY as QUANT_META_KEY
-from rwkvctl.io.quantized import PackedWeight, quant_summary, split_quantized
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 SIDECAR_FORMAT = "rwkvctl-checkpoint"
@@ -242,47 +243,60 @@ def _describes_other_model(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig)
     return param_shapes(inferred) == shapes and inferred != cfg
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
-    """Read and validate a checkpoint. Returns (state dict with bare RWKV-LM names, meta). A quantized file's
-    weights come back expanded to their original dtype."""
-    state_dict, packed, meta = load_checkpoint_packed(path)
-    for name, weight in packed.items():
-        state_dict[name] = weight.expand().to(weight.dtype)
-    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta
+@dataclass
+class StoredCheckpoint:
+    """A checkpoint file as read, before its tensors are checked against a model config."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]  # the safetensors header's metadata ({} for .pth)
 
 
-def load_checkpoint_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, PackedWeight], CheckpointMeta]:
-    """Like `load_checkpoint`, but a quantized file's weights stay packed: (the other tensors, the packed weights
-    by name, meta). For a plain checkpoint the packed dict is empty."""
+def read_checkpoint_file(path: str | Path) -> StoredCheckpoint:
+    """The tensors and header metadata of a `.pth` or `.safetensors` file, unchecked (see `checked_state_dict`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; pass the .pth or .safetensors file inside it")
-    packed: dict[str, PackedWeight] = {}
     if path.suffix == ".safetensors":
-        state_dict, metadata = _read_safetensors(path)
-        embedded = metadata.get("rwkvctl")
-        if QUANT_META_KEY in metadata:  # a `rwkvctl quantize` file
-            state_dict, packed = split_quantized(state_dict, metadata[QUANT_META_KEY], source=str(path))
-    else:
-        state_dict, embedded = _read_pth(path), None
-    state_dict = normalize_keys(state_dict)
-    # shapes (and placeholders) of the packed weights stand in for them in the checks below
-    stand_ins = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in normalize_keys(packed).items()}
+        tensors, metadata = _read_safetensors(path)
+        return StoredCheckpoint(path, tensors, metadata)
+    return StoredCheckpoint(path, _read_pth(path), {})
+
+
+def checked_state_dict(
+    stored: StoredCheckpoint, tensors: dict[str, Tensor], stand_ins: dict[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """`tensors` (the file's state-dict entries) with bare names, and the checkpoint's meta, validated against its
+    model config. `stand_ins`: placeholders (shape and dtype, e.g. on the meta device) for weights the file stores
+    in another form (rwkvctl.quant.format reads quantized ones), checked in their place."""
+    state_dict = normalize_keys(tensors)
+    stand_ins = normalize_keys(stand_ins or {})
     shapes = {k: tuple(t.shape) for k, t in {**state_dict, **stand_ins}.items()}
-    meta = _read_meta(path, embedded, shapes)
-    if packed:
-        meta.extra["quantization"] = {**meta.extra.get("quantization", {}), **quant_summary(packed)}
+    meta = _read_meta(stored.path, stored.metadata.get("rwkvctl"), shapes)
     try:
-        validate_state_dict({**state_dict, **stand_ins}, meta.model, source=str(path))
+        validate_state_dict({**state_dict, **stand_ins}, meta.model, source=str(stored.path))
     except CheckpointError as e:
-        side = sidecar_path(path)
+        side = sidecar_path(stored.path)
         if side.exists() and _describes_other_model(shapes, meta.model):
             # weights and sidecar are renamed one after the other: a crash in between leaves a stale sidecar
             raise CheckpointError(
-                f"{side}: describes a different model than {path.name} (stale sidecar from an interrupted save?); "
-                "delete the sidecar to infer the config from the tensors"
+                f"{side}: describes a different model than {stored.path.name} (stale sidecar from an interrupted "
+                "save?); delete the sidecar to infer the config from the tensors"
+            ) from None
+        if not stand_ins and "quantization" in meta.extra:
+            raise CheckpointError(
+                f"{stored.path}: is a quantized checkpoint; read it with rwkvctl.load_checkpoint "
+                "(rwkvctl.quant.format), which expands it"
             ) from None
         raise e from None
-    return state_dict, normalize_keys(packed), meta
+    return state_dict, meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """Read and validate a plain (unquantized) checkpoint. Returns (state dict with bare RWKV-LM names, meta).
+    Quantized files are read by rwkvctl.quant.format (the public `rwkvctl.load_checkpoint` reads both)."""
+    stored = read_checkpoint_file(path)
+    state_dict, meta = checked_state_dict(stored, stored.tensors)
+    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta

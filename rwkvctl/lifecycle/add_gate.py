@@ -23,9 +23,10 @@ from torch import Tensor
 from rwkvctl.config import ModelConfig, param_shapes
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_write_text
-from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
+from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, save_checkpoint, sidecar_path
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.names import canonical
+from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.engine import STATE_FILE, load_deepspeed_engine
@@ -50,7 +51,7 @@ def add_gate_to_checkpoint(
     init = canonical("init", init).name  # recorded in the new file's metadata: the one spelling
     if dst.suffix not in SUFFIXES:
         raise CheckpointError(f"{dst}: name the output .pth or .safetensors")
-    state_dict, meta = load_checkpoint(src)
+    state_dict, meta = load_checkpoint_expanded(src)  # a quantized source is expanded
     new_sd, new_cfg = _gated(state_dict, meta.model, init, seed, source=src)
     # written in full precision: a quantized source's quantization record no longer applies
     kept = {k: v for k, v in meta.extra.items() if k != "quantization"}

@@ -10,18 +10,11 @@ import torch
 
 from rwkvctl.config import ModelConfig, param_count
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.io.checkpoint import (
-    SUFFIXES,
-    CheckpointMeta,
-    detect_version,
-    load_checkpoint,
-    load_checkpoint_packed,
-    save_checkpoint,
-    sidecar_path,
-)
+from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, detect_version, save_checkpoint, sidecar_path
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.names import DTYPE_NAMES, dtype_name
+from rwkvctl.quant.format import load_checkpoint_expanded, load_checkpoint_packed
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
@@ -93,10 +86,10 @@ def load_model(
     file's Linear weights stay packed (QuantLinear, ~4.5 bits per weight in memory instead of 16 or 32); the
     embedding, a lookup table, is expanded either way."""
     if not keep_quantized:
-        state_dict, meta = load_checkpoint(path)
+        state_dict, meta = load_checkpoint_expanded(path)
         return model_from_state_dict(state_dict, meta.model, dtype=dtype, device=device), meta
     state_dict, packed, meta = load_checkpoint_packed(path)
-    from rwkvctl.quant import use_packed_weights
+    from rwkvctl.quant.linear import use_packed_weights
 
     linear = {k: w for k, w in packed.items() if k != "emb.weight"}
     placeholders = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in linear.items()}
@@ -146,7 +139,7 @@ class CheckpointInfo:
 def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     """Everything `rwkvctl inspect` shows about a checkpoint; validates it on the way."""
     path = Path(path)
-    state_dict, meta = load_checkpoint(path)
+    state_dict, meta = load_checkpoint_expanded(path)
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     tensors = [
         TensorInfo(k, tuple(t.shape), dtype_name(str(t.dtype)), t.numel()) for k, t in state_dict.items()

@@ -8,7 +8,6 @@ quantized model's next-token distribution from the original's, and how often the
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +16,9 @@ from pathlib import Path
 import torch
 
 from rwkvctl.errors import CheckpointError
-from rwkvctl.fs import atomic_path, atomic_write_text
-from rwkvctl.io.checkpoint import load_checkpoint, sidecar_path
-from rwkvctl.io.quantized import META_KEY, quant_metadata
 from rwkvctl.lifecycle.models import load_model, model_from_state_dict
-from rwkvctl.quant import QuantSpec, TensorReport, quantize_state_dict
+from rwkvctl.quant.format import load_checkpoint_expanded, write_quantized
+from rwkvctl.quant.policy import QuantSpec, TensorReport, quantize_state_dict
 
 
 @dataclass
@@ -65,7 +62,7 @@ def quantize_checkpoint(
         raise CheckpointError(f"{dst}: quantized checkpoints are .safetensors files; name the output *.safetensors")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: the output would overwrite the input; choose another name")
-    state_dict, meta = load_checkpoint(src)
+    state_dict, meta = load_checkpoint_expanded(src)
     if eval_tokens and not 0 <= min(eval_tokens) <= max(eval_tokens) < meta.model.vocab_size:
         raise CheckpointError(
             f"{src}: the model has {meta.model.vocab_size} vocabulary rows but the evaluation text has token ids "
@@ -73,7 +70,7 @@ def quantize_checkpoint(
         )
     if "quantization" in meta.extra:
         raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
-    tensors, entries, reports = quantize_state_dict(state_dict, spec, on_tensor)
+    plain, packed, reports = quantize_state_dict(state_dict, spec, on_tensor)
     meta.extra["quantization"] = {
         "bits": spec.bits,
         "group": spec.group,
@@ -81,12 +78,7 @@ def quantize_checkpoint(
         "range_search": spec.search,
         "source": src.name,
     }
-    meta_json = json.dumps(meta.to_dict())
-    from safetensors.torch import save_file
-
-    with atomic_path(dst) as tmp:
-        save_file(tensors, str(tmp), metadata={"rwkvctl": meta_json, META_KEY: quant_metadata(entries)})
-    atomic_write_text(sidecar_path(dst), json.dumps(meta.to_dict(), indent=2) + "\n")
+    write_quantized(dst, plain, packed, meta)
     quality = None
     if eval_tokens:
         original = model_from_state_dict(state_dict, meta.model)  # the weights already in memory, not a reread

@@ -22,9 +22,9 @@ import torch
 
 from rwkvctl.data.loader import dataset_tokenizer, open_train, open_val
 from rwkvctl.errors import CheckpointError, TrainingError
-from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.model.init import init_weights
 from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.engine import Engine, configure_determinism, load_deepspeed_engine, resolve_device
 from rwkvctl.train.loop import LoopContext, TrainProgress, fit
@@ -106,7 +106,7 @@ def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
 def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
     model = RWKV5(cfg.model)
     if cfg.train.init_from:
-        state_dict, meta = load_checkpoint(cfg.train.init_from)
+        state_dict, meta = load_checkpoint_expanded(cfg.train.init_from)
         if meta.model != cfg.model:
             raise CheckpointError(f"{cfg.train.init_from}: its model config {meta.model} differs from the run's "
                                   f"{cfg.model}; fix the `model:` section")

@@ -158,7 +158,7 @@ def test_cli_add_gate_and_resume(gateless_run: Path, tmp_path: Path) -> None:
 def test_a_quantized_checkpoint_becomes_a_plain_gated_one(tmp_path: Path, random_model) -> None:
     from rwkvctl.io.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from rwkvctl.lifecycle.quantize import quantize_checkpoint
-    from rwkvctl.quant import QuantSpec
+    from rwkvctl.quant.policy import QuantSpec
 
     cfg = ModelConfig(n_layer=1, n_embd=64, vocab_size=128, head_size=32, gate=False)
     src = save_checkpoint(tmp_path / "m.pth", random_model(cfg).state_dict(), CheckpointMeta(model=cfg))
