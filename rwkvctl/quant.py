@@ -8,14 +8,13 @@ Q4_0/Q4_1 use 32-weight groups too, but also quantize the activations, and per-m
 (rwkv.cpp#12). Only weights are quantized here; activations stay in float. At group 64 that is 4.5 bits per
 weight (4 + two fp16 per 64).
 
-Which tensors: the Linear weights inside the blocks at `bits`; the embedding and head at `embed_bits` (8 by default:
-they are large for a 65536 vocabulary and the most sensitive, rwkv.cpp keeps them in fp16) or unchanged (None);
-everything else (time_*, LayerNorms) unchanged.
+Which tensors: the architecture's (rwkvctl.arch `QuantPatterns`; x052: the Linear weights inside the blocks) at
+`bits`; the embedding and head at `embed_bits` (8 by default: they are large for a 65536 vocabulary and the most
+sensitive, rwkv.cpp keeps them in fp16) or unchanged (None); everything else (time_*, LayerNorms) unchanged.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rwkvctl.arch import DEFAULT_ARCH, get_arch
 from rwkvctl.errors import ConfigError
 from rwkvctl.io.quantized import PackedWeight, dequantize, pack_codes
 
-BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(att|ffn)\.(receptance|key|value|gate|output)\.weight$")
-EMBEDDINGS = ("emb.weight", "head.weight")
 # Fractions of a group's min..max range tried (shrunk around its centre); 1.0 is plain min/max.
 RANGE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 ROWS_PER_CHUNK = 1024  # bounds the search's temporary memory (rows x in x fp32 per candidate)
@@ -39,6 +37,7 @@ class QuantSpec:
     group: int = 64
     embed_bits: int | None = 8
     search: bool = True
+    architecture: str = DEFAULT_ARCH  # whose quantizable-tensor patterns apply (rwkvctl.arch)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.embed_bits not in (4, 8, None):
@@ -47,9 +46,10 @@ class QuantSpec:
             raise ConfigError(f"--group must be an even number >= 2, got {self.group}")
 
     def bits_for(self, name: str) -> int | None:
-        if name in EMBEDDINGS:
+        patterns = get_arch(self.architecture).quant
+        if name in patterns.embeddings:
             return self.embed_bits
-        return self.bits if BLOCK_LINEAR.search(name) else None
+        return self.bits if patterns.linear.search(name) else None
 
 
 @dataclass

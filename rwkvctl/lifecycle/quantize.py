@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ def quantize_checkpoint(
         )
     if "quantization" in meta.extra:
         raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
+    spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
     tensors, entries, reports = quantize_state_dict(state_dict, spec, on_tensor)
     meta.extra["quantization"] = {
         "bits": spec.bits,
