@@ -256,7 +256,7 @@ def _model_from(data: Any, source: str) -> ModelConfig:
     try:
         spec = get_arch(data.get("architecture", DEFAULT_ARCH))
     except ConfigError as e:
-        raise ConfigError(f"{source}: model.{e}") from None
+        raise ConfigError(f"{source}: model.architecture: {e}") from None
     # CLI overrides arrive as strings: coerce each to its field's type (keys the class lacks are reported below)
     kinds = typing.get_type_hints(spec.config_class)
     data = {k: (_coerce(v, kinds[k], f"{source}: model.{k}") if kinds.get(k) in (int, bool, str) else v)
