@@ -26,13 +26,12 @@ def one(length: int, segment: int, device: str, precision: str, layers: int, wid
     import torch
 
     from rwkvctl.config import ModelConfig
-    from rwkvctl.model.init import init_weights
-    from rwkvctl.model.rwkv5 import RWKV5
+    from rwkvctl.model.registry import build_model, initialize
     from rwkvctl.train.loss import lm_loss
     from rwkvctl.train.segmented import segmented_backward
 
     cfg = ModelConfig(n_layer=layers, n_embd=width, vocab_size=4096)
-    model = init_weights(RWKV5(cfg), "rwkv-lm-2024", seed=0).to(device)
+    model = initialize(build_model(cfg), "rwkv-lm-2024", seed=0).to(device)
     x = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
     cuda = device.startswith("cuda")
 

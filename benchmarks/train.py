@@ -24,8 +24,7 @@ import torch
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.data.loader import TokenStream, TrainWindows
-from rwkvctl.model.init import init_weights
-from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.single import SingleEngine
 
@@ -34,7 +33,7 @@ BACKENDS = ("compiled", "reference")
 
 def build(backend: str, cfg: RunConfig) -> SingleEngine:
     torch.manual_seed(0)
-    model = init_weights(RWKV5(cfg.model), cfg.train.init, seed=0)
+    model = initialize(build_model(cfg.model), cfg.train.init, seed=0)
     return SingleEngine(model, cfg)
 
 

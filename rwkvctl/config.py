@@ -1,8 +1,9 @@
-"""Model configuration, presets and the RWKV-LM x052 parameter table.
+"""The RWKV-5.2 ("x052") model configuration, presets and RWKV-LM parameter table.
 
 stdlib + yaml only: the CLI imports this for `--help`-time work (preset names, parameter counts with
 `--meta`) without pulling in torch. The shape table below is the single source of truth for RWKV-LM
-`.pth` names and shapes; the model, the checkpoint validator and the parameter counter all use it.
+`.pth` names and shapes. Everything here is registered as the x052 entry of the architecture registry
+(`rwkvctl.arch`); code that should work for any architecture reads it through the registry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from rwkvctl.errors import ConfigError
 from rwkvctl.names import INIT_SCHEMES as INIT_SCHEMES  # re-exported: the init schemes are model config
 
+X052 = "x052"  # the architecture id ModelConfig describes (RWKV-LM's name for RWKV-5.2)
 WORLD_VOCAB_SIZE = 65536
 
 
@@ -47,8 +49,14 @@ class ModelConfig:
     """FFN hidden width F (0: 3.5x n_embd with gate, 4x without, floored to 32)."""
     gate: bool = True
     """v5.2 output gate (att.gate + time_mix_g). False is the gate-less v5 layout."""
+    architecture: str = X052
+    """Architecture id (rwkvctl.arch), recorded in every file; always x052 for this class."""
 
     def __post_init__(self) -> None:
+        if self.architecture != X052:
+            # the registry (rwkvctl.arch.config_from_dict) picks the config class by id before building one
+            raise ConfigError(f"model config: ModelConfig holds the {X052} fields, got architecture "
+                              f"{self.architecture!r}")
         if self.dim_att == 0:
             self.dim_att = self.n_embd
         if self.dim_ffn == 0:

@@ -17,7 +17,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from rwkvctl.config import ModelConfig, param_shapes
+from rwkvctl.arch import arch_of
+from rwkvctl.config import ModelConfig
 from rwkvctl.errors import ConfigError
 from rwkvctl.names import canonical
 
@@ -49,4 +50,4 @@ def add_gate(
         added[p + "gate.weight"] = w.to(like.dtype).to(like.device)
         added[p + "time_mix_g"] = state_dict[p + "time_mix_r"].clone()
     merged = {**state_dict, **added}
-    return {k: merged[k] for k in param_shapes(new_cfg)}, new_cfg
+    return {k: merged[k] for k in arch_of(new_cfg).param_shapes(new_cfg)}, new_cfg

@@ -35,3 +35,25 @@ def make_random_model(cfg, seed: int = 0):
 @pytest.fixture
 def random_model():
     return make_random_model
+
+
+def _rewrite_embedded_model(path, edit) -> None:
+    """Apply `edit` to the model section of a safetensors checkpoint's rwkvctl metadata, in place."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    data = json.loads(metadata["rwkvctl"])
+    edit(data["model"])
+    metadata["rwkvctl"] = json.dumps(data)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.fixture
+def rewrite_embedded_model():
+    return _rewrite_embedded_model
+

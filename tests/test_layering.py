@@ -13,13 +13,16 @@ PKG = Path(__file__).resolve().parents[1] / "rwkvctl"
 
 # layer -> rwkvctl subpackages/modules it must never import
 FORBIDDEN = {
-    "config": {"model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
-    "errors": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
+    "config": {"arch", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
+    "errors": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
     # the ground floor: crash-safe file writes, used by every layer that writes
-    "fs": {"config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
+    "fs": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery",
+           "quant", "names"},
     # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
-    "names": {"config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate",
-              "surgery", "quant"},
+    "names": {"arch", "config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
+              "generate", "surgery", "quant"},
+    # the architecture registry's torch-free half sits on config: every layer from kernels up may read it
+    "arch": {"fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
     "kernels": {"model", "data", "io", "train", "lifecycle", "cli", "quant"},
     "model": {"data", "io", "train", "lifecycle", "cli", "quant"},
     # quantized checkpoints are read by quant.format on top of io (io reads plain ones)
@@ -68,6 +71,47 @@ def test_the_quantized_format_has_one_owner():
     """Only rwkvctl/quant/format.py names the quantization metadata key (so only it reads or writes the layout)."""
     owners = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if '"rwkvctl-quant"' in p.read_text()]
     assert owners == ["quant/format.py"]
+
+
+def _calls_named(path: Path, name: str) -> list[int]:
+    """Lines where `name(...)` or `x.name(...)` is called."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)
+    ]
+
+
+BENCHMARKS = PKG.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("path", sorted([*PKG.rglob("*.py"), *BENCHMARKS.rglob("*.py")]), ids=str)
+def test_models_are_built_through_the_registry(path):
+    """Only rwkvctl/model/ constructs RWKV5; everything else calls rwkvctl.model.registry.build_model(cfg), so a new
+    architecture needs no change outside the registry."""
+    if path.is_relative_to(PKG / "model"):
+        return
+    lines = _calls_named(path, "RWKV5")
+    assert not lines, f"{path.relative_to(PKG.parent)}:{lines[0]} calls RWKV5(...); use build_model(cfg)"
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=str)
+def test_architecture_id_is_only_spelled_by_the_registry(path):
+    """The id "x052" is written once (rwkvctl/config.py, next to its config class); other modules name an
+    architecture through rwkvctl.arch (DEFAULT_ARCH, a config's `architecture`), not by a literal of their own."""
+    if path == PKG / "config.py":
+        return
+    tree = ast.parse(path.read_text(), filename=str(path))
+    literals = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "x052"]
+    assert not literals, f"{path.relative_to(PKG.parent)}:{literals[0]} spells the architecture id 'x052'"
+
+
+def test_architecture_registry_does_not_import_torch():
+    code = "import sys, rwkvctl.arch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_help_does_not_import_torch():

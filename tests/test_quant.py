@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
+from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint, sidecar_path
 from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
 from rwkvctl.quant.format import META_KEY
 from rwkvctl.quant.format import load_checkpoint_expanded as load_checkpoint
@@ -98,6 +98,16 @@ def test_quantized_file_loads_as_a_checkpoint_and_keeps_quality(checkpoint: Path
         quantize_checkpoint(res.path, tmp_path / "qq.safetensors", QuantSpec())
     with pytest.raises(CheckpointError, match="safetensors"):
         quantize_checkpoint(checkpoint, tmp_path / "q.pth", QuantSpec())
+
+
+def test_quantized_files_record_the_architecture(checkpoint: Path, tmp_path: Path, rewrite_embedded_model) -> None:
+    q = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", QuantSpec()).path
+    sidecar_path(q).unlink()  # the file's own metadata is what is checked
+    rewrite_embedded_model(q, lambda model: model.pop("architecture"))  # written before the field existed
+    assert load_checkpoint(q)[1].model == CFG
+    rewrite_embedded_model(q, lambda model: model.update(architecture="x060"))
+    with pytest.raises(CheckpointError, match=r"q\.safetensors \(metadata\): written for architecture 'x060'"):
+        load_checkpoint(q)
 
 
 def test_damaged_quantized_files_are_one_line_errors(checkpoint: Path, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ A checkpoint is exactly what RWKV-LM writes — a flat ``{name: tensor}`` dict w
 shapes — so official tools load ours and we load theirs. What RWKV-LM does not store (config, tokenizer,
 step) lives in a small JSON sidecar ``<file>.json`` (and, for safetensors, in the file's own metadata).
 A bare official `.pth` without a sidecar still loads: the config is inferred from tensor shapes.
+The sidecar's model section records the architecture id (rwkvctl.arch); a file without one is x052, and a
+file of an architecture this version does not know is refused.
 
 Loading never runs pickled code: `.pth` goes through ``torch.load(weights_only=True)``. Every problem
 becomes a one-line `CheckpointError` naming the file and what is wrong.
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rwkvctl.config import ModelConfig, infer_config, param_shapes
+from rwkvctl.arch import ARCHITECTURES, DEFAULT_ARCH, arch_for_version, arch_of, config_from_dict
+from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_path, atomic_write_text
 
@@ -49,7 +52,7 @@ class CheckpointMeta:
         return {
             "format": SIDECAR_FORMAT,
             "format_version": 1,
-            "architecture": "rwkv5.2-x052",
+            "architecture": arch_of(self.model).label,
             "model": self.model.to_dict(),
             "tokenizer": self.tokenizer,
             "step": self.step,
@@ -62,10 +65,11 @@ class CheckpointMeta:
     def from_dict(cls, data: dict[str, Any], *, source: str) -> CheckpointMeta:
         if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
             raise CheckpointError(f'{source}: not an rwkvctl sidecar (no "format": "{SIDECAR_FORMAT}")')
+        if "model" not in data:
+            raise CheckpointError(f"{source}: sidecar has no 'model' section")
+        check_architecture(data["model"], source=source)
         try:
-            model = ModelConfig.from_dict(data["model"], source=source)
-        except KeyError:
-            raise CheckpointError(f"{source}: sidecar has no 'model' section") from None
+            model = config_from_dict(data["model"], source=source)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         fields = {
@@ -81,6 +85,16 @@ class CheckpointMeta:
             ):
                 raise CheckpointError(f"{source}: sidecar field {name!r} must be {kind.__name__}, got {value!r}")
         return cls(model=model, **{name: value for name, (value, _, _) in fields.items()})
+
+
+def check_architecture(model: Any, *, source: str) -> None:
+    """Refuse a file whose model section names an architecture this version does not know (absent: x052)."""
+    arch_id = model.get("architecture", DEFAULT_ARCH) if isinstance(model, dict) else DEFAULT_ARCH
+    if arch_id not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: written for architecture {arch_id!r}, which this rwkvctl cannot load "
+            f"(known: {', '.join(ARCHITECTURES)})"
+        )
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -122,7 +136,7 @@ def detect_version(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def validate_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, *, source: str) -> None:
     """Raise a one-line CheckpointError listing missing/unexpected keys or the first shape mismatches."""
-    expected = param_shapes(cfg)
+    expected = arch_of(cfg).param_shapes(cfg)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -225,22 +239,25 @@ def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ..
     version = detect_version(shapes)
     if version == "unknown":
         raise CheckpointError(f"{path}: not an RWKV checkpoint (no emb.weight / blocks.0.* tensors)")
-    if version not in ("5.2", "5.2-nogate"):
+    spec = arch_for_version(version)
+    if spec is None:
         raise CheckpointError(
-            f"{path}: this looks like an RWKV-{version} checkpoint; rwkvctl handles RWKV-5.2 (x052) models only"
+            f"{path}: this looks like an RWKV-{version} checkpoint; rwkvctl handles "
+            f"{', '.join(f'{s.title} ({s.id})' for s in ARCHITECTURES.values())} models only"
         )
     try:
-        return CheckpointMeta(model=infer_config(shapes, source=str(path)), tokenizer="world")
+        return CheckpointMeta(model=spec.infer_config(shapes, source=str(path)), tokenizer="world")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
 
 def _describes_other_model(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> bool:
+    spec = arch_of(cfg)
     try:
-        inferred = infer_config(shapes)
+        inferred = spec.infer_config(shapes)
     except ConfigError:
         return False
-    return param_shapes(inferred) == shapes and inferred != cfg
+    return spec.param_shapes(inferred) == shapes and inferred != cfg
 
 
 @dataclass
@@ -299,4 +316,4 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
     Quantized files are read by rwkvctl.quant.format (the public `rwkvctl.load_checkpoint` reads both)."""
     stored = read_checkpoint_file(path)
     state_dict, meta = checked_state_dict(stored, stored.tensors)
-    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta
+    return {k: state_dict[k] for k in arch_of(meta.model).param_shapes(meta.model)}, meta

@@ -1,9 +1,10 @@
 """Recurrent-state files: a conversation's RNN state (and the logits it predicts next) saved to disk.
 
-Format: safetensors (no pickle), tensors `att_shift` (L,C), `ffn_shift` (L,C), `wkv` (L,H,N,N) fp32 and `logits`
-(V,) fp32, plus JSON metadata under the key "rwkvctl-state": the model's shape, the tokenizer, and whatever the
-caller records (e.g. the transcript). One sequence (batch 1) per file. Written atomically, so an interrupted save
-never damages the previous file.
+Format: safetensors (no pickle), the architecture's state tensors (rwkvctl.arch `state_shapes`; for x052 `att_shift`
+(L,C), `ffn_shift` (L,C), `wkv` (L,H,N,N)) in fp32 and `logits` (V,) fp32, plus JSON metadata under the key
+"rwkvctl-state": the model's architecture id and shape, the tokenizer, and whatever the caller records (e.g. the
+transcript). A file without an architecture id is x052; one of an architecture this version does not know is
+refused. One sequence (batch 1) per file. Written atomically, so an interrupted save never damages the previous file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rwkvctl.arch import ARCHITECTURES, DEFAULT_ARCH, arch_of
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError
 from rwkvctl.fs import atomic_path
@@ -33,8 +35,9 @@ class SavedState:
     info: dict[str, Any] = field(default_factory=dict)  # tokenizer, transcript, ...
 
 
-def _model_shape(cfg: ModelConfig) -> dict[str, int]:
+def _model_shape(cfg: ModelConfig) -> dict[str, int | str]:
     return {
+        "architecture": cfg.architecture,
         "n_layer": cfg.n_layer,
         "n_embd": cfg.n_embd,
         "n_head": cfg.n_head,
@@ -84,7 +87,9 @@ def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
         saved_shape = meta["model"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{path}: damaged state metadata") from None
+    _check_architecture(path, saved_shape, cfg)
     want = _model_shape(cfg)
+    del want["architecture"]  # checked above, where an old file's missing id means x052
     for key, value in want.items():
         if saved_shape.get(key) != value:
             raise CheckpointError(
@@ -96,9 +101,22 @@ def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
     return SavedState(*(tensors[k].float() for k in _expected_shapes(cfg)), info=info)
 
 
+def _check_architecture(path: Path, saved_shape: Any, cfg: ModelConfig) -> None:
+    arch_id = saved_shape.get("architecture", DEFAULT_ARCH) if isinstance(saved_shape, dict) else DEFAULT_ARCH
+    if arch_id not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: saved for architecture {arch_id!r}, which this rwkvctl cannot load "
+            f"(known: {', '.join(ARCHITECTURES)})"
+        )
+    if arch_id != cfg.architecture:
+        raise CheckpointError(
+            f"{path}: saved for a {arch_id} model, this model is {cfg.architecture}; use the model the state was "
+            "saved with"
+        )
+
+
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
-    return {"att_shift": (L, C), "ffn_shift": (L, C), "wkv": (L, H, N, N), "logits": (V,)}
+    return {**arch_of(cfg).state_shapes(cfg), "logits": (cfg.vocab_size,)}
 
 
 def _check_shapes(path: Path, tensors: dict[str, Tensor], cfg: ModelConfig) -> None:
@@ -138,4 +156,5 @@ def describe_state_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable state file ({str(e)[:120]})") from None
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    model = {"architecture": DEFAULT_ARCH, **model}  # files saved before architectures were recorded are x052
     return {"model": model, "info": info, "shapes": shapes, "bytes": path.stat().st_size}

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rwkvctl.config import ModelConfig, param_shapes
+from rwkvctl.arch import arch_of
+from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, save_checkpoint, sidecar_path
-from rwkvctl.model.rwkv5 import RWKV5
+from rwkvctl.model.registry import build_model
 from rwkvctl.names import canonical
 from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
@@ -166,12 +167,12 @@ def _gated(
 
 def _groups(cfg: RunConfig) -> list[dict]:
     with torch.device("meta"):  # names and grouping only: no memory for the weights
-        model = RWKV5(cfg.model)
+        model = build_model(cfg.model)
     return param_groups(model, cfg.optim)
 
 
 def _count(cfg: ModelConfig) -> int:
-    shapes = param_shapes(cfg)
+    shapes = arch_of(cfg).param_shapes(cfg)
     return sum(math.prod(shapes[name]) for name in added_gate_names(cfg))
 
 

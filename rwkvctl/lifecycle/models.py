@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from rwkvctl.config import ModelConfig, param_count
+from rwkvctl.arch import arch_of
+from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, detect_version, save_checkpoint, sidecar_path
-from rwkvctl.model.init import init_weights
+from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.names import DTYPE_NAMES, dtype_name
 from rwkvctl.quant.format import load_checkpoint_expanded, load_checkpoint_packed
@@ -47,7 +48,7 @@ def create_checkpoint(
     if out.suffix not in SUFFIXES:
         raise CheckpointError(f"{out}: unknown checkpoint suffix {out.suffix!r}; use .pth or .safetensors")
     torch_dtype = parse_dtype(dtype)
-    need = param_count(cfg) * torch.tensor([], dtype=torch_dtype).element_size()
+    need = arch_of(cfg).param_count(cfg) * torch.tensor([], dtype=torch_dtype).element_size()
     available = _available_memory()
     if available is not None and need > 0.9 * available:
         raise ConfigError(
@@ -55,12 +56,12 @@ def create_checkpoint(
             "available; try --dtype bf16, a smaller preset, or --meta to only count parameters"
         )
     with torch.device("meta"):
-        model = RWKV5(cfg)
+        model = build_model(cfg)
     model = model.to(torch_dtype).to_empty(device="cpu")
-    init_weights(model, scheme, seed=seed)
+    initialize(model, scheme, seed=seed)
     meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=scheme, extra={"seed": seed})
     path = save_checkpoint(out, model.state_dict(), meta, dtype=torch_dtype)
-    return InitResult(path, cfg, param_count(cfg), path.stat().st_size)
+    return InitResult(path, cfg, arch_of(cfg).param_count(cfg), path.stat().st_size)
 
 
 def _available_memory() -> int | None:
@@ -96,7 +97,7 @@ def load_model(
     if "emb.weight" in packed:
         state_dict["emb.weight"] = packed["emb.weight"].expand().to(packed["emb.weight"].dtype)
     with torch.device("meta"):
-        model = RWKV5(meta.model)
+        model = build_model(meta.model)
     model.load_state_dict({**state_dict, **placeholders}, assign=True)
     use_packed_weights(model, linear)  # replaces every placeholder before anything touches it
     return model.to(device=device, dtype=dtype).eval(), meta
@@ -111,7 +112,7 @@ def model_from_state_dict(
 ) -> RWKV5:
     """An RWKV5 (eval mode) around already-loaded weights, without copying them when dtype and device match."""
     with torch.device("meta"):
-        model = RWKV5(cfg)
+        model = build_model(cfg)
     model.load_state_dict(state_dict, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ def quantize_checkpoint(
         )
     if "quantization" in meta.extra:
         raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
+    spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
     plain, packed, reports = quantize_state_dict(state_dict, spec, on_tensor)
     meta.extra["quantization"] = {
         "bits": spec.bits,

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from rwkvctl.arch import DEFAULT_ARCH  # runs saved before architectures were recorded are x052
 from rwkvctl.data.loader import dataset_tokenizer, open_train, open_val
 from rwkvctl.errors import CheckpointError, TrainingError
-from rwkvctl.model.init import init_weights
+from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.train.config import RunConfig
@@ -104,7 +105,7 @@ def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
 
 
 def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
-    model = RWKV5(cfg.model)
+    model = build_model(cfg.model)
     if cfg.train.init_from:
         state_dict, meta = load_checkpoint_expanded(cfg.train.init_from)
         if meta.model != cfg.model:
@@ -113,7 +114,7 @@ def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
         model.load_state_dict({k: v.float() for k, v in state_dict.items()})
         scheme = f"from:{cfg.train.init_from}"
     else:
-        init_weights(model, cfg.train.init, seed=cfg.train.seed)
+        initialize(model, cfg.train.init, seed=cfg.train.seed)
         scheme = cfg.train.init
     model.gradient_checkpointing = cfg.train.grad_checkpointing
     return model, scheme
@@ -203,7 +204,7 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
     if ckpt is not None:
         saved = read_state(ckpt)
         saved_model = saved.config.get("model")
-        if saved_model is not None and saved_model != cfg.model.to_dict():
+        if saved_model is not None and {"architecture": DEFAULT_ARCH, **saved_model} != cfg.model.to_dict():
             raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
                                   f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
         _check_data_settings(ckpt, saved.config, cfg)

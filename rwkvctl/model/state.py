@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rwkvctl.arch import arch_of
 from rwkvctl.config import ModelConfig
 
 
@@ -26,12 +27,12 @@ class RecurrentState:
     def zeros(
         cls, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> RecurrentState:
-        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
-        return cls(
-            att_shift=torch.zeros(L, batch, C, device=device, dtype=dtype),
-            ffn_shift=torch.zeros(L, batch, C, device=device, dtype=dtype),
-            wkv=torch.zeros(L, batch, H, N, N, device=device, dtype=torch.float32),
-        )
+        """Every tensor of the architecture's state layout (rwkvctl.arch), (L, ...) -> (L, batch, ...), zeroed."""
+        spec = arch_of(cfg)
+        return cls(**{
+            name: torch.zeros(L, batch, *rest, device=device, dtype=torch.float32 if name in spec.state_fp32 else dtype)
+            for name, (L, *rest) in spec.state_shapes(cfg).items()
+        })
 
     def clone(self) -> RecurrentState:
         """An independent copy, e.g. to branch a conversation."""

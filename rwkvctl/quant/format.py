@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rwkvctl.config import param_shapes
+from rwkvctl.arch import arch_of
 from rwkvctl.errors import CheckpointError
 from rwkvctl.fs import atomic_path, atomic_write_text
 from rwkvctl.io.checkpoint import (
@@ -161,7 +161,7 @@ def load_checkpoint_expanded(path: str | Path) -> tuple[dict[str, Tensor], Check
     state_dict, packed, meta = load_checkpoint_packed(path)
     for name, weight in packed.items():
         state_dict[name] = weight.expand().to(weight.dtype)
-    return {k: state_dict[k] for k in param_shapes(meta.model)}, meta
+    return {k: state_dict[k] for k in arch_of(meta.model).param_shapes(meta.model)}, meta
 
 
 def quant_summary(packed: dict[str, PackedWeight]) -> dict[str, Any]:

@@ -7,30 +7,27 @@ everything else (time_*, LayerNorms) is stored unchanged.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor
 
+from rwkvctl.arch import DEFAULT_ARCH, get_arch
 from rwkvctl.errors import ConfigError
 from rwkvctl.quant import groupwise
 from rwkvctl.quant.schemes import PackedWeight, encode_with, get_scheme, scheme_names
 
-# The quantizable tensors, by x052 name: the one place that says which names they are (to be served by the
-# architecture registry). Block matrices take `QuantSpec.bits`, the embedding and head `QuantSpec.embed_bits`.
-QUANTIZABLE_BLOCK_MATRICES = re.compile(r"blocks\.\d+\.(att|ffn)\.(receptance|key|value|gate|output)\.weight$")
-QUANTIZABLE_EMBEDDINGS = ("emb.weight", "head.weight")
-
 TensorKind = Literal["block", "embedding"]
 
 
-def quantizable_kind(name: str) -> TensorKind | None:
-    """'block' (a Linear weight inside a block), 'embedding' (emb/head) or None (never quantized)."""
-    if name in QUANTIZABLE_EMBEDDINGS:
+def quantizable_kind(name: str, architecture: str = DEFAULT_ARCH) -> TensorKind | None:
+    """'block' (a Linear weight inside a block), 'embedding' (emb/head) or None (never quantized), by the
+    architecture's quantizable-tensor patterns (rwkvctl.arch `QuantPatterns`): the one place that decides."""
+    patterns = get_arch(architecture).quant
+    if name in patterns.embeddings:
         return "embedding"
-    return "block" if QUANTIZABLE_BLOCK_MATRICES.search(name) else None
+    return "block" if patterns.linear.search(name) else None
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,7 @@ class QuantSpec:
     search: bool = True
     scheme: str = groupwise.NAME
     options: dict[str, Any] = field(default_factory=dict)  # further settings of a scheme other than the default
+    architecture: str = DEFAULT_ARCH  # whose quantizable-tensor patterns apply (rwkvctl.arch)
 
     def __post_init__(self) -> None:
         try:
@@ -52,7 +50,7 @@ class QuantSpec:
             scheme.check_options(self.encode_options(bits))
 
     def bits_for(self, name: str) -> int | None:
-        kind = quantizable_kind(name)
+        kind = quantizable_kind(name, self.architecture)
         return self.embed_bits if kind == "embedding" else self.bits if kind == "block" else None
 
     def encode_options(self, bits: int) -> dict[str, Any]:
@@ -79,7 +77,7 @@ def quantize_state_dict(
     packed: dict[str, PackedWeight] = {}
     reports: list[TensorReport] = []
     for name, w in state_dict.items():
-        bits, kind = spec.bits_for(name), quantizable_kind(name)
+        bits, kind = spec.bits_for(name), quantizable_kind(name, spec.architecture)
         if bits is None or w.dim() != 2:
             plain[name] = w.contiguous()
             reports.append(TensorReport(name, tuple(w.shape), None, 0, 0.0, w.numel() * w.element_size(), kind))

@@ -13,13 +13,15 @@ import functools
 import math
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rwkvctl.config import INIT_SCHEMES, PRESETS, ModelConfig, preset
+from rwkvctl.arch import DEFAULT_ARCH, arch_of, get_arch
+from rwkvctl.config import ModelConfig, preset
 from rwkvctl.errors import ConfigError
 
 SAMPLING_MODES = ("magic_prime", "random")
@@ -155,7 +157,7 @@ class RunConfig:
                 raise ConfigError(f"run config: {key} must be a non-negative integer, got {value!r}")
         choices = {"data.sampling": (d.sampling, SAMPLING_MODES), "train.strategy": (t.strategy, STRATEGIES),
                    "train.precision": (t.precision, PRECISIONS), "train.nan_policy": (t.nan_policy, NAN_POLICIES),
-                   "train.init": (t.init, INIT_SCHEMES)}
+                   "train.init": (t.init, arch_of(self.model).init_schemes)}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"run config: {key}={value!r}; choose one of {', '.join(allowed)}")
@@ -251,19 +253,25 @@ class RunConfig:
 
 
 def _model_from(data: Any, source: str) -> ModelConfig:
-    """A model section: ModelConfig fields, optionally `preset: NAME` with field overrides on top."""
+    """A model section: the fields of its architecture's config (`architecture: ID`, default x052), optionally
+    `preset: NAME` (one of that architecture's presets) with field overrides on top."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: model must be a mapping")
-    # Every ModelConfig field is an int except the gate flag; CLI overrides arrive as strings.
-    data = {k: (v if k == "preset" else _coerce(v, bool if k == "gate" else int, f"{source}: model.{k}"))
+    try:
+        spec = get_arch(data.get("architecture", DEFAULT_ARCH))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: model.architecture: {e}") from None
+    # CLI overrides arrive as strings: coerce each to its field's type (keys the class lacks are reported below)
+    kinds = typing.get_type_hints(spec.config_class)
+    data = {k: (_coerce(v, kinds[k], f"{source}: model.{k}") if kinds.get(k) in (int, bool, str) else v)
             for k, v in data.items()}
     name = data.pop("preset", None)
     if name is None:
-        return ModelConfig.from_dict(data, source=source)
-    if name not in PRESETS:
-        raise ConfigError(f"{source}: unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    base = {**PRESETS[name], **data}
-    return ModelConfig.from_dict(base, source=source)
+        return spec.config_class.from_dict(data, source=source)
+    if name not in spec.presets:
+        raise ConfigError(f"{source}: unknown model preset {name!r}; choose one of {', '.join(spec.presets)}")
+    base = {**spec.presets[name], **data}
+    return spec.config_class.from_dict(base, source=source)
 
 
 def _section(klass: type, data: Any, source: str) -> Any:

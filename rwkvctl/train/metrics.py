@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rwkvctl.config import ModelConfig, param_count
+from rwkvctl.arch import arch_of
+from rwkvctl.config import ModelConfig
 from rwkvctl.errors import ConfigError, TrainingError
 from rwkvctl.fs import atomic_write_text
 
@@ -21,11 +22,9 @@ _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (the embedding is a lookup, not a matmul) plus the
-    WKV recurrence (~4 H*N*N multiply-adds per token and layer forward, x3 for backward)."""
-    matmul_params = param_count(cfg) - cfg.vocab_size * cfg.n_embd
-    wkv = 12 * cfg.n_layer * cfg.dim_att * cfg.head_size
-    return 6.0 * matmul_params + wkv
+    """Training FLOPs per token, by the architecture's formula (rwkvctl.arch; x052: 6 x matmul parameters plus the
+    WKV recurrence)."""
+    return arch_of(cfg).flops_per_token(cfg)
 
 
 def peak_flops(device_name: str, override_tflops: float = 0.0) -> float | None:

@@ -1,5 +1,5 @@
-"""AdamW with RWKV-LM's parameter groups and its L2Wrap logit penalty (both in RWKV-LM RWKV-v5/src/model.py:
-`configure_optimizers` and `class L2Wrap`)."""
+"""AdamW with the architecture's parameter groups (x052: RWKV-LM's, in RWKV-LM RWKV-v5/src/model.py
+`configure_optimizers`) and the L2Wrap logit penalty (`class L2Wrap` there)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rwkvctl.arch import arch_of
 from rwkvctl.train.config import OptimConfig
 
 # RWKV-LM multiplies the schedule's lr per group; `lr_scale` is read by the loop every step.
@@ -15,25 +16,27 @@ LR_SCALE_KEY = "lr_scale"
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Split parameters the way RWKV-LM does (first matching rule wins):
-
-    time_mix -> 1x; time_decay -> 2x; time_faaaa -> 1x; 2-D `.weight` with weight_decay > 0 -> decay group;
-    everything else -> 1x without decay. Without layerwise_lr every non-decay group is 1x.
-    Empty groups are dropped (DeepSpeed rejects them).
+    """Split parameters by the model's architecture rules (`OptimRules` in rwkvctl.arch; `model.cfg` names the
+    architecture), first matching rule wins. For x052, RWKV-LM's: time_mix -> 1x; time_faaaa -> 1x; time_decay ->
+    2x; 2-D `.weight` with weight_decay > 0 -> decay group; everything else -> 1x without decay.
+    Without layerwise_lr every non-decay group is 1x. Groups are ordered by lr scale, the decay group last ("1x",
+    "2x", "decay": saved optimizer states address parameters by this order). Empty groups are dropped (DeepSpeed
+    rejects them).
     """
-    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"1x": [], "2x": [], "decay": []}
+    rules = arch_of(model.cfg).optim
+    scales = {f"{s:g}x": s for s in sorted({1.0, *(s for _, s in rules.lr_scale)})} | {"decay": 1.0}
+    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {key: [] for key in scales}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "time_mix" in name or "time_faaaa" in name:
-            buckets["1x"].append((name, p))
-        elif "time_decay" in name:
-            buckets["2x" if cfg.layerwise_lr else "1x"].append((name, p))
-        elif cfg.weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
-            buckets["decay"].append((name, p))
+        scale = next((s for pattern, s in rules.lr_scale if pattern in name), None)
+        if scale is not None:
+            key = f"{scale if cfg.layerwise_lr else 1.0:g}x"
+        elif cfg.weight_decay > 0 and p.squeeze().dim() >= rules.decay_min_dims and rules.decay_marker in name:
+            key = "decay"
         else:
-            buckets["1x"].append((name, p))
-    scales = {"1x": 1.0, "2x": 2.0, "decay": 1.0}
+            key = "1x"
+        buckets[key].append((name, p))
     groups = []
     for key, items in buckets.items():
         if not items:

@@ -196,3 +196,59 @@ def test_corrupt_embedded_safetensors_metadata(tmp_path, tiny_config, random_mod
     save_file(sd, str(tmp_path / "m.safetensors"), metadata={"rwkvctl": "{broken"})
     with pytest.raises(CheckpointError, match="corrupt rwkvctl metadata"):
         load_checkpoint(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_files_record_the_architecture(tmp_path, tiny_config, random_model, suffix):
+    path = save_checkpoint(tmp_path / f"m{suffix}", random_model(tiny_config).state_dict(), CheckpointMeta(tiny_config))
+    data = json.loads(sidecar_path(path).read_text())
+    assert data["model"]["architecture"] == "x052" and data["architecture"] == "rwkv5.2-x052"
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            assert json.loads(f.metadata()["rwkvctl"])["model"]["architecture"] == "x052"
+    else:  # the weights file itself stays a plain RWKV-LM state dict: the id lives in the sidecar only
+        assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True).values())
+
+
+def _forget_architecture(model: dict) -> None:
+    del model["architecture"]
+
+
+def _foreign_architecture(model: dict) -> None:
+    model["architecture"] = "x060"
+
+
+def test_old_files_without_an_architecture_load_as_x052(tmp_path, saved, tiny_config, random_model,
+                                                        rewrite_embedded_model):
+    path, _ = saved  # .pth + sidecar written before the field existed
+    data = json.loads(sidecar_path(path).read_text())
+    _forget_architecture(data["model"])
+    sidecar_path(path).write_text(json.dumps(data))
+    assert load_checkpoint(path)[1].model == tiny_config
+    sd = random_model(tiny_config).state_dict()
+    st = save_checkpoint(tmp_path / "m.safetensors", sd, CheckpointMeta(tiny_config))
+    sidecar_path(st).unlink()  # the embedded metadata is all there is
+    rewrite_embedded_model(st, _forget_architecture)
+    assert load_checkpoint(st)[1].model.architecture == "x052"
+
+
+def test_foreign_architecture_in_a_sidecar_is_refused(saved):
+    path, _ = saved
+    data = json.loads(sidecar_path(path).read_text())
+    _foreign_architecture(data["model"])
+    sidecar_path(path).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"m\.pth\.json: written for architecture 'x060'.*known: x052") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_foreign_architecture_in_safetensors_metadata_is_refused(tmp_path, tiny_config, random_model,
+                                                                 rewrite_embedded_model):
+    sd = random_model(tiny_config).state_dict()
+    st = save_checkpoint(tmp_path / "m.safetensors", sd, CheckpointMeta(tiny_config))
+    sidecar_path(st).unlink()
+    rewrite_embedded_model(st, _foreign_architecture)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors \(metadata\): written for architecture 'x060'"):
+        load_checkpoint(st)

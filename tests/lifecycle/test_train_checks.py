@@ -51,6 +51,19 @@ def test_resume_accepts_the_same_data_named_differently(tmp_path, pattern_data, 
     assert result.step == 3 and result.resumed_from == 2
 
 
+def test_runs_saved_before_architectures_were_recorded_resume(tmp_path, pattern_data, make_config):
+    from rwkvctl.train.run_state import STATE_JSON, find_checkpoint
+
+    run = tmp_path / "run"
+    train(make_config(run, pattern_data, train={"max_steps": 3, "stop_after_steps": 2}))
+    state_json = find_checkpoint(run) / STATE_JSON
+    state = json.loads(state_json.read_text())
+    assert state["config"]["model"].pop("architecture") == "x052"
+    state_json.write_text(json.dumps(state))
+    result = train(make_config(run, pattern_data, train={"max_steps": 3}), resume="latest")
+    assert result.step == 3 and result.resumed_from == 2
+
+
 def test_exported_checkpoint_records_the_datasets_tokenizer(tmp_path, pattern_data, make_config):
     data = tmp_path / "data"
     data.mkdir()

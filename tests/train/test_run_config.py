@@ -85,3 +85,17 @@ def test_malformed_devices_are_rejected(device):
 def test_wellformed_devices_are_accepted():
     for device in ("auto", "cpu", "cuda", "cuda:3"):
         assert RunConfig().with_overrides({"train.device": device}).train.device == device
+
+
+def test_model_section_names_its_architecture():
+    cfg = RunConfig()
+    assert cfg.to_dict()["model"]["architecture"] == "x052"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["model"]["architecture"]  # run configs written before the field
+    assert RunConfig.from_dict(old).model == cfg.model
+    assert cfg.with_overrides({"model.architecture": "x052", "model.n_layer": "3"}).model.n_layer == 3
+    with pytest.raises(ConfigError, match=r"^overrides: model.architecture: unknown architecture 'x060'; known: x052$"):
+        cfg.with_overrides({"model.architecture": "x060"})
+    with pytest.raises(ConfigError, match="unknown architecture 'x060'"):
+        RunConfig.from_dict({"model": {"preset": "tiny", "architecture": "x060"}})
