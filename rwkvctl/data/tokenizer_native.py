@@ -18,6 +18,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from rwkvctl.fs import atomic_path
+
 _PACKAGE = Path(__file__).resolve().parents[1]
 # rwkvctl/_csrc/ in a wheel/sdist install (as the WKV5 kernel sources), csrc/ in a source checkout.
 _CANDIDATES = [root / "tokenizer" / "world_trie.cpp" for root in (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")]
@@ -47,14 +49,11 @@ def _build(source: Path) -> Path:
     out = cache_dir() / f"world_trie-{digest}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
-        raise OSError(f"{cxx} failed on {source}: {first}")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
+            raise OSError(f"{cxx} failed on {source}: {first}")
     return out
 
 
