@@ -289,6 +289,8 @@ class WorldTokenizer:
         if backend not in ("auto", "native", "python"):
             raise TokenizerError(f"unknown tokenizer backend {backend!r} (auto, native or python)")
         self.backend_note = ""  # why the slow pure-Python encoder runs, for prepare's summary and manifest
+        if backend == "auto" and tokenizer_native.requested_backend() == "native":
+            backend = "native"  # RWKVCTL_TOKENIZER=native: fail rather than fall back
         if backend != "python" and tokenizer_native.load() is not None:
             self._trie: _NativeTrie | _PythonTrie = _NativeTrie(self.idx2token)
             self.backend = "native"
