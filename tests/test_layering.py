@@ -123,3 +123,34 @@ def test_only_fs_writes_temp_files(path, rel, layer):
         return
     found = temp_file_writes(path.read_text())
     assert not found, f"{rel} writes temp files by hand ({'; '.join(found)}); use rwkvctl.fs"
+
+
+# --- only rwkvctl/native_build.py knows the build cache root, the compiler variable and the build lock -----------
+BUILD_ONLY_NAMES = {"CXX", "RWKVCTL_CACHE_DIR", "RWKVCTL_EXTENSIONS_DIR", "RWKVCTL_NO_NATIVE",
+                    "RWKVCTL_SKIP_CUDA_BUILD"}  # fmt: skip
+
+
+def build_settings_read(source: str) -> list[str]:
+    """Places in `source` that read a build setting or take a file lock themselves (what only native_build may)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in BUILD_ONLY_NAMES:
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"line {node.lineno}: imports {n}" for n in names if n.split(".")[0] == "fcntl"]
+    return found
+
+
+def test_build_settings_check_sees_them():
+    assert build_settings_read("os.environ.get('CXX', 'g++')") and build_settings_read("import fcntl")
+    assert build_settings_read("from fcntl import flock") and not build_settings_read("'RWKVCTL_WKV'")
+    assert len(build_settings_read((PKG / "native_build.py").read_text())) >= 5
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_only_native_build_reads_build_settings(path, rel, layer):
+    if str(rel) == "native_build.py":
+        return
+    found = build_settings_read(path.read_text())
+    assert not found, f"{rel} reads build settings or locks by itself ({'; '.join(found)}); use rwkvctl.native_build"
