@@ -35,3 +35,7 @@ class KernelUnavailable(RwkvctlError):  # noqa: N818 (public name used across th
 
 class TrainingError(RwkvctlError):
     """Training cannot continue (NaN loss, unwritable run dir, data too small, ...)."""
+
+
+class BuildLockTimeout(RwkvctlError):  # noqa: N818 (says what happened, like KernelUnavailable)
+    """Another live process has held the build lock of a compiled part for too long."""

@@ -18,6 +18,9 @@ FORBIDDEN = {
     # the ground floor: crash-safe file writes, used by every layer that writes
     "fs": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery",
            "quant", "names"},
+    # the ground floor of the compiled parts (cache root, RWKVCTL_* build settings, build lock), below kernels and data
+    "native_build": {"arch", "config", "fs", "names", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
+                     "generate", "surgery", "quant"},
     # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
     "names": {"arch", "config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
               "generate", "surgery", "quant"},
@@ -132,3 +135,92 @@ def test_deprecated_spellings_live_only_in_names():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert node.value not in old, f"{rel}:{node.lineno} spells {node.value!r}; use rwkvctl.names"
+
+
+# --- only rwkvctl/fs.py writes temp files ------------------------------------------------------------------------
+# Temp names, fsync, rename and stale-temp removal are the crash-safety protocol: one copy of it, in fs.py.
+FS_ONLY = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("os", "fsync"), ("os", "fdatasync"),
+           ("os", "link"), ("shutil", "move")}  # fmt: skip
+
+
+def temp_file_writes(source: str) -> list[str]:
+    """Every place in `source` that does the crash-safe write protocol by hand (what only fs.py may do)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "tempfile" or (alias.name in ("os", "shutil") and alias.asname):
+                    found.append(f"line {line}: import {alias.name}{' as ' + alias.asname if alias.asname else ''}")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("os", "shutil", "tempfile"):
+            for alias in node.names:
+                if node.module == "tempfile" or (node.module, alias.name) in FS_ONLY:
+                    found.append(f"line {line}: from {node.module} import {alias.name}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and ((node.value.id, node.attr) in FS_ONLY or node.value.id == "tempfile")
+        ):
+            found.append(f"line {line}: {node.value.id}.{node.attr}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            # Path.rename/replace take one positional argument (str.replace two or three, fs.rename two)
+            if node.func.attr in ("rename", "replace") and len(node.args) == 1 and not node.keywords:
+                found.append(f"line {line}: .{node.func.attr}(...) (a Path rename)")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and ".tmp" in node.value:
+            found.append(f"line {line}: string {node.value[:40]!r} (a temp name)")
+    return found
+
+
+def test_temp_file_check_sees_every_form():
+    bad = [
+        "import os\nos.replace(a, b)", "import os\nos.fsync(f.fileno())", "from os import rename",
+        "import tempfile", "from tempfile import mkstemp", "import os as o", "p.rename(q)", "tmp.replace(final)",
+        "import shutil\nshutil.move(a, b)", "name = f'.{x}.tmp-{pid}'", "d / '.tmp-step'",
+    ]  # fmt: skip
+    for snippet in bad:
+        assert temp_file_writes(snippet), snippet
+    fine = ["s.replace('a', 'b')", "dataclasses.replace(cfg, gate=True)", "d.replace(year=1)", "os.unlink(p)",
+            "fs.rename(a, b)"]  # fmt: skip
+    for snippet in fine:
+        assert not temp_file_writes(snippet), snippet
+    # and on the real module that does all of it
+    assert len(temp_file_writes((PKG / "fs.py").read_text())) >= 5
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_only_fs_writes_temp_files(path, rel, layer):
+    if str(rel) == "fs.py":
+        return
+    found = temp_file_writes(path.read_text())
+    assert not found, f"{rel} writes temp files by hand ({'; '.join(found)}); use rwkvctl.fs"
+
+
+# --- only rwkvctl/native_build.py knows the build cache root, the compiler variable and the build lock -----------
+BUILD_ONLY_NAMES = {"CXX", "RWKVCTL_CACHE_DIR", "RWKVCTL_EXTENSIONS_DIR", "RWKVCTL_NO_NATIVE",
+                    "RWKVCTL_SKIP_CUDA_BUILD"}  # fmt: skip
+
+
+def build_settings_read(source: str) -> list[str]:
+    """Places in `source` that read a build setting or take a file lock themselves (what only native_build may)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in BUILD_ONLY_NAMES:
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"line {node.lineno}: imports {n}" for n in names if n.split(".")[0] == "fcntl"]
+    return found
+
+
+def test_build_settings_check_sees_them():
+    assert build_settings_read("os.environ.get('CXX', 'g++')") and build_settings_read("import fcntl")
+    assert build_settings_read("from fcntl import flock") and not build_settings_read("'RWKVCTL_WKV'")
+    assert len(build_settings_read((PKG / "native_build.py").read_text())) >= 5
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_only_native_build_reads_build_settings(path, rel, layer):
+    if str(rel) == "native_build.py":
+        return
+    found = build_settings_read(path.read_text())
+    assert not found, f"{rel} reads build settings or locks by itself ({'; '.join(found)}); use rwkvctl.native_build"

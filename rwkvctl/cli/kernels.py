@@ -21,19 +21,16 @@ def build_cmd(
 ) -> None:
     """Compile the WKV5 extension now (otherwise it is compiled on first use) and print where it lives.
 
-    The cache directory is RWKVCTL_EXTENSIONS_DIR (default ~/.cache/rwkvctl/extensions); the CUDA part is
-    built only where torch has CUDA and nvcc is found (RWKVCTL_SKIP_CUDA_BUILD=1 skips it).
+    The cache directory is $RWKVCTL_CACHE_DIR/extensions (default ~/.cache/rwkvctl/extensions); the CUDA part is
+    built only where torch has CUDA and nvcc is found (RWKVCTL_WKV_SKIP_CUDA=1 skips it).
     """
     import logging
-    import shutil
     import time
 
     from rwkvctl.kernels import build
 
     if force:
-        build_dir = build.build_dir()
-        if build_dir.exists():
-            shutil.rmtree(build_dir)
+        build.remove_build()
     logging.getLogger("rwkvctl.kernels").setLevel(logging.ERROR)  # this command reports for itself
     with console.status("compiling the WKV5 extension (about a minute the first time)..."):
         start = time.perf_counter()
@@ -77,7 +74,7 @@ def check_cmd(
     with console.status("loading the WKV5 extension..."):
         info = build.load_extension()
     if device == "cuda" and not info.with_cuda:
-        raise KernelUnavailable("the extension was built without CUDA (no nvcc/CUDA_HOME, or RWKVCTL_SKIP_CUDA_BUILD)")
+        raise KernelUnavailable("the extension was built without CUDA (no nvcc/CUDA_HOME, or RWKVCTL_WKV_SKIP_CUDA)")
     tol = 1e-4 if dtype == "fp32" else 1e-2
     table = Table("B x T x H x N", "fwd err", "bwd err (worst)", "ours fwd+bwd", "chunked ref", "speed-up", "ok")
     failed = 0

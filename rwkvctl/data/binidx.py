@@ -11,7 +11,6 @@ Also here: `magic_prime`, the chunk-count prime RWKV-LM's sampler needs (`--magi
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 from array import array
 from collections.abc import Iterable, Iterator
@@ -21,7 +20,7 @@ from types import TracebackType
 import numpy as np
 
 from rwkvctl.errors import DataError
-from rwkvctl.fs import fsync_dir
+from rwkvctl.fs import AtomicFiles
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -133,10 +132,6 @@ class BinIdxReader:
         return f"BinIdxReader({str(self.prefix)!r}, {len(self)} seqs, {self.num_tokens} tokens, {self.dtype})"
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
 class BinIdxWriter:
     """Write a `.bin/.idx` pair, one sequence and one document per `add_document`.
 
@@ -150,11 +145,10 @@ class BinIdxWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in WRITE_CODES:
             raise DataError(f"binidx token dtype must be uint16 or int32, got {self.dtype}")
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
-        self._bin_tmp = _tmp_name(self.bin_path)
-        self._idx_tmp = _tmp_name(self.idx_path)
+        self._files = AtomicFiles(self.bin_path, self.idx_path)  # committed in this order: the .idx last
+        self._bin_tmp, self._idx_tmp = self._files.temps
         self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115  (closed in close/abort)
         self._sizes = array("i")
         self._max = np.iinfo(self.dtype).max
@@ -194,14 +188,10 @@ class BinIdxWriter:
             return
         self._closed = True
         try:
-            self._bin.flush()
-            os.fsync(self._bin.fileno())
             self._bin.close()
             sizes = np.frombuffer(self._sizes, dtype=np.int32) if self._sizes else np.empty(0, np.int32)
             write_index(self._idx_tmp, self.dtype, sizes, np.arange(len(sizes) + 1, dtype=np.int64))
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(self._idx_tmp, self.idx_path)
-            fsync_dir(self.prefix.parent)
+            self._files.commit()  # fsync both, rename both
         except BaseException:
             self.abort()
             raise
@@ -211,9 +201,7 @@ class BinIdxWriter:
         self._closed = True
         with contextlib.suppress(OSError):
             self._bin.close()
-        for p in (self._bin_tmp, self._idx_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        self._files.abort()
 
     def __enter__(self) -> BinIdxWriter:
         return self
@@ -248,9 +236,9 @@ def _back_to_back(size_parts: list[np.ndarray], itemsize: int) -> Iterator[np.nd
 def write_index(
     path: Path, dtype: np.dtype, sizes: IndexPart, doc_idx: IndexPart, pointers: IndexPart | None = None
 ) -> None:
-    """Write an `.idx` (fsynced). Each of `sizes`, `doc_idx`, `pointers` is one array or a sequence of parts
-    written back to back, so a merge streams its inputs' indexes; `sizes` parts must be re-iterable.
-    Without `pointers`, the sequences lie back to back in the `.bin`."""
+    """Write an `.idx`. Each of `sizes`, `doc_idx`, `pointers` is one array or a sequence of parts written back to
+    back, so a merge streams its inputs' indexes; `sizes` parts must be re-iterable. Without `pointers`, the
+    sequences lie back to back in the `.bin`. Not fsynced: `path` is a temp of `rwkvctl.fs`, synced on commit."""
     dtype = np.dtype(dtype)
     size_parts = [np.asarray(a, dtype=np.int32) for a in _parts(sizes)]
     if pointers is None:
@@ -270,8 +258,6 @@ def write_index(
             raise DataError(f"{path}: {n_ptr} pointers for {n_seq} sequences")
         f.seek(0)
         f.write(HEADER.pack(MAGIC, VERSION, WRITE_CODES[dtype], n_seq, n_doc))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --- magic_prime: RWKV-LM's chunk sampler --------------------------------------------------------------------------

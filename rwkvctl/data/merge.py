@@ -6,8 +6,6 @@ Megatron's `add_index`). Memory stays bounded by the largest part's index; the `
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 
 from rwkvctl.data.binidx import WRITE_CODES, BinIdxReader, split_prefix, write_index
 from rwkvctl.errors import DataError
-from rwkvctl.fs import fsync_dir
+from rwkvctl.fs import atomic_paths
 
 
 def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -39,25 +37,13 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
         for p in (bin_final, idx_final):
             if p.exists():
                 raise DataError(f"{p}: already exists; pass --force to overwrite it")
-    bin_tmp = bin_final.with_name(f".{bin_final.name}.tmp-{os.getpid()}")
-    idx_tmp = idx_final.with_name(f".{idx_final.name}.tmp-{os.getpid()}")
     n_seq = sum(len(r) for r in readers)
-    try:
+    with atomic_paths(bin_final, idx_final) as (bin_tmp, idx_tmp):  # renamed in this order: the .idx last
         with open(bin_tmp, "wb") as fb:
             for r in readers:
                 with open(r.bin_path, "rb") as src:
                     shutil.copyfileobj(src, fb, 16 << 20)
-            fb.flush()
-            os.fsync(fb.fileno())
         write_index(idx_tmp, dtype, [r.sizes for r in readers], _doc_idx(readers), _pointers(readers, dtype))
-        os.replace(bin_tmp, bin_final)
-        os.replace(idx_tmp, idx_final)
-        fsync_dir(out.parent)
-    except BaseException:
-        for p in (bin_tmp, idx_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        raise
     tokens = sum(r.num_tokens for r in readers)
     docs = sum(r.num_docs for r in readers)
     return {"parts": len(readers), "sequences": n_seq, "docs": docs, "tokens": tokens, "dtype": str(dtype)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from rwkvctl.data.tokenizer_world import WorldTokenizer
 from rwkvctl.errors import TokenizerError
-from rwkvctl.fs import fsync_dir
+from rwkvctl.fs import publish, scratch_dir
 
 MAX_SPM_VOCAB = 65536
 
@@ -121,10 +120,9 @@ def train_sentencepiece(
         for p in (out_model, out_vocab):
             if p.exists():
                 raise TokenizerError(f"{p}: already exists; pass --force to overwrite it")
-    out_model.parent.mkdir(parents=True, exist_ok=True)
     n_docs = n_bytes = 0
-    with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".spm-train-") as tmp:
-        sample = Path(tmp) / "sample.txt"
+    with scratch_dir(out_model.parent, ".spm-train-") as tmp:
+        sample = tmp / "sample.txt"
         with open(sample, "w", encoding="utf-8") as f:
             for text in texts:
                 # SentencePiece reads one sentence per line, so every line of a document is a sentence.
@@ -139,7 +137,7 @@ def train_sentencepiece(
                     break
         if n_docs == 0:
             raise TokenizerError("no text to train the SentencePiece model on (inputs empty?)")
-        prefix = Path(tmp) / "model"
+        prefix = tmp / "model"
         try:
             spm.SentencePieceTrainer.train(
                 input=str(sample),
@@ -163,9 +161,5 @@ def train_sentencepiece(
             )
         except RuntimeError as e:
             raise TokenizerError(f"SentencePiece training failed: {str(e).splitlines()[0]}") from None
-        for src, dst in ((prefix.with_suffix(".model"), out_model), (prefix.with_suffix(".vocab"), out_vocab)):
-            with open(src, "rb+") as f:  # data on disk before the rename makes it visible under the final name
-                os.fsync(f.fileno())
-            os.replace(src, dst)
-        fsync_dir(out_model.parent)
+        publish([(prefix.with_suffix(".model"), out_model), (prefix.with_suffix(".vocab"), out_vocab)])
     return {"docs": n_docs, "bytes": n_bytes, "vocab_size": vocab_size, "model": str(out_model)}

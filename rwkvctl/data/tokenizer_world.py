@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import ctypes
 import hashlib
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 
 from rwkvctl.data import tokenizer_native
 from rwkvctl.errors import TokenizerError
+from rwkvctl.fs import atomic_path
 
 VOCAB_FILE = Path(__file__).resolve().parents[1] / "assets" / "rwkv_vocab_v20230424.txt"
 VOCAB_SIZE = 65536  # model rows; ids 65530..65535 are unused
@@ -66,21 +66,16 @@ def _vocab_cache_path(path: Path) -> Path | None:
 
 def _write_vocab_cache(cache: Path, vocab: dict[int, bytes]) -> None:
     ids = sorted(vocab)
-    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
             np.savez(
                 f,
                 ids=np.array(ids, dtype=np.int32),
                 ends=np.cumsum([len(vocab[i]) for i in ids], dtype=np.int64),
                 flat=np.frombuffer(b"".join(vocab[i] for i in ids), dtype=np.uint8),
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
     except OSError:  # a read-only home: just parse every time
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _parse_vocab_text(path: Path) -> dict[int, bytes]:
@@ -294,6 +289,8 @@ class WorldTokenizer:
         if backend not in ("auto", "native", "python"):
             raise TokenizerError(f"unknown tokenizer backend {backend!r} (auto, native or python)")
         self.backend_note = ""  # why the slow pure-Python encoder runs, for prepare's summary and manifest
+        if backend == "auto" and tokenizer_native.requested_backend() == "native":
+            backend = "native"  # RWKVCTL_TOKENIZER=native: fail rather than fall back
         if backend != "python" and tokenizer_native.load() is not None:
             self._trie: _NativeTrie | _PythonTrie = _NativeTrie(self.idx2token)
             self.backend = "native"

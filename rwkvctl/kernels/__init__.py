@@ -9,11 +9,11 @@ KernelUnavailable instead of falling back) or `reference` (always the chunked Py
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import Tensor
 
+from rwkvctl import native_build
 from rwkvctl.errors import KernelUnavailable
 from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
 
@@ -27,10 +27,7 @@ _warned: set[str] = set()
 
 def backend_mode() -> str:
     """The RWKVCTL_WKV setting: auto, compiled or reference."""
-    mode = os.environ.get("RWKVCTL_WKV", "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise KernelUnavailable(f"RWKVCTL_WKV must be one of {', '.join(_MODES)}, got {mode!r}")
-    return mode
+    return native_build.choice("WKV", _MODES, KernelUnavailable)
 
 
 def _fallback(reason: str, mode: str) -> bool:
@@ -72,7 +69,7 @@ def uses_compiled(r: Tensor) -> bool:
             return _fallback(str(failed), mode)
         info = failed
     if r.device.type == "cuda" and not info.with_cuda:
-        return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_SKIP_CUDA_BUILD)", mode)
+        return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_WKV_SKIP_CUDA)", mode)
     if r.device.type == "cuda" and r.dtype == torch.float64:
         return _fallback("the CUDA kernel takes fp32/fp16/bf16 inputs, not float64", mode)
     if r.device.type not in ("cpu", "cuda"):

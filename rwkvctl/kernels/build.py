@@ -3,15 +3,15 @@
 Nothing here runs at import time: `load_extension()` builds on first use, caches the result for the
 process, and keeps the compiled library in a directory keyed by a hash of the sources, the flags and the
 torch version, so a second process (or `rwkvctl kernels build` ahead of time) reuses it without compiling.
+Cache root, settings and the build lock are those of every compiled part (rwkvctl/native_build.py):
 
-Environment:
-    RWKVCTL_EXTENSIONS_DIR   where builds are kept (default ~/.cache/rwkvctl/extensions)
-    RWKVCTL_SKIP_CUDA_BUILD  =1 builds only the CPU part even where torch has CUDA
+    RWKVCTL_CACHE_DIR      builds are kept in its extensions/ (default ~/.cache/rwkvctl/extensions)
+    RWKVCTL_WKV_SKIP_CUDA  =1 builds only the CPU part even where torch has CUDA
+    RWKVCTL_WKV_CXXFLAGS   extra C++ compiler flags
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkvctl.errors import KernelUnavailable
+from rwkvctl import native_build
+from rwkvctl.errors import BuildLockTimeout, KernelUnavailable
 
 log = logging.getLogger("rwkvctl.kernels")
 
@@ -60,9 +61,12 @@ def csrc_dir() -> Path:
 
 
 def extensions_dir() -> Path:
-    """Root of the build cache (RWKVCTL_EXTENSIONS_DIR, else ~/.cache/rwkvctl/extensions)."""
-    env = os.environ.get("RWKVCTL_EXTENSIONS_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rwkvctl" / "extensions"
+    """Where WKV5 builds are kept: $RWKVCTL_CACHE_DIR/extensions (default ~/.cache/rwkvctl/extensions)."""
+    return native_build.cache_dir("WKV")
+
+
+def cxx_flags() -> tuple[str, ...]:
+    return CXX_FLAGS + tuple(native_build.extra_flags("WKV"))
 
 
 def want_cuda() -> bool:
@@ -70,7 +74,7 @@ def want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if os.environ.get("RWKVCTL_SKIP_CUDA_BUILD", "") not in ("", "0"):
+    if native_build.flag("WKV_SKIP_CUDA"):
         return False
     return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
 
@@ -80,21 +84,18 @@ def _build_plan(with_cuda: bool) -> tuple[str, list[Path], Path]:
 
     src = csrc_dir()
     sources = [src / name for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
-    digest = hashlib.sha256()
     # every kernel source and header (a new header can never leave a stale build behind) ...
     kernel_files = [
         p for p in src.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu") and "tokenizer" not in p.parts
     ]
-    for path in sorted(set(kernel_files + sources + [src / name for name in HEADERS])):
-        digest.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
     # ... and what decides the machine code: flags, torch, compiler, and for CUDA the target archs, so a
     # cache shared between nodes with different GPUs never serves a library without a kernel image
-    toolchain = (CXX_FLAGS, torch.__version__, os.environ.get("CXX", "c++"))
+    toolchain = (cxx_flags(), torch.__version__, native_build.compiler())
     if with_cuda:
         toolchain += (CUDA_FLAGS, torch.version.cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""), _gpu_archs())
-    digest.update(repr(toolchain).encode())
+    key = native_build.cache_key(kernel_files + sources + [src / name for name in HEADERS], src, toolchain)
     name = "rwkvctl_wkv5_cuda" if with_cuda else "rwkvctl_wkv5_cpu"
-    return name, sources, extensions_dir() / f"{name}-{digest.hexdigest()[:16]}"
+    return name, sources, extensions_dir() / f"{name}-{key}"
 
 
 def _gpu_archs() -> tuple[str, ...]:
@@ -109,10 +110,20 @@ def build_dir() -> Path:
     return _build_plan(want_cuda())[2]
 
 
+def remove_build() -> None:
+    """Delete the build this process would load (`kernels build --force`), never under a running build."""
+    target = build_dir()
+    try:
+        with native_build.build_lock(target):
+            shutil.rmtree(target, ignore_errors=True)
+    except BuildLockTimeout as e:
+        raise KernelUnavailable(str(e)) from e
+
+
 def _check_toolchain(with_cuda: bool) -> None:
     from torch.utils.cpp_extension import is_ninja_available
 
-    cxx = os.environ.get("CXX", "c++")
+    cxx = native_build.compiler()
     if shutil.which(cxx) is None:
         raise KernelUnavailable(
             f"no C++ compiler ('{cxx}') on PATH to build the WKV5 extension; install g++ (e.g. build-essential) "
@@ -124,7 +135,7 @@ def _check_toolchain(with_cuda: bool) -> None:
         from torch.utils.cpp_extension import CUDA_HOME
 
         if not (Path(CUDA_HOME or "") / "bin" / "nvcc").exists():
-            raise KernelUnavailable(f"nvcc not found under CUDA_HOME={CUDA_HOME}; set RWKVCTL_SKIP_CUDA_BUILD=1")
+            raise KernelUnavailable(f"nvcc not found under CUDA_HOME={CUDA_HOME}; set RWKVCTL_WKV_SKIP_CUDA=1")
 
 
 def load_extension(verbose: bool = False) -> ExtensionInfo:
@@ -154,34 +165,35 @@ def load_extension(verbose: bool = False) -> ExtensionInfo:
         return _loaded
 
 
-STALE_LOCK_S = 30 * 60
-
-
-def _clear_stale_lock(build_dir: Path) -> None:
-    """A build killed mid-way (OOM, kill -9) leaves torch's lock file behind, and later builds would wait
-    on it forever; no WKV5 build takes half an hour, so an older lock is a leftover."""
-    import time
-
+def _clear_killed_build(build_dir: Path) -> bool:
+    """Called holding our build lock, so no build runs in `build_dir`: torch's own lock file there was left by a
+    build killed mid-way (OOM, kill -9). torch would wait on it forever; remove it. True if there was one (the
+    library may then be half-written, so it is rebuilt, not loaded)."""
     lock = build_dir / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning("removing a stale build lock left by a killed build: %s", lock)
-        lock.unlink(missing_ok=True)
+    if not lock.exists():
+        return False
+    log.warning("removing the lock of a killed WKV5 build: %s", lock)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _load(verbose: bool) -> ExtensionInfo:
-    import torch
-
     with_cuda = want_cuda()
     name, sources, build_dir = _build_plan(with_cuda)
+    try:
+        # one build per cache directory at a time, on this machine and on nodes sharing the cache; a library
+        # is only loaded by whoever holds the lock, so never while another process is still writing it
+        with native_build.build_lock(build_dir):
+            return _load_locked(name, sources, build_dir, with_cuda, verbose)
+    except BuildLockTimeout as e:
+        raise KernelUnavailable(f"{e}; or set RWKVCTL_WKV=reference") from e
+
+
+def _load_locked(name: str, sources: list[Path], build_dir: Path, with_cuda: bool, verbose: bool) -> ExtensionInfo:
+    import torch
+
     library = build_dir / f"{name}.so"
-    _clear_stale_lock(build_dir)
-    # while another process holds the build lock its library may be half-written: go through
-    # cpp_extension.load, which waits for that build instead of loading the partial file
-    built_now = not library.exists() or (build_dir / "lock").exists()
+    built_now = _clear_killed_build(build_dir) or not library.exists()
     if built_now:
         _check_toolchain(with_cuda)
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +205,7 @@ def _load(verbose: bool) -> ExtensionInfo:
             load(
                 name=name,
                 sources=[str(p) for p in sources],
-                extra_cflags=list(CXX_FLAGS),
+                extra_cflags=list(cxx_flags()),
                 extra_cuda_cflags=list(CUDA_FLAGS) if with_cuda else None,
                 extra_include_paths=[str(sources[0].parent)],
                 build_directory=str(build_dir),

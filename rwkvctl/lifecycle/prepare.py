@@ -34,7 +34,7 @@ from rwkvctl.data.corpus import expand_inputs, input_size
 from rwkvctl.data.manifest import MANIFEST_NAME, BadInput, Manifest, Shard, SourceCounts
 from rwkvctl.data.tokenizer import load_tokenizer
 from rwkvctl.errors import DataError
-from rwkvctl.fs import atomic_write_text
+from rwkvctl.fs import atomic_write_text, remove_temps
 from rwkvctl.lifecycle.prepare_unit import STATE_DIR, PrepareOptions, Unit, done_path, run_unit
 
 __all__ = ["PrepareOptions", "PrepareProgress", "PrepareResult", "Unit", "plan_units", "prepare", "rwkv_lm_numbers"]
@@ -225,8 +225,7 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
     own_manifest = f"manifest.node-{opts.node_rank}-of-{opts.num_nodes}.json"
     for name in (MANIFEST_NAME, own_manifest, "options.json"):  # temps of a run killed while writing these
         for d in (opts.out_dir, opts.out_dir / STATE_DIR):
-            for stale in d.glob(f".{name}.tmp-*"):
-                stale.unlink(missing_ok=True)
+            remove_temps(d / name, any_owner=True)
     records = {u.name: r for u in units if (r := _load_record(opts.out_dir, u)) is not None}
     todo = [u for u in mine if u.name not in records]
     sizes = {u.name: input_size(u.input) for u in todo}

@@ -22,7 +22,7 @@ from typing import Any
 from rwkvctl.data.binidx import dtype_for_vocab
 from rwkvctl.data.corpus import Doc, DocumentStream, Problem
 from rwkvctl.errors import DataError
-from rwkvctl.fs import atomic_write_text
+from rwkvctl.fs import atomic_write_text, remove_temps
 from rwkvctl.lifecycle.prepare_shards import ShardFiles, SplitPolicy, UnitSink
 
 STATE_DIR = ".prepare"
@@ -205,9 +205,9 @@ def done_path(out: Path, unit: Unit) -> Path:
 
 def run_unit(unit: Unit, opts: PrepareOptions, tok: Any, report: Callable[[dict], None]) -> dict[str, Any]:
     # Leftovers of a killed attempt at this unit: shard temps and a half-written completion record.
-    for d in (opts.out_dir / "train", opts.out_dir / "val", done_path(opts.out_dir, unit).parent):
-        for stale in d.glob(f".{unit.name}.*.tmp-*"):
-            stale.unlink(missing_ok=True)
+    shards = [opts.out_dir / split / (unit.name + suffix) for split in ("train", "val") for suffix in (".bin", ".idx")]
+    for final in (*shards, done_path(opts.out_dir, unit)):
+        remove_temps(final, any_owner=True)
     record = _UnitReader(unit, opts, tok, report).run()
     atomic_write_text(done_path(opts.out_dir, unit), json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record

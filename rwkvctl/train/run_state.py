@@ -13,10 +13,8 @@ newest complete one is what `--resume` picks. Only the newest `keep_last` are ke
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rwkvctl import fs
 from rwkvctl.errors import CheckpointError
-from rwkvctl.fs import atomic_write_text, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -127,14 +125,6 @@ def load_rng(directory: Path, rank: int) -> None:
         raise CheckpointError(f"{path}: unreadable RNG state ({e})") from None
 
 
-def _fsync_tree(directory: Path) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            with open(Path(root) / name, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(root))
-
-
 class CheckpointWriter:
     """Writes a checkpoint directory in the three phases a multi-rank save needs."""
 
@@ -143,53 +133,35 @@ class CheckpointWriter:
         self.keep_last = keep_last
 
     def temp_dir(self, step: int) -> Path:
-        return self.root / f".tmp-{step_dir_name(step)}"
+        return fs.dir_temp(self.root / step_dir_name(step))
 
     def begin(self, step: int) -> Path:
         """Rank 0, before anyone writes: a fresh, empty temp directory."""
-        tmp = self.temp_dir(step)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        return tmp
+        return fs.begin_dir(self.root / step_dir_name(step))
 
     def write_rank_files(self, tmp: Path, rank: int) -> None:
         torch.save(capture_rng(), tmp / f"rng-rank{rank}.pt")
 
     def commit(self, step: int, state: TrainerState) -> Path:
-        """Rank 0, after every rank has written: state json last, fsync, rename into place, prune."""
+        """Rank 0, after every rank has written: state json last, fsync, rename into place, prune.
+        Re-saving a step after resuming from an earlier one replaces that step's directory whole."""
         tmp = self.temp_dir(step)
         (tmp / STATE_JSON).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
-        final = self.root / step_dir_name(step)
-        if final.exists():  # re-saving a step after resuming from an earlier one
-            old = self.root / f".old-{step_dir_name(step)}-{time.time_ns()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(self.root)
+        final = fs.commit_dir(self.root / step_dir_name(step))
         self.prune()
         return final
 
     def abort(self, step: int) -> None:
-        shutil.rmtree(self.temp_dir(step), ignore_errors=True)
+        fs.abort_dir(self.root / step_dir_name(step))
 
     def prune(self) -> None:
         """Delete all but the newest keep_last checkpoints. Each is first renamed out of the `step-N` namespace,
         so a crash mid-delete never leaves a half-deleted directory that `--resume` would take as complete;
         leftovers of such a crash are removed here the next time."""
         found = list_checkpoints(self.root.parent)
-        doomed = []
         for step in list(found)[: max(len(found) - self.keep_last, 0)]:
-            target = self.root / f".deleting-{found[step].name}-{time.time_ns()}"
-            os.replace(found[step], target)
-            doomed.append(target)
-        if doomed:
-            fsync_dir(self.root)
-        for d in [*doomed, *(p for p in self.root.glob(".deleting-*") if p not in doomed)]:
-            shutil.rmtree(d, ignore_errors=True)
+            fs.remove_tree(found[step])
+        fs.remove_leftovers(self.root)
 
     def supersede_after(self, step: int) -> list[Path]:
         """Resuming from an earlier step: later checkpoints belong to an abandoned trajectory. They are
@@ -198,10 +170,9 @@ class CheckpointWriter:
         for s, d in list_checkpoints(self.root.parent).items():
             if s > step:
                 target = self.root / f"superseded-{d.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.replace(d, target)
-                moved.append(target)
+                moved.append(fs.rename(d, target))
         return moved
 
 
 def write_run_config(run_dir: Path, yaml_text: str) -> None:
-    atomic_write_text(Path(run_dir) / "run_config.yaml", yaml_text)
+    fs.atomic_write_text(Path(run_dir) / "run_config.yaml", yaml_text)

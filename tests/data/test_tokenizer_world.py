@@ -153,7 +153,8 @@ def test_bad_vocab_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_native_build_cache_and_opt_out(tmp_path: Path) -> None:
-    """A fresh cache dir triggers a build there; RWKVCTL_NO_NATIVE=1 selects the Python fallback."""
+    """A fresh cache dir triggers a build there; RWKVCTL_TOKENIZER=python (old name: RWKVCTL_NO_NATIVE=1) selects
+    the Python fallback."""
     if tokenizer_native.load() is None:
         pytest.skip(tokenizer_native.unavailable_reason())
     code = (
@@ -163,9 +164,17 @@ def test_native_build_cache_and_opt_out(tmp_path: Path) -> None:
     env = {**os.environ, "RWKVCTL_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "native" and list((tmp_path / "tokenizer").glob("world_trie-*.so"))
-    env["RWKVCTL_NO_NATIVE"] = "1"
-    out2 = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out2.split()[0] == "python" and out2.split(None, 1)[1] == out.split(None, 1)[1]
+    for var, value in (("RWKVCTL_TOKENIZER", "python"), ("RWKVCTL_NO_NATIVE", "1")):
+        run = subprocess.run([sys.executable, "-c", code], env={**env, var: value}, capture_output=True, text=True)
+        out2 = run.stdout
+        assert out2.split()[0] == "python" and out2.split(None, 1)[1] == out.split(None, 1)[1]
+        assert ("deprecated" in run.stderr) == (var == "RWKVCTL_NO_NATIVE")
+    strict = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "RWKVCTL_TOKENIZER": "native", "CXX": "no-such-compiler-rwkvctl",
+                                            "RWKVCTL_CACHE_DIR": str(tmp_path / "empty")},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert strict.returncode != 0 and "native World encoder unavailable: no C++ compiler" in strict.stderr
 
 
 def test_vocab_cache_is_used_and_a_damaged_one_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

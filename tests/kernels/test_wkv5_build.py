@@ -47,10 +47,30 @@ def test_sources_found_in_checkout():
 
 
 def test_extensions_dir_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("RWKVCTL_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("RWKVCTL_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("RWKVCTL_CACHE_DIR", str(tmp_path / "cache"))  # the one root of every compiled part
+    assert build.extensions_dir() == tmp_path / "cache" / "extensions"
+    monkeypatch.setenv("RWKVCTL_EXTENSIONS_DIR", str(tmp_path / "ext"))  # the old name, still read (deprecated)
     assert build.extensions_dir() == tmp_path / "ext"
     monkeypatch.delenv("RWKVCTL_EXTENSIONS_DIR")
+    monkeypatch.delenv("RWKVCTL_CACHE_DIR")
     assert build.extensions_dir() == Path.home() / ".cache" / "rwkvctl" / "extensions"
+
+
+def test_skip_cuda_switch_and_its_old_name(monkeypatch):
+    monkeypatch.delenv("RWKVCTL_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setenv("RWKVCTL_WKV_SKIP_CUDA", "1")
+    assert not build.want_cuda()
+    monkeypatch.delenv("RWKVCTL_WKV_SKIP_CUDA")
+    monkeypatch.setenv("RWKVCTL_SKIP_CUDA_BUILD", "1")
+    assert not build.want_cuda()
+
+
+def test_extra_cxxflags_change_the_build(monkeypatch):
+    monkeypatch.delenv("RWKVCTL_WKV_CXXFLAGS", raising=False)
+    plain = build.build_dir()
+    monkeypatch.setenv("RWKVCTL_WKV_CXXFLAGS", "-DRWKVCTL_TEST_FLAG")
+    assert build.cxx_flags()[-1] == "-DRWKVCTL_TEST_FLAG" and build.build_dir() != plain
 
 
 @pytest.fixture
@@ -59,7 +79,8 @@ def fresh_build_state(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_loaded", None)
     monkeypatch.setattr(build, "_failure", None)
     monkeypatch.setattr(kernels, "_warned", set())
-    monkeypatch.setenv("RWKVCTL_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("RWKVCTL_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("RWKVCTL_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def test_missing_compiler_is_a_clear_error(fresh_build_state, monkeypatch):

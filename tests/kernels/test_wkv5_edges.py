@@ -50,20 +50,39 @@ def test_double_backward_is_refused_not_silently_zero(monkeypatch):
         gw.sum().backward()
 
 
-def test_stale_build_lock_is_cleared_but_a_fresh_one_kept(tmp_path):
-    import os
-    import time
+def test_a_killed_builds_lock_is_cleared_but_a_live_build_is_waited_for(tmp_path, monkeypatch):
+    """torch's own `lock` left in a build dir by a killed build is removed once we hold the build lock; while a
+    live process holds that lock nothing is touched, and the wait ends in a clear KernelUnavailable."""
+    import subprocess
+    import sys
 
-    from rwkvctl.kernels.build import STALE_LOCK_S, _clear_stale_lock
+    from rwkvctl import native_build
+    from rwkvctl.errors import KernelUnavailable
+    from rwkvctl.kernels import build
 
-    lock = tmp_path / "lock"
-    lock.touch()
-    _clear_stale_lock(tmp_path)
-    assert lock.exists()  # a build may be running right now
-    old = time.time() - STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    _clear_stale_lock(tmp_path)
-    assert not lock.exists()
+    build_dir = tmp_path / "rwkvctl_wkv5_cpu-0123456789abcdef"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()  # torch's FileBaton of a build killed mid-way
+    monkeypatch.setattr(build, "_build_plan", lambda with_cuda: ("rwkvctl_wkv5_cpu", [], build_dir))
+    monkeypatch.setattr(build, "want_cuda", lambda: False)
+    monkeypatch.setattr(native_build, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setenv("CXX", "no-such-compiler-rwkvctl")  # never actually compile here
+    code = (
+        "import sys, time; from pathlib import Path; from rwkvctl.native_build import build_lock\n"
+        "with build_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(build_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KernelUnavailable, match=f"pid {holder.pid} .*building rwkvctl_wkv5_cpu-"):
+            build._load(verbose=False)
+        assert (build_dir / "lock").exists()  # a live build's lock is never touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):  # the holder died: taken over at once
+        build._load(verbose=False)
+    assert not (build_dir / "lock").exists()
 
 
 def test_unsupported_head_size_falls_back_without_building(monkeypatch):

@@ -24,7 +24,7 @@ prepare(PrepareOptions(inputs=[sys.argv[1]], out_dir=sys.argv[2], val_fraction=0
 
 
 def _start(corpus: Path, out: Path, workers: int) -> subprocess.Popen:
-    env = {**os.environ, "RWKVCTL_NO_NATIVE": "1"}
+    env = {**os.environ, "RWKVCTL_TOKENIZER": "python"}
     return subprocess.Popen(
         [sys.executable, "-c", RUNNER, str(corpus), str(out), str(workers)],
         env=env,

@@ -2,7 +2,7 @@
 
 import shutil
 
-from rwkvctl.train import run_state
+from rwkvctl import fs
 from rwkvctl.train.run_state import CheckpointWriter, TrainerState, list_checkpoints
 
 
@@ -21,12 +21,12 @@ def test_prune_crashing_midway_leaves_only_complete_checkpoints(tmp_path, monkey
     def killed_midway(path, ignore_errors=False):  # deletes the weights, then the process "dies"
         (path / "engine_state.pt").unlink(missing_ok=True)
 
-    monkeypatch.setattr(run_state.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(fs.shutil, "rmtree", killed_midway)
     _write(writer, 3)
     found = list_checkpoints(tmp_path)
     assert sorted(found) == [2, 3]
     assert all((d / "engine_state.pt").is_file() for d in found.values())
-    monkeypatch.setattr(run_state.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(fs.shutil, "rmtree", real_rmtree)
     _write(writer, 4)  # the next prune also clears what the crash left behind
     assert sorted(list_checkpoints(tmp_path)) == [3, 4]
     assert not list((tmp_path / "checkpoints").glob(".deleting-*"))
