@@ -19,14 +19,14 @@ X052 = "x052"  # the architecture id ModelConfig describes (RWKV-LM's name for R
 WORLD_VOCAB_SIZE = 65536
 
 
-def default_dim_ffn(n_embd: int, gate: bool) -> int:
-    """RWKV-LM's FFN width: 3.5x with the gate, 4x without, floored to a multiple of 32.
+def default_dim_ffn(n_embd: int) -> int:
+    """RWKV-LM's x052 FFN width: 3.5x n_embd floored to a multiple of 32, with or without the gate.
 
-    3.5x FFN + gate has the same parameter count as 4x FFN without it: with A = C, key + value are 2*3.5C*C and the
-    gate C*C, together 2*4C*C.
+    One rule for both layouts because add-gate keeps the FFN as it is: the 7B's gate-less phase already had its
+    final 14336 = 3.5 x 4096, and RWKV-LM picks 3.5x for v5 whatever the gate (4x only under its `-f4` switch;
+    give model.dim_ffn explicitly for that).
     """
-    mult = 3.5 if gate else 4.0
-    return int((n_embd * mult) // 32 * 32)
+    return int((n_embd * 3.5) // 32 * 32)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ModelConfig:
     dim_att: int = 0
     """Attention width A (0: n_embd)."""
     dim_ffn: int = 0
-    """FFN hidden width F (0: 3.5x n_embd with gate, 4x without, floored to 32)."""
+    """FFN hidden width F (0: 3.5x n_embd floored to 32, with or without the gate)."""
     gate: bool = True
     """v5.2 output gate (att.gate + time_mix_g). False is the gate-less v5 layout."""
     architecture: str = X052
@@ -60,7 +60,7 @@ class ModelConfig:
         if self.dim_att == 0:
             self.dim_att = self.n_embd
         if self.dim_ffn == 0:
-            self.dim_ffn = default_dim_ffn(self.n_embd, self.gate)
+            self.dim_ffn = default_dim_ffn(self.n_embd)
         for name in ("n_layer", "n_embd", "vocab_size", "head_size", "head_size_divisor", "dim_att", "dim_ffn"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

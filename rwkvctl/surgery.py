@@ -2,7 +2,7 @@
 
 `add_gate` turns a gate-less model (v5 layout) into the v5.2 layout with an output gate, the change the RWKV-5 7B
 run made mid-way: per layer `att.gate.weight` [A, C] and `att.time_mix_g` [1, 1, C] are added and everything else is
-kept bit for bit, including the FFN width (the gate-less layout's 4x stays 4x; only new models get 3.5x).
+kept bit for bit, including the FFN width (3.5x for models made by rwkvctl; an older 4x gate-less file stays 4x).
 
 The gate multiplies the attention output by silu(gate(x)); without a bias no initialisation makes that the identity,
 so a gated model cannot reproduce the gate-less one exactly and the loss moves when training resumes. The inits

@@ -34,18 +34,37 @@ def test_7b_shape_and_tensor_count():
 
 
 @pytest.mark.parametrize(
-    "n_embd, gate, ffn", [(768, True, 2688), (1024, True, 3584), (4096, True, 14336), (768, False, 3072)]
+    "n_embd, gate, ffn", [(768, True, 2688), (1024, True, 3584), (4096, True, 14336), (768, False, 2688),
+                          (4096, False, 14336)]
 )
 def test_dim_ffn_rounding_as_rwkv_lm(n_embd, gate, ffn):
     assert ModelConfig(n_layer=1, n_embd=n_embd, gate=gate).dim_ffn == ffn
 
 
-def test_gateless_layout_has_no_gate_tensors_and_same_count_as_gated():
+def test_gateless_layout_has_no_gate_tensors_and_the_same_ffn():
     gated, gateless = preset("0.1b"), preset("0.1b", gate=False)
     names = param_shapes(gateless)
     assert not any("gate" in k or "time_mix_g" in k for k in names)
-    # 3.5x FFN + gate keeps the parameter count of 4x FFN without it (up to the time_mix_g vectors)
-    assert param_count(gated) - param_count(gateless) == gated.n_layer * gated.n_embd
+    # one FFN rule (3.5x) for both layouts, as in the 7B run: the gate adds att.gate and time_mix_g per layer only
+    assert gated.dim_ffn == gateless.dim_ffn
+    assert param_count(gated) - param_count(gateless) == gated.n_layer * (gated.dim_att * gated.n_embd + gated.n_embd)
+
+
+def test_one_gateless_ffn_rule_for_init_train_and_add_gate(tmp_path):
+    """`init --no-gate`, training with model.gate=false (a preset, then the override) and a config built gate-less
+    all give the 7B's 14336 = 3.5 x 4096."""
+    from typer.testing import CliRunner
+
+    from rwkvctl.cli import app
+    from rwkvctl.train.config import RunConfig
+
+    assert preset("7b", gate=False).dim_ffn == preset("7b").dim_ffn == 14336
+    run = RunConfig().with_overrides({"model.preset": "7b", "model.gate": "false"})
+    assert run.model.dim_ffn == 14336 and run.model.gate is False
+    assert ModelConfig(n_layer=1, n_embd=4096, gate=False).dim_ffn == 14336
+    res = CliRunner().invoke(app, ["init", "--preset", "7b", "--no-gate", "--meta"])
+    assert res.exit_code == 0, res.output
+    assert f"{param_count(preset('7b', gate=False)):,}" in res.output
 
 
 @pytest.mark.parametrize(
