@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,9 +12,10 @@ from torch import nn
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import STATE_FILE, Engine, clip_grads_to, resolve_device, total_grad_norm
+from rwkvctl.train.engine import Engine, clip_grads_to, resolve_device, total_grad_norm
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import build_adamw, set_lr
+from rwkvctl.train.run_dir import CheckpointDir
 from rwkvctl.train.segmented import segmented_backward
 
 
@@ -76,14 +76,14 @@ class SingleEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         self._bad_micro = False
 
-    def save(self, directory: Path) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / STATE_FILE)
+    def save(self, ckpt: CheckpointDir) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, ckpt.engine_state)
 
-    def load(self, directory: Path) -> None:
-        path = directory / STATE_FILE
+    def load(self, ckpt: CheckpointDir) -> None:
+        path = ckpt.engine_state
         if not path.is_file():
             hint = " (it was written by the deepspeed strategy; resume with --strategy deepspeed)" if (
-                directory / "deepspeed").is_dir() else ""
+                ckpt.deepspeed_dir.is_dir()) else ""
             raise CheckpointError(f"{path}: missing{hint}")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
