@@ -1,4 +1,4 @@
-"""Loss curves of one or more runs (their metrics logs) to a PNG: loss vs tokens, resumes marked."""
+"""Loss curves of one or more runs (metrics.jsonl) to a PNG: loss vs tokens, resumes marked."""
 
 from __future__ import annotations
 

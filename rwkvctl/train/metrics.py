@@ -1,4 +1,4 @@
-"""Per-step metrics (the run's JSON-lines log, optional Weights & Biases) and throughput/MFU arithmetic."""
+"""Per-step metrics (metrics.jsonl, optional Weights & Biases) and throughput/MFU arithmetic."""
 
 from __future__ import annotations
 
