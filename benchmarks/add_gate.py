@@ -32,9 +32,8 @@ def main() -> None:
     from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
     from rwkvctl.lifecycle.train import train
     from rwkvctl.train.config import RunConfig
-    from rwkvctl.train.engine import STATE_FILE
     from rwkvctl.train.metrics import read_metrics
-    from rwkvctl.train.run_state import list_checkpoints
+    from rwkvctl.train.run_dir import RunDir
 
     work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-gate-"))
     write_sample_corpus(work / "corpus")
@@ -64,7 +63,7 @@ def main() -> None:
         out = work / f"gate-{len(rows)}"
         res = add_gate_to_run(work / "base", out, step=args.branch, init=init)
         if rwkv_lm_style:
-            path = list_checkpoints(out)[args.branch] / STATE_FILE
+            path = RunDir(out).checkpoints()[args.branch].engine_state
             state = torch.load(path, weights_only=True)
             for i in range(2):
                 w = state["model"][f"blocks.{i}.att.gate.weight"]

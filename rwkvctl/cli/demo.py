@@ -69,18 +69,21 @@ def demo_command(
         ],
     )  # fmt: skip
     _run("4. plot the loss curve", ["plot", str(run), "-o", str(workdir / "loss.png")])
-    exported = sorted(run.glob("checkpoints/step-*/rwkv-*.pth"))
-    if not exported:
+    from rwkvctl.train.run_dir import RunDir
+
+    latest = RunDir(run).latest()
+    if latest is None or not latest.export.is_file():
         raise typer.Exit(1)
-    _run("5. inspect the exported RWKV-LM checkpoint", ["inspect", str(exported[-1]), "--no-tensors"])
+    exported = latest.export
+    _run("5. inspect the exported RWKV-LM checkpoint", ["inspect", str(exported), "--no-tensors"])
     _heading("6. generate in RNN mode from the trained model")
-    _generate(exported[-1], tokens)
+    _generate(exported, tokens)
     quantized = workdir / "model-q4.safetensors"
     eval_text = workdir / "eval.txt"
     eval_text.write_text(_validation_text(corpus), encoding="utf-8")
     _run(
         "7. quantize to 4 bits and compare with the original on validation text",
-        ["quantize", str(exported[-1]), str(quantized), "--eval", str(eval_text), "--eval-tokens", "512", "--force"],
+        ["quantize", str(exported), str(quantized), "--eval", str(eval_text), "--eval-tokens", "512", "--force"],
     )
     _run(
         "8. chat with the 4-bit model (RNN mode, one scripted turn)",

@@ -25,7 +25,7 @@ def init_command(
     ] = "tiny",
     gate: Annotated[
         bool,
-        typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate gives the gate-less layout (same 3.5x FFN, for add-gate later)."),
+        typer.Option("--gate/--no-gate", help="v5.2 output gate; --no-gate: the gate-less layout (same FFN)."),
     ] = True,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary rows (65536 = RWKV World).")] = 65536,
     init: Annotated[

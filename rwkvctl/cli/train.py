@@ -223,12 +223,13 @@ def train_command(
     from rwkvctl.errors import ConfigError
     from rwkvctl.lifecycle.train import end_distributed, train
     from rwkvctl.train.config import RunConfig
+    from rwkvctl.train.run_dir import RunDir
 
     resuming = resume or resume_step is not None
     if config is not None:
         cfg = RunConfig.from_yaml(config)
-    elif resuming and run_dir and (Path(run_dir) / "run_config.yaml").is_file():
-        cfg = RunConfig.from_yaml(Path(run_dir) / "run_config.yaml")
+    elif resuming and run_dir and RunDir(run_dir).config_file.is_file():
+        cfg = RunConfig.from_yaml(RunDir(run_dir).config_file)
     else:
         cfg = RunConfig()
     flags: dict[str, Any] = {key: given[param] for param, key in CONFIG_FLAGS.items()}

@@ -30,10 +30,11 @@ from rwkvctl.names import canonical
 from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.surgery import GATE_INITS, add_gate, added_gate_names
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import STATE_FILE, load_deepspeed_engine
-from rwkvctl.train.metrics import METRICS_FILE, truncate_after
+from rwkvctl.train.engine import load_deepspeed_engine
+from rwkvctl.train.metrics import truncate_after
 from rwkvctl.train.optim import param_groups, remap_adamw_state
-from rwkvctl.train.run_state import CheckpointWriter, find_checkpoint, read_state, write_run_config
+from rwkvctl.train.run_dir import CheckpointDir, RunDir
+from rwkvctl.train.run_state import CheckpointWriter, read_state, write_run_config
 
 
 @dataclass
@@ -86,50 +87,50 @@ def branch_run(
     """Start a new run directory at a checkpoint of `run_dir`, its model changed by `transform` (None: unchanged),
     with the optimizer state re-addressed by parameter name and written in the per-parameter form both strategies
     load (for a ZeRO run this also un-shards it). See the module docstring."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    ckpt = find_checkpoint(run_dir, step)
+    src, out = RunDir(run_dir), RunDir(out_dir)
+    ckpt = src.find(step)
     if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no checkpoints to start from (is it a `rwkvctl train` run dir?)")
-    if out_dir.resolve() == run_dir.resolve():
-        raise CheckpointError(f"{out_dir}: choose a new directory; the original run is kept as it is")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new --out")
+        raise CheckpointError(f"{src}: no checkpoints to start from (is it a `rwkvctl train` run dir?)")
+    if out.path.resolve() == src.path.resolve():
+        raise CheckpointError(f"{out}: choose a new directory; the original run is kept as it is")
+    if out.path.exists() and any(out.path.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new --out")
     saved = read_state(ckpt)
     cfg = RunConfig.from_dict(saved.config, source=str(ckpt))
     weights, optimizer = training_state(ckpt, saved.engine, cfg)
-    new_sd, new_model_cfg = transform(weights, cfg.model, ckpt) if transform else (weights, cfg.model)
-    new_cfg = replace(cfg, run_dir=str(out_dir), model=new_model_cfg)
+    new_sd, new_model_cfg = transform(weights, cfg.model, ckpt.path) if transform else (weights, cfg.model)
+    new_cfg = replace(cfg, run_dir=str(out.path), model=new_model_cfg)
     try:
         new_optimizer = remap_adamw_state(optimizer, _groups(cfg), _groups(new_cfg))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt}: {e}; was it written by this version of rwkvctl?") from None
-    note = {**(note or {}), "from_run": str(run_dir), "from_step": saved.step}
+    note = {**(note or {}), "from_run": str(src), "from_step": saved.step}
 
-    writer = CheckpointWriter(out_dir, cfg.train.keep_last)
+    writer = CheckpointWriter(out, cfg.train.keep_last)
     tmp = writer.begin(saved.step)
     try:
-        torch.save({"model": new_sd, "optimizer": new_optimizer}, tmp / STATE_FILE)
-        for rng in ckpt.glob("rng-rank*.pt"):
-            shutil.copy2(rng, tmp / rng.name)
+        torch.save({"model": new_sd, "optimizer": new_optimizer}, tmp.engine_state)
+        for rank, rng in ckpt.rng_files().items():
+            shutil.copy2(rng, tmp.rng(rank))
         meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.tokens,
-                              tokenizer=_exported_tokenizer(ckpt, saved.step),
-                              extra={"run_dir": str(out_dir), "engine": saved.engine, "branch": note})  # fmt: skip
-        save_checkpoint(tmp / f"rwkv-{saved.step}.pth", new_sd, meta)
+                              tokenizer=_exported_tokenizer(ckpt),
+                              extra={"run_dir": str(out), "engine": saved.engine, "branch": note})  # fmt: skip
+        save_checkpoint(tmp.export, new_sd, meta)
         # The step is stored per parameter (the single strategy's file): any strategy and rank count may resume it.
         writer.commit(saved.step, replace(saved, config=new_cfg.to_dict(), engine="single"))
     except BaseException:
         writer.abort(saved.step)
         raise
-    write_run_config(out_dir, new_cfg.to_yaml())
-    if (run_dir / METRICS_FILE).is_file():  # the loss history up to the branch point, for plots
-        shutil.copy2(run_dir / METRICS_FILE, out_dir / METRICS_FILE)
-        truncate_after(out_dir, saved.step)
-        (out_dir / "metrics.superseded.jsonl").unlink(missing_ok=True)  # later steps belong to the other run
-    atomic_write_text(out_dir / "branch.json", json.dumps(note, indent=1) + "\n")
-    return GateResult(out_dir, saved.step, 0, new_cfg)
+    write_run_config(out, new_cfg.to_yaml())
+    if src.metrics.is_file():  # the loss history up to the branch point, for plots
+        shutil.copy2(src.metrics, out.metrics)
+        truncate_after(out, saved.step)
+        out.metrics_superseded.unlink(missing_ok=True)  # later steps belong to the other run
+    atomic_write_text(out.branch_note, json.dumps(note, indent=1) + "\n")
+    return GateResult(out.path, saved.step, 0, new_cfg)
 
 
-def training_state(ckpt: Path, engine: str, cfg: RunConfig) -> tuple[dict[str, Tensor], dict]:
+def training_state(ckpt: CheckpointDir, engine: str, cfg: RunConfig) -> tuple[dict[str, Tensor], dict]:
     """A checkpoint's weights and AdamW state in the single strategy's per-parameter form, whoever wrote it: the
     single strategy's file as is, or a ZeRO-1/2 checkpoint's shards gathered parameter by parameter."""
     if engine.startswith("deepspeed"):
@@ -150,10 +151,10 @@ def training_state(ckpt: Path, engine: str, cfg: RunConfig) -> tuple[dict[str, T
             index += len(ids)
         return weights, {"state": state, "param_groups": groups}
     try:
-        engine_state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        engine_state = torch.load(ckpt.engine_state, map_location="cpu", weights_only=True)
         return engine_state["model"], engine_state["optimizer"]
     except (OSError, RuntimeError, KeyError, EOFError) as e:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable training state ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{ckpt.engine_state}: unreadable training state ({str(e).splitlines()[0]})") from None
 
 
 def _gated(
@@ -176,10 +177,10 @@ def _count(cfg: ModelConfig) -> int:
     return sum(math.prod(shapes[name]) for name in added_gate_names(cfg))
 
 
-def _exported_tokenizer(ckpt: Path, step: int) -> str:
+def _exported_tokenizer(ckpt: CheckpointDir) -> str:
     """The tokenizer recorded in the sidecar of the run's own export of this step (the dataset's), else World."""
     try:
-        name = json.loads(sidecar_path(ckpt / f"rwkv-{step}.pth").read_text()).get("tokenizer", "world")
+        name = json.loads(sidecar_path(ckpt.export).read_text()).get("tokenizer", "world")
     except (OSError, ValueError, AttributeError):
         return "world"
     return name if isinstance(name, str) else "world"

@@ -9,6 +9,7 @@ from typing import Any
 from rwkvctl.errors import ConfigError, TrainingError
 from rwkvctl.fs import atomic_path
 from rwkvctl.train.metrics import read_metrics
+from rwkvctl.train.run_dir import RunDir
 
 
 @dataclass
@@ -75,11 +76,11 @@ def _draw(ax: Any, runs: list[Path], *, x: str, smooth: int, labels: list[str] |
     points = resumes = 0
     names = []
     for i, run in enumerate(runs):
-        records = read_metrics(run)
+        records = read_metrics(RunDir(run))
         train = [r for r in records if r.get("loss") is not None]
         val = [r for r in records if r.get("val_loss") is not None]
         if not train and not val:
-            raise TrainingError(f"{run}: metrics.jsonl has no loss records yet")
+            raise TrainingError(f"{run}: {RunDir(run).metrics.name} has no loss records yet")
         name = labels[i] if labels else Path(run).name
         names.append(name)
         color = f"C{i % 10}"

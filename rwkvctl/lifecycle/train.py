@@ -21,24 +21,17 @@ from typing import Any
 import torch
 
 from rwkvctl.arch import DEFAULT_ARCH  # runs saved before architectures were recorded are x052
-from rwkvctl.data.loader import dataset_tokenizer, open_train, open_val
+from rwkvctl.data.loader import TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
 from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.quant.format import load_checkpoint_expanded
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.engine import Engine, configure_determinism, load_deepspeed_engine, resolve_device
-from rwkvctl.train.loop import LoopContext, TrainProgress, fit
+from rwkvctl.train.loop import FitOutcome, LoopContext, TrainProgress, fit
 from rwkvctl.train.metrics import MetricsLog, WandbSink, mfu, peak_flops, truncate_after
-from rwkvctl.train.run_state import (
-    CheckpointWriter,
-    TrainerState,
-    find_checkpoint,
-    list_checkpoints,
-    load_rng,
-    read_state,
-    write_run_config,
-)
+from rwkvctl.train.run_dir import CheckpointDir, RunDir
+from rwkvctl.train.run_state import CheckpointWriter, TrainerState, load_rng, read_state, write_run_config
 from rwkvctl.train.schedule import planned_steps
 from rwkvctl.train.single import SingleEngine
 
@@ -120,22 +113,19 @@ def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
     return model, scheme
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> Path | None:
+def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> CheckpointDir | None:
     """Checks before anything heavy; returns the checkpoint to resume from (or None for a fresh run)."""
-    run_dir = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{id(cfg)}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        run.create()
     except OSError as e:
-        raise TrainingError(f"run dir {run_dir} is not writable ({e.strerror}); choose another --run-dir") from None
+        raise TrainingError(f"run dir {run} is not writable ({e.strerror}); choose another --run-dir") from None
     if resume is None:
-        if list_checkpoints(run_dir):
-            raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume to continue it, "
+        if run.checkpoints():
+            raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it, "
                                 "or choose a new --run-dir")
         return None
-    return find_checkpoint(run_dir, resume)
+    return run.find(resume)
 
 
 # Settings that decide which tokens each step reads (and how tokens are counted): a resume that changed one
@@ -143,7 +133,7 @@ def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> Path | None:
 _DATA_SETTINGS = ("data.path", "data.ctx_len", "data.sampling", "train.micro_bsz", "train.accum", "train.seed")
 
 
-def _check_data_settings(ckpt: Path, saved: dict[str, Any], cfg: RunConfig) -> None:
+def _check_data_settings(ckpt: CheckpointDir, saved: dict[str, Any], cfg: RunConfig) -> None:
     now = cfg.to_dict()
     for key in _DATA_SETTINGS:
         section, name = key.split(".")
@@ -185,55 +175,18 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
+def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str | None,
          on_progress: Callable[[TrainProgress], None] | None) -> TrainResult:
-    run_dir = Path(cfg.run_dir)
-    windows = open_train(cfg.data.path, cfg.data.ctx_len, mode=cfg.data.sampling, seed=cfg.train.seed,
-                         vocab_size=cfg.model.vocab_size)
-    val = None
-    if cfg.data.val_every:
-        val = open_val(cfg.data.path, cfg.data.val_path, cfg.data.ctx_len,
-                       max_windows=cfg.data.val_batches * cfg.train.micro_bsz, vocab_size=cfg.model.vocab_size)
+    run = RunDir(cfg.run_dir)
+    windows, val = _open_data(cfg)
     world = engine.world_size
     total_steps = planned_steps(max_steps=cfg.train.max_steps, max_tokens=cfg.train.max_tokens,
                                 tokens_per_step=cfg.tokens_per_step(world),
                                 pass_steps=windows.windows_per_pass // cfg.samples_per_step(world))
-    writer = CheckpointWriter(run_dir, cfg.train.keep_last)
-    state = TrainerState(world_size=world, engine=engine.name, config=cfg.to_dict())
-    resumed_from = None
-    if ckpt is not None:
-        saved = read_state(ckpt)
-        saved_model = saved.config.get("model")
-        if saved_model is not None and {"architecture": DEFAULT_ARCH, **saved_model} != cfg.model.to_dict():
-            raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
-                                  f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
-        _check_data_settings(ckpt, saved.config, cfg)
-        if saved.engine.startswith("deepspeed") and engine.name.startswith("deepspeed") and saved.world_size != world:
-            raise CheckpointError(f"{ckpt}: written by {saved.world_size} DeepSpeed processes, resumed with {world}; "
-                                  "ZeRO optimizer state is sharded per rank, so resume with the same process count")
-        engine.load(ckpt)
-        load_rng(ckpt, engine.rank)
-        state = TrainerState(step=saved.step, samples_seen=saved.samples_seen, tokens=saved.tokens,
-                             elapsed_s=saved.elapsed_s, nan_skips=saved.nan_skips, world_size=world,
-                             engine=engine.name, config=cfg.to_dict())
-        resumed_from = saved.step
-        if engine.is_main:
-            writer.supersede_after(saved.step)
-            truncate_after(run_dir, saved.step)
-    elif engine.is_main:
-        # A fresh start (e.g. after a run killed before its first checkpoint) must not append to old records:
-        # they would repeat step numbers. They are moved to metrics.superseded.jsonl, not deleted.
-        truncate_after(run_dir, 0)
+    writer = CheckpointWriter(run, cfg.train.keep_last)
+    state, resumed_from = _start_state(cfg, engine, ckpt, writer)
     engine.barrier()
-    metrics = wandb = None
-    if engine.is_main:
-        try:
-            write_run_config(run_dir, cfg.to_yaml())
-        except OSError as e:
-            raise TrainingError(f"cannot write {run_dir / 'run_config.yaml'} ({e.strerror})") from None
-        metrics = MetricsLog(run_dir)
-        if cfg.train.wandb:
-            wandb = WandbSink(cfg.train.wandb, run_dir, cfg.to_dict())
+    metrics, wandb = _open_sinks(cfg, engine, run)
     stop = _StopFlag()
     ctx = LoopContext(engine=engine, cfg=cfg, windows=windows, val=val, writer=writer, total_steps=total_steps,
                       metrics=metrics, wandb=wandb, on_progress=on_progress, stop_requested=stop,
@@ -251,13 +204,78 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: Path | None, scheme: str | None,
         for sink in (metrics, wandb):
             if sink is not None:
                 sink.close()
-    wall = time.perf_counter() - t0
+    return _result(cfg, engine, run, out, total_steps, resumed_from, time.perf_counter() - t0)
+
+
+def _open_data(cfg: RunConfig) -> tuple[TrainWindows, ValWindows | None]:
+    windows = open_train(cfg.data.path, cfg.data.ctx_len, mode=cfg.data.sampling, seed=cfg.train.seed,
+                         vocab_size=cfg.model.vocab_size)
+    val = None
+    if cfg.data.val_every:
+        val = open_val(cfg.data.path, cfg.data.val_path, cfg.data.ctx_len,
+                       max_windows=cfg.data.val_batches * cfg.train.micro_bsz, vocab_size=cfg.model.vocab_size)
+    return windows, val
+
+
+def _start_state(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None,
+                 writer: CheckpointWriter) -> tuple[TrainerState, int | None]:
+    """The state the loop starts from: fresh, or restored from `ckpt` (engine, RNG, position) after checking that
+    it belongs to this run. Also moves aside what a resume abandons. -> (state, step resumed from or None)."""
+    world = engine.world_size
+    if ckpt is None:
+        if engine.is_main:
+            # A fresh start (e.g. after a run killed before its first checkpoint) must not append to old records:
+            # they would repeat step numbers. They are moved to the superseded metrics file, not deleted.
+            truncate_after(writer.run, 0)
+        return TrainerState(world_size=world, engine=engine.name, config=cfg.to_dict()), None
+    saved = read_state(ckpt)
+    _check_resumable(ckpt, saved, cfg, engine)
+    engine.load(ckpt)
+    load_rng(ckpt, engine.rank)
+    state = TrainerState(step=saved.step, samples_seen=saved.samples_seen, tokens=saved.tokens,
+                         elapsed_s=saved.elapsed_s, nan_skips=saved.nan_skips, world_size=world,
+                         engine=engine.name, config=cfg.to_dict())
+    if engine.is_main:
+        writer.supersede_after(saved.step)
+        truncate_after(writer.run, saved.step)
+    return state, saved.step
+
+
+def _check_resumable(ckpt: CheckpointDir, saved: TrainerState, cfg: RunConfig, engine: Engine) -> None:
+    """Refuse a resume that would not continue the saved run: another model, data order or ZeRO sharding."""
+    saved_model = saved.config.get("model")
+    if saved_model is not None and {"architecture": DEFAULT_ARCH, **saved_model} != cfg.model.to_dict():
+        raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
+                              f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
+    _check_data_settings(ckpt, saved.config, cfg)
+    world = engine.world_size
+    if saved.engine.startswith("deepspeed") and engine.name.startswith("deepspeed") and saved.world_size != world:
+        raise CheckpointError(f"{ckpt}: written by {saved.world_size} DeepSpeed processes, resumed with {world}; "
+                              "ZeRO optimizer state is sharded per rank, so resume with the same process count")
+
+
+def _open_sinks(cfg: RunConfig, engine: Engine, run: RunDir) -> tuple[MetricsLog | None, WandbSink | None]:
+    """Rank 0: record the resolved config, open the metrics log and the optional W&B mirror."""
+    if not engine.is_main:
+        return None, None
+    try:
+        write_run_config(run, cfg.to_yaml())
+    except OSError as e:
+        raise TrainingError(f"cannot write {run.config_file} ({e.strerror})") from None
+    metrics = MetricsLog(run)
+    wandb = WandbSink(cfg.train.wandb, run, cfg.to_dict()) if cfg.train.wandb else None
+    return metrics, wandb
+
+
+def _result(cfg: RunConfig, engine: Engine, run: RunDir, out: FitOutcome, total_steps: int,
+            resumed_from: int | None, wall: float) -> TrainResult:
+    world = engine.world_size
     # Throughput over this invocation's steps, excluding the first (warm-up, lazy kernel builds) when we can.
     times = out.step_times[1:] if len(out.step_times) > 2 else out.step_times
     tps = (len(times) * cfg.tokens_per_step(world) / sum(times)) if times and sum(times) > 0 else 0.0
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     return TrainResult(
-        run_dir=run_dir, step=out.state.step, total_steps=total_steps, tokens=out.state.tokens,
+        run_dir=run.path, step=out.state.step, total_steps=total_steps, tokens=out.state.tokens,
         steps_this_run=out.steps_this_run, final_loss=out.last_loss, val_loss=out.last_val_loss,
         last_checkpoint=out.last_checkpoint, export_path=out.export_path, resumed_from=resumed_from,
         interrupted=out.interrupted, elapsed_s=wall, tokens_per_s=tps,

@@ -31,12 +31,10 @@ from torch import Tensor, nn
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import STATE_FILE, Engine
+from rwkvctl.train.engine import Engine
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
-
-DS_DIR = "deepspeed"
-DS_TAG = "state"
+from rwkvctl.train.run_dir import CheckpointDir
 
 
 def _checkpoint_types() -> list[type]:
@@ -92,14 +90,14 @@ def weights_only_loads() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def read_zero_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
+def read_zero_checkpoint(ckpt: CheckpointDir) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
     """Per-parameter fp32 master weights, AdamW moments and the step count of a ZeRO-1/2 checkpoint written by
     `DeepSpeedEngine.save` with any number of ranks, read from its files without starting DeepSpeed.
 
     Every rank's optimizer file holds one contiguous slice of each flat parameter group (master weights, exp_avg,
     exp_avg_sq) and a map of which parameter occupies which part of it; a parameter's full tensor is its pieces
     in rank order. -> (weights, {name: {"exp_avg", "exp_avg_sq"}}, step)."""
-    state_dir = directory / DS_DIR / DS_TAG
+    state_dir = ckpt.deepspeed_state
     shards = sorted(state_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                     key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))  # fmt: skip
     if not shards:
@@ -273,27 +271,25 @@ class DeepSpeedEngine(Engine):
     def barrier(self) -> None:
         dist.barrier()
 
-    def save(self, directory: Path) -> None:
-        self.ds.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False)
+    def save(self, ckpt: CheckpointDir) -> None:
+        self.ds.save_checkpoint(str(ckpt.deepspeed_dir), tag=ckpt.DEEPSPEED_TAG, save_latest=False)
 
-    def load(self, directory: Path) -> None:
-        if not (directory / DS_DIR / DS_TAG).is_dir() and (directory / STATE_FILE).is_file():
-            self._load_portable(directory / STATE_FILE)
-            return
-        if not (directory / DS_DIR / DS_TAG).is_dir():
-            hint = " (it was written by the single strategy; resume without --strategy deepspeed)" if (
-                directory / "engine_state.pt").is_file() else ""
-            raise CheckpointError(f"{directory / DS_DIR}: no DeepSpeed state{hint}")
-        check_no_pickled_code(directory / DS_DIR / DS_TAG)
+    def load(self, ckpt: CheckpointDir) -> None:
+        if not ckpt.deepspeed_state.is_dir():
+            if ckpt.engine_state.is_file():  # the single strategy's (or add-gate's) per-parameter state
+                self._load_portable(ckpt.engine_state)
+                return
+            raise CheckpointError(f"{ckpt.deepspeed_dir}: no DeepSpeed state")
+        check_no_pickled_code(ckpt.deepspeed_state)
         try:
             with weights_only_loads():
-                path, _ = self.ds.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+                path, _ = self.ds.load_checkpoint(str(ckpt.deepspeed_dir), tag=ckpt.DEEPSPEED_TAG,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{directory / DS_DIR}: refused to unpickle a non-tensor object "
+            raise CheckpointError(f"{ckpt.deepspeed_dir}: refused to unpickle a non-tensor object "
                                   f"({str(e).splitlines()[0][:160]}); resume from an earlier checkpoint") from None
         if path is None:
-            raise CheckpointError(f"{directory / DS_DIR}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{ckpt.deepspeed_dir}: DeepSpeed could not load this checkpoint")
         self._replay_cpu_adam_steps()
 
     def _replay_cpu_adam_steps(self) -> None:

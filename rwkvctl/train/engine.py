@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import os
 import resource
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,9 +21,8 @@ from rwkvctl.data.loader import Batch
 from rwkvctl.errors import ConfigError
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.loss import lm_loss
+from rwkvctl.train.run_dir import CheckpointDir
 from rwkvctl.train.segmented import segmented_loss
-
-STATE_FILE = "engine_state.pt"
 
 
 def load_deepspeed_engine() -> ModuleType:
@@ -132,10 +130,11 @@ class Engine:
     def barrier(self) -> None:
         return None
 
-    def save(self, directory: Path) -> None:
+    def save(self, ckpt: CheckpointDir) -> None:
+        """Write this rank's share of the model and optimizer state into the checkpoint being written."""
         raise NotImplementedError
 
-    def load(self, directory: Path) -> None:
+    def load(self, ckpt: CheckpointDir) -> None:
         raise NotImplementedError
 
     def export_state_dict(self) -> dict[str, Tensor]:

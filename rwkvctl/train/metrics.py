@@ -12,9 +12,7 @@ from rwkvctl.arch import arch_of
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import ConfigError, TrainingError
 from rwkvctl.fs import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
-SUPERSEDED_FILE = "metrics.superseded.jsonl"
+from rwkvctl.train.run_dir import RunDir
 
 # Dense bf16 peak TFLOP/s by GPU name substring, for the MFU estimate (first match wins).
 _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("4090", 165.0),
@@ -52,8 +50,8 @@ def _clean(value: Any) -> Any:
 class MetricsLog:
     """Append-only JSON lines, flushed per record so a kill -9 loses at most the line being written."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, run: RunDir) -> None:
+        self.path = run.metrics
         try:
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
         except OSError as e:
@@ -67,9 +65,9 @@ class MetricsLog:
         self._f.close()
 
 
-def truncate_after(run_dir: Path, step: int) -> int:
+def truncate_after(run: RunDir, step: int) -> int:
     """Before resuming at `step`, move records of later steps (the abandoned trajectory) aside."""
-    path = Path(run_dir) / METRICS_FILE
+    path = run.metrics
     if not path.is_file():
         return 0
     keep, drop = [], []
@@ -80,14 +78,14 @@ def truncate_after(run_dir: Path, step: int) -> int:
             continue
         (keep if rec.get("step", 0) <= step else drop).append(line)
     if drop:
-        with open(Path(run_dir) / SUPERSEDED_FILE, "a", encoding="utf-8") as f:
+        with open(run.metrics_superseded, "a", encoding="utf-8") as f:
             f.write("\n".join(drop) + "\n")
     atomic_write_text(path, "".join(line + "\n" for line in keep))
     return len(drop)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
+    path = RunDir.of(run_dir).metrics
     if not path.is_file():
         raise TrainingError(f"{path}: no metrics log (is {run_dir} a `rwkvctl train` run directory?)")
     out = []
@@ -103,17 +101,17 @@ class WandbSink:
     """Optional Weights & Biases mirror of the metrics. The run id is kept in the run dir so a resume
     continues the same W&B run; WANDB_MODE=offline works without network."""
 
-    def __init__(self, project: str, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, project: str, run: RunDir, config: dict[str, Any]) -> None:
         try:
             import wandb
         except ImportError:
             raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
-        id_file = Path(run_dir) / "wandb_id.txt"
+        id_file = run.wandb_id
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         atomic_write_text(id_file, run_id)
         try:
-            self.run = wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow", config=config,
-                                  name=Path(run_dir).name, mode=os.environ.get("WANDB_MODE") or None)
+            self.run = wandb.init(project=project, dir=str(run.path), id=run_id, resume="allow", config=config,
+                                  name=run.path.name, mode=os.environ.get("WANDB_MODE") or None)
         except Exception as e:  # wandb raises many types (auth, network); one line is what the user needs
             raise TrainingError(f"wandb.init failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                 "set WANDB_MODE=offline to log locally") from None

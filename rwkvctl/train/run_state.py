@@ -1,10 +1,8 @@
 """Resumable checkpoints: one directory per step, written under a temp name and renamed when complete.
 
-    RUN/checkpoints/step-00000200/
-        trainer_state.json   step, samples seen, tokens, elapsed, NaN skips, resolved run config (no pickle)
-        rng-rank{R}.pt       torch/CUDA/numpy/python RNG states of rank R (tensors only: weights_only loads)
-        engine_state.pt      model + AdamW state (single strategy)   | deepspeed/  ZeRO shards (deepspeed)
-        rwkv-200.pth(.json)  the exported RWKV-LM state dict (loads in the `rwkv` package and `rwkvctl chat`)
+Each checkpoint holds the trainer state (step, samples seen, tokens, elapsed, NaN skips, resolved run config; JSON,
+no pickle), every rank's torch/CUDA/numpy/python RNG states (tensors only: weights_only loads), the engine's state
+and the exported RWKV-LM weights; rwkvctl.train.run_dir names them all.
 
 A crash (kill -9, full disk) at any moment leaves either no `step-N` directory or a complete one; the
 newest complete one is what `--resume` picks. Only the newest `keep_last` are kept.
@@ -14,8 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +21,7 @@ import torch
 
 from rwkvctl import fs
 from rwkvctl.errors import CheckpointError
-
-CHECKPOINTS = "checkpoints"
-STATE_JSON = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from rwkvctl.train.run_dir import CheckpointDir, RunDir
 
 
 @dataclass
@@ -54,36 +47,8 @@ class TrainerState:
         return cls(**known)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """Complete checkpoints by step (temp directories and superseded ones are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    out: dict[int, Path] = {}
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / STATE_JSON).is_file():
-                out[int(m.group(1))] = d
-    return dict(sorted(out.items()))
-
-
-def find_checkpoint(run_dir: Path, which: str | int = "latest") -> Path | None:
-    """`latest` -> newest complete checkpoint or None; a step number -> that one or a CheckpointError."""
-    found = list_checkpoints(run_dir)
-    if which == "latest":
-        return found[max(found)] if found else None
-    step = int(which)
-    if step not in found:
-        have = ", ".join(str(s) for s in found) or "none"
-        raise CheckpointError(f"{Path(run_dir) / CHECKPOINTS}: no checkpoint for step {step} (available: {have})")
-    return found[step]
-
-
-def read_state(directory: Path) -> TrainerState:
-    path = directory / STATE_JSON
+def read_state(ckpt: CheckpointDir) -> TrainerState:
+    path = ckpt.trainer_state
     try:
         return TrainerState.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, TypeError) as e:
@@ -115,8 +80,8 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def load_rng(directory: Path, rank: int) -> None:
-    path = directory / f"rng-rank{rank}.pt"
+def load_rng(ckpt: CheckpointDir, rank: int) -> None:
+    path = ckpt.rng(rank)
     if not path.is_file():  # e.g. resumed with more ranks than saved: those start from the seeded state
         return
     try:
@@ -126,53 +91,51 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 class CheckpointWriter:
-    """Writes a checkpoint directory in the three phases a multi-rank save needs."""
+    """Writes a checkpoint directory in the three phases a multi-rank save needs. RunDir names the directories,
+    rwkvctl.fs does the crash-safe mechanics (temp directory, fsync, rename, rename-aside before deleting)."""
 
-    def __init__(self, run_dir: Path, keep_last: int) -> None:
-        self.root = Path(run_dir) / CHECKPOINTS
+    def __init__(self, run: RunDir, keep_last: int) -> None:
+        self.run = run
+        self.root = run.checkpoints_root
         self.keep_last = keep_last
 
-    def temp_dir(self, step: int) -> Path:
-        return fs.dir_temp(self.root / step_dir_name(step))
+    def temp(self, step: int) -> CheckpointDir:
+        return self.run.temp_checkpoint(step)
 
-    def begin(self, step: int) -> Path:
+    def begin(self, step: int) -> CheckpointDir:
         """Rank 0, before anyone writes: a fresh, empty temp directory."""
-        return fs.begin_dir(self.root / step_dir_name(step))
+        fs.begin_dir(self.run.checkpoint(step).path)
+        return self.temp(step)
 
-    def write_rank_files(self, tmp: Path, rank: int) -> None:
-        torch.save(capture_rng(), tmp / f"rng-rank{rank}.pt")
+    def write_rank_files(self, tmp: CheckpointDir, rank: int) -> None:
+        torch.save(capture_rng(), tmp.rng(rank))
 
-    def commit(self, step: int, state: TrainerState) -> Path:
+    def commit(self, step: int, state: TrainerState) -> CheckpointDir:
         """Rank 0, after every rank has written: state json last, fsync, rename into place, prune.
         Re-saving a step after resuming from an earlier one replaces that step's directory whole."""
-        tmp = self.temp_dir(step)
-        (tmp / STATE_JSON).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        final = fs.commit_dir(self.root / step_dir_name(step))
+        self.temp(step).trainer_state.write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        final = self.run.checkpoint(step)
+        fs.commit_dir(final.path)
         self.prune()
         return final
 
     def abort(self, step: int) -> None:
-        fs.abort_dir(self.root / step_dir_name(step))
+        fs.abort_dir(self.run.checkpoint(step).path)
 
     def prune(self) -> None:
         """Delete all but the newest keep_last checkpoints. Each is first renamed out of the `step-N` namespace,
         so a crash mid-delete never leaves a half-deleted directory that `--resume` would take as complete;
         leftovers of such a crash are removed here the next time."""
-        found = list_checkpoints(self.root.parent)
+        found = self.run.checkpoints()
         for step in list(found)[: max(len(found) - self.keep_last, 0)]:
-            fs.remove_tree(found[step])
+            fs.remove_tree(found[step].path)
         fs.remove_leftovers(self.root)
 
     def supersede_after(self, step: int) -> list[Path]:
         """Resuming from an earlier step: later checkpoints belong to an abandoned trajectory. They are
         renamed (never deleted) so that `latest` and pruning ignore them."""
-        moved = []
-        for s, d in list_checkpoints(self.root.parent).items():
-            if s > step:
-                target = self.root / f"superseded-{d.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                moved.append(fs.rename(d, target))
-        return moved
+        return [fs.rename(d.path, self.run.superseded_path(d)) for s, d in self.run.checkpoints().items() if s > step]
 
 
-def write_run_config(run_dir: Path, yaml_text: str) -> None:
-    fs.atomic_write_text(Path(run_dir) / "run_config.yaml", yaml_text)
+def write_run_config(run: RunDir, yaml_text: str) -> None:
+    fs.atomic_write_text(run.config_file, yaml_text)

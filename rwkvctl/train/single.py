@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,9 +11,10 @@ from torch import nn
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError
 from rwkvctl.train.config import RunConfig
-from rwkvctl.train.engine import STATE_FILE, Engine, clip_grads_to, resolve_device, total_grad_norm
+from rwkvctl.train.engine import Engine, clip_grads_to, resolve_device, total_grad_norm
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import build_adamw, set_lr
+from rwkvctl.train.run_dir import CheckpointDir
 from rwkvctl.train.segmented import segmented_backward
 
 
@@ -70,14 +70,14 @@ class SingleEngine(Engine):
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, directory: Path) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / STATE_FILE)
+    def save(self, ckpt: CheckpointDir) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, ckpt.engine_state)
 
-    def load(self, directory: Path) -> None:
-        path = directory / STATE_FILE
+    def load(self, ckpt: CheckpointDir) -> None:
+        path = ckpt.engine_state
         if not path.is_file():
             hint = " (it was written by the deepspeed strategy; resume with --strategy deepspeed)" if (
-                directory / "deepspeed").is_dir() else ""
+                ckpt.deepspeed_dir.is_dir()) else ""
             raise CheckpointError(f"{path}: missing{hint}")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)

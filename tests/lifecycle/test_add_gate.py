@@ -14,10 +14,10 @@ from rwkvctl.errors import CheckpointError
 from rwkvctl.lifecycle.add_gate import add_gate_to_checkpoint, add_gate_to_run
 from rwkvctl.lifecycle.train import train
 from rwkvctl.surgery import add_gate
-from rwkvctl.train.engine import STATE_FILE
 from rwkvctl.train.metrics import read_metrics
 from rwkvctl.train.optim import param_groups
-from rwkvctl.train.run_state import list_checkpoints, read_state
+from rwkvctl.train.run_dir import RunDir
+from rwkvctl.train.run_state import read_state
 
 
 @pytest.fixture
@@ -29,14 +29,14 @@ def gateless_run(tmp_path: Path, pattern_data: Path, make_config) -> Path:
 
 
 def _engine_state(run: Path, step: int) -> dict:
-    return torch.load(list_checkpoints(run)[step] / STATE_FILE, weights_only=True)
+    return torch.load(RunDir(run).checkpoints()[step].engine_state, weights_only=True)
 
 
 def _moments_by_name(run: Path, step: int) -> dict[str, dict]:
     from rwkvctl.model.rwkv5 import RWKV5
     from rwkvctl.train.config import RunConfig
 
-    saved = read_state(list_checkpoints(run)[step])
+    saved = read_state(RunDir(run).checkpoints()[step])
     cfg = RunConfig.from_dict(saved.config)
     with torch.device("meta"):
         model = RWKV5(cfg.model)
@@ -61,10 +61,11 @@ def test_surgery_keeps_everything_old_and_resumes_the_same_trajectory(gateless_r
     for name, st in old_m.items():
         for key, value in st.items():
             assert torch.equal(new_m[name][key], value), (name, key)
-    old_state, new_state = read_state(list_checkpoints(gateless_run)[8]), read_state(list_checkpoints(out)[8])
+    old_state = read_state(RunDir(gateless_run).checkpoints()[8])
+    new_state = read_state(RunDir(out).checkpoints()[8])
     assert (new_state.step, new_state.samples_seen, new_state.tokens) == (8, old_state.samples_seen, old_state.tokens)
     assert [r["step"] for r in read_metrics(out)] == [r["step"] for r in read_metrics(gateless_run) if r["step"] <= 8]
-    exported = list_checkpoints(out)[8] / "rwkv-8.pth"
+    exported = RunDir(out).checkpoints()[8].export
     from rwkvctl.io.checkpoint import load_checkpoint
 
     weights, meta = load_checkpoint(exported)
@@ -78,7 +79,7 @@ def test_surgery_keeps_everything_old_and_resumes_the_same_trajectory(gateless_r
     lr = {r["step"]: r["lr"] for r in read_metrics(gateless_run) if "lr" in r}
     assert next(r["lr"] for r in records if r.get("step") == 9 and "lr" in r) == lr[9]
     # the original run was only read
-    assert max(list_checkpoints(gateless_run)) == 12
+    assert max(RunDir(gateless_run).checkpoints()) == 12
 
 
 def test_add_gate_refusals(gateless_run: Path, tmp_path: Path, make_config, pattern_data: Path) -> None:
@@ -141,10 +142,10 @@ def test_cli_add_gate_and_resume(gateless_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-gated"
     res = runner.invoke(app, ["add-gate", str(gateless_run), "-o", str(out), "--step", "8", "--resume"])
     assert res.exit_code == 0, res.output
-    assert "added the output gate" in res.output and max(list_checkpoints(out)) == 12
+    assert "added the output gate" in res.output and max(RunDir(out).checkpoints()) == 12
     res = runner.invoke(app, ["add-gate", str(out)])
     assert res.exit_code != 0 and "already has the output gate" in res.output and "Traceback" not in res.output
-    ckpt = list_checkpoints(gateless_run)[12] / "rwkv-12.pth"
+    ckpt = RunDir(gateless_run).checkpoints()[12].export
     res = runner.invoke(app, ["add-gate", str(ckpt), "-o", str(tmp_path / "g.safetensors")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["add-gate", str(ckpt), "--resume"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from rwkvctl.cli import app
-from rwkvctl.train.run_state import list_checkpoints
+from rwkvctl.train.run_dir import RunDir
 
 
 def test_prepare_train_add_gate_quantize_chat(tmp_path: Path, sample_dataset: Path) -> None:
@@ -24,8 +24,8 @@ def test_prepare_train_add_gate_quantize_chat(tmp_path: Path, sample_dataset: Pa
        "--ctx-len", "32", "--micro-bsz", "4", "--max-steps", "8", "--save-every", "4", "--val-every", "0",
        "--device", "cpu", "--precision", "fp32")  # fmt: skip
     ok("add-gate", str(run), "--step", "4", "-o", str(gated), "--resume")
-    assert sorted(list_checkpoints(gated)) == [4, 8]
-    exported = list_checkpoints(gated)[8] / "rwkv-8.pth"
+    assert sorted(RunDir(gated).checkpoints()) == [4, 8]
+    exported = RunDir(gated).checkpoints()[8].export
     text = tmp_path / "eval.txt"
     text.write_text("def main():\n    print('hello world')\n" * 20)
     out = ok("quantize", str(exported), str(tmp_path / "q4.safetensors"), "--eval", str(text), "--eval-tokens", "128")

@@ -13,7 +13,8 @@ from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.lifecycle.plot import plot_runs
 from rwkvctl.lifecycle.train import train
-from rwkvctl.train.metrics import SUPERSEDED_FILE, read_metrics
+from rwkvctl.train.metrics import read_metrics
+from rwkvctl.train.run_dir import RunDir
 
 runner = CliRunner()
 
@@ -26,7 +27,7 @@ def test_fresh_start_does_not_append_to_an_old_metrics_log(tmp_path, pattern_dat
     train(make_config(run, pattern_data, train={"max_steps": 2}))
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == [1, 2]
-    assert len((run / SUPERSEDED_FILE).read_text().splitlines()) == 3  # moved aside, not lost
+    assert len(RunDir(run).metrics_superseded.read_text().splitlines()) == 3  # moved aside, not lost
 
 
 @pytest.mark.parametrize(("section", "change"), [("data", {"ctx_len": 16}), ("train", {"micro_bsz": 2}),

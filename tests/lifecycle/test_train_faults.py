@@ -11,7 +11,8 @@ from rwkvctl.errors import CheckpointError, ConfigError, DataError, TrainingErro
 from rwkvctl.lifecycle.train import train
 from rwkvctl.train import single
 from rwkvctl.train.metrics import read_metrics
-from rwkvctl.train.run_state import CheckpointWriter, list_checkpoints
+from rwkvctl.train.run_dir import RunDir
+from rwkvctl.train.run_state import CheckpointWriter
 
 
 def _nan_on_calls(monkeypatch, calls):
@@ -47,7 +48,7 @@ def test_nan_loss_stop_policy_and_too_many_skips(tmp_path, pattern_data, make_co
     cfg = make_config(tmp_path / "stop", pattern_data, train={"nan_policy": "stop", "save_every": 1})
     with pytest.raises(TrainingError, match=r"step 3: non-finite loss .*nan_policy=stop.*--resume"):
         train(cfg)
-    assert max(list_checkpoints(tmp_path / "stop")) == 2
+    assert max(RunDir(tmp_path / "stop").checkpoints()) == 2
     cfg = make_config(tmp_path / "skip", pattern_data, train={"max_nan_skips": 2})
     with pytest.raises(TrainingError, match="3 consecutive skipped steps"):
         train(cfg)

@@ -8,7 +8,8 @@ import time
 import torch
 
 from rwkvctl.train.metrics import read_metrics
-from rwkvctl.train.run_state import list_checkpoints, read_state
+from rwkvctl.train.run_dir import RunDir
+from rwkvctl.train.run_state import read_state
 
 STEPS = 60
 FLAGS = ("--accum", "2", "--max-steps", str(STEPS), "--save-every", "5", "--keep-last", "2")
@@ -44,7 +45,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pattern_da
     assert proc.returncode == -signal.SIGKILL
     killed_at = _steps_logged(run)
     assert 13 <= killed_at < STEPS
-    assert max(list_checkpoints(run)) < STEPS
+    assert max(RunDir(run).checkpoints()) < STEPS
 
     resumed = run_cli(train_cli(run, pattern_data, *FLAGS, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -69,7 +70,7 @@ def test_sigterm_checkpoints_and_resume_from_an_earlier_step(tmp_path, pattern_d
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by a signal" in out
-    found = list_checkpoints(run)
+    found = RunDir(run).checkpoints()
     stopped = read_state(found[max(found)])
     assert 7 <= stopped.step < 400 and stopped.step == _steps_logged(run)  # checkpoint of the step it stopped at
 
@@ -78,7 +79,7 @@ def test_sigterm_checkpoints_and_resume_from_an_earlier_step(tmp_path, pattern_d
     earlier = max(s for s in found if s < stopped.step)
     again = run_cli(train_cli(run, pattern_data, *plan, "--resume-step", str(earlier), "--stop-after-steps", "4"))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert max(list_checkpoints(run)) == earlier + 4
+    assert max(RunDir(run).checkpoints()) == earlier + 4
     assert any(p.name.startswith("superseded-") for p in (run / "checkpoints").iterdir())
     fresh = run_cli(train_cli(tmp_path / "fresh", pattern_data, *plan, "--stop-after-steps", str(earlier + 4)))
     assert fresh.returncode == 0, fresh.stderr[-2000:]

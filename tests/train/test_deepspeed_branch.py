@@ -15,7 +15,7 @@ from rwkvctl.io.checkpoint import load_checkpoint
 from rwkvctl.lifecycle.add_gate import add_gate_to_run, branch_run
 from rwkvctl.lifecycle.train import train
 from rwkvctl.train.deepspeed_engine import read_zero_checkpoint
-from rwkvctl.train.run_state import list_checkpoints
+from rwkvctl.train.run_dir import RunDir
 
 pytestmark = pytest.mark.deepspeed
 
@@ -50,8 +50,8 @@ def zero_run(tmp_path_factory, motif_data):
 
 
 def test_zero_shards_gather_to_the_exported_weights(zero_run):
-    weights, moments, step = read_zero_checkpoint(list_checkpoints(zero_run)[3])
-    exported, _ = load_checkpoint(list_checkpoints(zero_run)[3] / "rwkv-3.pth")
+    weights, moments, step = read_zero_checkpoint(RunDir(zero_run).checkpoints()[3])
+    exported, _ = load_checkpoint(RunDir(zero_run).checkpoints()[3].export)
     assert step == 3 and set(weights) == set(exported) == set(moments)
     for name, w in exported.items():  # fp32 masters, rounded like the module's bf16 copies: the same bits
         assert torch.equal(weights[name].to(w.dtype), w), name
@@ -60,12 +60,12 @@ def test_zero_shards_gather_to_the_exported_weights(zero_run):
 
 def test_unsharded_state_resumes_the_zero_run_exactly(zero_run, tmp_path):
     branch = branch_run(zero_run, tmp_path / "port", step=3)
-    assert not (list_checkpoints(branch.out)[3] / "deepspeed").exists()
+    assert not RunDir(branch.out).checkpoints()[3].deepspeed_dir.exists()
     _launch(branch.out, "--resume")
     want, got = _losses(zero_run), _losses(branch.out)
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]  # bit for bit
-    a, _ = load_checkpoint(list_checkpoints(zero_run)[6] / "rwkv-6.pth")
-    b, _ = load_checkpoint(list_checkpoints(branch.out)[6] / "rwkv-6.pth")
+    a, _ = load_checkpoint(RunDir(zero_run).checkpoints()[6].export)
+    b, _ = load_checkpoint(RunDir(branch.out).checkpoints()[6].export)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the per-parameter step is no longer tied to the ZeRO layout: a single process can take it over too
     single = branch_run(zero_run, tmp_path / "single", step=3)
@@ -81,5 +81,5 @@ def test_add_gate_to_a_zero_run_resumes_under_deepspeed(zero_run, tmp_path):
     assert "resuming from step 3" in out.stdout
     losses = _losses(gated.out)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
-    weights, meta = load_checkpoint(list_checkpoints(gated.out)[6] / "rwkv-6.pth")
+    weights, meta = load_checkpoint(RunDir(gated.out).checkpoints()[6].export)
     assert meta.model.gate and "blocks.1.att.gate.weight" in weights

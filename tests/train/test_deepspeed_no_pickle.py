@@ -94,21 +94,23 @@ def test_resume_refuses_a_payload_in_every_file(tmp_path: Path, motif_data: Path
     # The backstop alone (the file check switched off) also refuses: DeepSpeed's own torch.load calls are
     # forced to weights-only, so its weights_only=False cannot run the payload either.
     script = (
-        "import sys; from pathlib import Path\n"
+        "import sys\n"
         "import rwkvctl.train.deepspeed_engine as e\n"
         "from rwkvctl.errors import CheckpointError\n"
         "from rwkvctl.model.rwkv5 import RWKV5\n"
         "from rwkvctl.train.config import RunConfig\n"
+        "from rwkvctl.train.run_dir import RunDir\n"
         "e.check_no_pickled_code = lambda d: None\n"
-        "cfg = RunConfig.from_yaml(Path(sys.argv[1]) / 'run_config.yaml')\n"
+        "run = RunDir(sys.argv[1])\n"
+        "cfg = RunConfig.from_yaml(run.config_file)\n"
         "eng = e.DeepSpeedEngine(RWKV5(cfg.model), cfg)\n"
         "try:\n"
-        "    eng.load(Path(sys.argv[2]))\n"
+        "    eng.load(run.checkpoint(2))\n"
         "except CheckpointError as err:\n"
         "    print('refused:', err); sys.exit(3)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", script, str(run), str(state.parent.parent)], env=env,
+    res = subprocess.run([sys.executable, "-c", script, str(run)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, (res.stdout + res.stderr)[-3000:]
     assert "refused:" in res.stdout and not marker.exists()

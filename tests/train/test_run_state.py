@@ -3,17 +3,19 @@
 import shutil
 
 from rwkvctl import fs
-from rwkvctl.train.run_state import CheckpointWriter, TrainerState, list_checkpoints
+from rwkvctl.train.run_dir import RunDir
+from rwkvctl.train.run_state import CheckpointWriter, TrainerState
 
 
 def _write(writer: CheckpointWriter, step: int) -> None:
     tmp = writer.begin(step)
-    (tmp / "engine_state.pt").write_bytes(b"weights")
+    tmp.engine_state.write_bytes(b"weights")
     writer.commit(step, TrainerState(step=step))
 
 
 def test_prune_crashing_midway_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
-    writer = CheckpointWriter(tmp_path, keep_last=2)
+    run = RunDir(tmp_path)
+    writer = CheckpointWriter(run, keep_last=2)
     for step in (1, 2):
         _write(writer, step)
     real_rmtree = shutil.rmtree
@@ -23,10 +25,10 @@ def test_prune_crashing_midway_leaves_only_complete_checkpoints(tmp_path, monkey
 
     monkeypatch.setattr(fs.shutil, "rmtree", killed_midway)
     _write(writer, 3)
-    found = list_checkpoints(tmp_path)
+    found = run.checkpoints()
     assert sorted(found) == [2, 3]
-    assert all((d / "engine_state.pt").is_file() for d in found.values())
+    assert all(d.engine_state.is_file() for d in found.values())
     monkeypatch.setattr(fs.shutil, "rmtree", real_rmtree)
     _write(writer, 4)  # the next prune also clears what the crash left behind
-    assert sorted(list_checkpoints(tmp_path)) == [3, 4]
+    assert sorted(run.checkpoints()) == [3, 4]
     assert not list((tmp_path / "checkpoints").glob(".deleting-*"))
