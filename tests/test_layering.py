@@ -58,6 +58,27 @@ def modules():
         yield path, rel, layer
 
 
+# The top: the command line and the package entry points may import anything below them.
+TOP = {"cli", "__init__", "__main__"}
+
+
+def test_every_module_has_a_layer():
+    """A new top-level module or package must be placed in FORBIDDEN (or be part of the top), so no module escapes
+    the layer rules by being unlisted."""
+    unplaced = sorted({layer for _, _, layer in modules()} - set(FORBIDDEN) - TOP)
+    assert not unplaced, f"give these a row in FORBIDDEN: {unplaced}"
+
+
+def test_readme_layout_lists_exactly_the_layers():
+    """README's Layout section names every top-level module/package of rwkvctl/, and nothing that is not there."""
+    readme = (PKG.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    listed = {line.split()[0].removeprefix("rwkvctl/").rstrip("/").removesuffix(".py")
+              for line in block.strip().splitlines() if line.startswith("rwkvctl/")}
+    present = {layer for _, _, layer in modules()} - {"__init__", "__main__"}
+    assert listed == present, f"README Layout lists {sorted(listed - present)}, misses {sorted(present - listed)}"
+
+
 @pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
 def test_layer_rules(path, rel, layer):
     for name in imports_of(path):

@@ -49,7 +49,7 @@ def _moments_by_name(run: Path, step: int) -> dict[str, dict]:
 def test_surgery_keeps_everything_old_and_resumes_the_same_trajectory(gateless_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "gated"
     result = add_gate_to_run(gateless_run, out, step=8)  # a slightly earlier checkpoint, as the 7B run did
-    assert result.step == 8 and result.config.model.gate and result.config.model.dim_ffn == 4 * 64
+    assert result.step == 8 and result.config.model.gate and result.config.model.dim_ffn == 224  # 3.5 x 64, kept
     before, after = _engine_state(gateless_run, 8)["model"], _engine_state(out, 8)["model"]
     for name, t in before.items():  # every old tensor, bit for bit
         assert torch.equal(after[name], t), name
@@ -111,7 +111,7 @@ def test_weights_only_surgery_loads_in_the_official_package(tmp_path: Path, rand
     res = add_gate_to_checkpoint(src, tmp_path / "gated.pth", init="v5.2-2023", seed=1)
     assert res.added_params == 2 * (64 * 64 + 64)
     model, meta = load_model(res.out)
-    assert meta.model.gate and meta.model.dim_ffn == 256 and meta.extra["surgery"]["add_gate"] == "v5.2-2023"
+    assert meta.model.gate and meta.model.dim_ffn == 224 and meta.extra["surgery"]["add_gate"] == "v5.2-2023"
     official = rwkv_model.RWKV(model=str(res.out.with_suffix("")), strategy="cpu fp32")
     assert official.version == 5.2
     tokens = [1, 5, 9, 77, 3]

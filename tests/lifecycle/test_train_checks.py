@@ -53,11 +53,11 @@ def test_resume_accepts_the_same_data_named_differently(tmp_path, pattern_data, 
 
 
 def test_runs_saved_before_architectures_were_recorded_resume(tmp_path, pattern_data, make_config):
-    from rwkvctl.train.run_state import STATE_JSON, find_checkpoint
+    from rwkvctl.train.run_dir import RunDir
 
     run = tmp_path / "run"
     train(make_config(run, pattern_data, train={"max_steps": 3, "stop_after_steps": 2}))
-    state_json = find_checkpoint(run) / STATE_JSON
+    state_json = RunDir(run).latest().trainer_state
     state = json.loads(state_json.read_text())
     assert state["config"]["model"].pop("architecture") == "x052"
     state_json.write_text(json.dumps(state))

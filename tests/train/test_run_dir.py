@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from rwkvctl import fs
 from rwkvctl.errors import CheckpointError
 from rwkvctl.train.run_dir import CheckpointDir, RunDir
 
@@ -45,9 +46,10 @@ def test_only_complete_step_directories_count(tmp_path):
     for step in (9, 10, 2):
         _complete(root / f"step-{step:08d}")
     (root / "step-00000011").mkdir()  # no trainer state yet: incomplete
-    _complete(root / ".tmp-step-00000012")
-    _complete(run.replaced_path(10))
-    _complete(run.deleting_path(run.checkpoint(2)))
+    _complete(run.temp_checkpoint(12).path)
+    for step, tag in ((10, "old"), (2, "deleting")):  # complete directories moved aside the way rwkvctl.fs does
+        fs.rename_aside(run.checkpoint(step).path, tag)
+        _complete(run.checkpoint(step).path)
     _complete(run.superseded_path(run.checkpoint(10)))
     (root / "notes.txt").write_text("a user's file")
     found = run.checkpoints()
@@ -57,7 +59,6 @@ def test_only_complete_step_directories_count(tmp_path):
     assert run.find(9) == run.find("9") == run.checkpoint(9)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 11 \(available: 2, 9, 10\)"):
         run.find(11)
-    assert len(run.deleting_leftovers()) == 1
 
 
 def test_an_empty_or_missing_run_has_no_checkpoints(tmp_path):
@@ -65,7 +66,6 @@ def test_an_empty_or_missing_run_has_no_checkpoints(tmp_path):
     assert run.checkpoints() == {} and run.latest() is None and run.find("latest") is None
     with pytest.raises(CheckpointError, match=r"available: none"):
         run.find(3)
-    assert run.deleting_leftovers() == []
 
 
 def test_rng_files_by_rank(tmp_path):
