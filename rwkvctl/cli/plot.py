@@ -16,9 +16,15 @@ def plot_command(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (each holds a metrics.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Image to write (.png, .svg or .pdf).")] = Path("loss.png"),
     x: Annotated[str, typer.Option(help="X axis: tokens or step.")] = "tokens",
-    smooth: Annotated[int, typer.Option(help="Moving-average window over logged points (>= 1; 1: raw).")] = 1,
+    smooth: Annotated[
+        int | None,
+        typer.Option(help="Moving-average window in logged points (default: ~1/50 of the points; 1: raw only)."),
+    ] = None,
     title: Annotated[str | None, typer.Option(help="Chart title.")] = None,
-    label: Annotated[list[str] | None, typer.Option(help="Legend label per run, in order (repeatable).")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="Legend label per run, in order (repeatable; default: the directory names)."),
+    ] = None,
 ) -> None:
     """Draw loss vs tokens for one or more runs, overlaid; dotted lines mark where a run resumed."""
     from rich.markup import escape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,7 +163,8 @@ CONFIG_FLAGS = {
     "keep_last": "train.keep_last", "val_every": "data.val_every", "grad_cp": "train.grad_checkpointing",
     "segment_len": "train.segment_len", "l2wrap": "train.l2wrap", "compile_model": "train.compile",
     "nan_policy": "train.nan_policy", "init_from": "train.init_from", "stop_after_steps": "train.stop_after_steps",
-    "wandb": "train.wandb", "peak_tflops": "train.peak_tflops",
+    "wandb": "train.wandb", "peak_tflops": "train.peak_tflops", "start_step": "train.start_step",
+    "export_dtype": "train.export_dtype",
 }
 
 
@@ -202,6 +204,8 @@ def train_command(
     nan_policy: Annotated[str | None, typer.Option(help=_doc("nan_policy"))] = None,
     init_from: Annotated[str | None, typer.Option(help=_doc("init_from"))] = None,
     stop_after_steps: Annotated[int | None, typer.Option(help=_doc("stop_after_steps"))] = None,
+    start_step: Annotated[int | None, typer.Option(help=_doc("start_step"))] = None,
+    export_dtype: Annotated[str | None, typer.Option(help=_doc("export_dtype"))] = None,
     wandb: Annotated[str | None, typer.Option(help=_doc("wandb"))] = None,
     peak_tflops: Annotated[float | None, typer.Option(help=_doc("peak_tflops"))] = None,
     set_: Annotated[
@@ -229,7 +233,8 @@ def train_command(
     if config is not None:
         cfg = RunConfig.from_yaml(config)
     elif resuming and run_dir and RunDir(run_dir).config_file.is_file():
-        cfg = RunConfig.from_yaml(RunDir(run_dir).config_file)
+        # the run's own config, less the previous invocation's --stop-after-steps (older versions saved it)
+        cfg = RunConfig.from_yaml(RunDir(run_dir).config_file).with_overrides({"train.stop_after_steps": 0})
     else:
         cfg = RunConfig()
     flags: dict[str, Any] = {key: given[param] for param, key in CONFIG_FLAGS.items()}
@@ -239,11 +244,16 @@ def train_command(
     cfg = cfg.with_overrides(overrides) if overrides else cfg
     if not cfg.data.path:
         raise ConfigError("no training data: give --data (prepare's output) or data.path in --config")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps}: give at least 1 step (leave it out for one pass over the data, "
+                          "or use --max-tokens)")
 
     main = int(os.environ.get("RANK", "0")) == 0
     if not main:
-        train(cfg, resume=resume_step if resume_step is not None else ("latest" if resuming else None))
+        result = train(cfg, resume=resume_step if resume_step is not None else ("latest" if resuming else None))
         end_distributed()
+        if result.interrupted:  # every rank tells the launcher it was stopped, not finished
+            raise typer.Exit(128 + (result.stop_signal or signal.SIGTERM))
         return
     display = LiveDisplay()
     try:
@@ -261,3 +271,5 @@ def train_command(
             f"[yellow]stopped by a signal at step {result.step}; continue with:[/] "
             f"rwkvctl train --run-dir {escape(cfg.run_dir)} --resume"
         )
+        # non-zero, as shells and schedulers expect of a signalled process: 130 (SIGINT) or 143 (SIGTERM)
+        raise typer.Exit(128 + (result.stop_signal or signal.SIGTERM))

@@ -18,6 +18,7 @@ class PlotResult:
     runs: list[str]
     points: int
     resumes: int
+    windows: list[int]  # the moving-average window used per run (1: raw)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -33,12 +34,38 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int = 1, title: str | None = None,
+def auto_window(points: int) -> int:
+    """The default smoothing: about 1/50 of the logged points (odd steps of noise average out, trends stay)."""
+    return max(1, points // 50)
+
+
+def run_labels(runs: list[Path]) -> list[str]:
+    """Legend names: each run's directory name, with as many parent directories as it takes to tell runs apart
+    (runs/7b/run and runs/7b-gate/run -> 7b/run and 7b-gate/run)."""
+    parts = [Path(r).resolve().parts for r in runs]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in runs]
+
+
+def human_count(value: float, _pos: Any = None) -> str:
+    """Axis ticks in readable units: 1.5M, 2B, 750K."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int | None = None, title: str | None = None,
               labels: list[str] | None = None) -> PlotResult:
-    """Draw the training (and validation, if logged) loss of every run; vertical dotted lines mark resumes."""
+    """Draw the training (and validation, if logged) loss of every run; vertical dotted lines mark resumes.
+    `smooth`: moving-average window in logged points (None: about 1/50 of each run's points; 1: raw only); the raw
+    curve stays faint behind a smoothed one."""
     if x not in ("tokens", "step"):
         raise ConfigError(f"x axis must be 'tokens' or 'step', got {x!r}")
-    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
+    if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1):
         raise ConfigError(f"--smooth must be a whole number of points >= 1 (1: raw), got {smooth!r}")
     if labels and len(labels) != len(runs):
         raise ConfigError(f"{len(labels)} labels for {len(runs)} runs")
@@ -55,11 +82,13 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int = 1
         raise ConfigError(f"{out}: cannot write .{fmt} images; use one of {', '.join('.' + k for k in supported)}")
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     try:
-        points, resumes, names = _draw(ax, runs, x=x, smooth=smooth, labels=labels)
+        points, resumes, names, windows = _draw(ax, runs, x=x, smooth=smooth, labels=labels)
         ax.set_xlabel("tokens" if x == "tokens" else "optimizer step")
         ax.set_ylabel("loss")
         if x == "tokens":
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+            from matplotlib.ticker import FuncFormatter
+
+            ax.xaxis.set_major_formatter(FuncFormatter(human_count))
         ax.set_title(title or "training loss")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -68,24 +97,31 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int = 1
             fig.savefig(tmp, format=fmt)
     finally:
         plt.close(fig)
-    return PlotResult(path=out, runs=names, points=points, resumes=resumes)
+    return PlotResult(path=out, runs=names, points=points, resumes=resumes, windows=windows)
 
 
-def _draw(ax: Any, runs: list[Path], *, x: str, smooth: int, labels: list[str] | None) -> tuple[int, int, list[str]]:
-    """Every run's curves; returns (points, resumes marked, legend names)."""
+def _draw(ax: Any, runs: list[Path], *, x: str, smooth: int | None,
+          labels: list[str] | None) -> tuple[int, int, list[str], list[int]]:
+    """Every run's curves; returns (points, resumes marked, legend names, smoothing windows)."""
     points = resumes = 0
-    names = []
+    names, windows = [], []
+    default_names = run_labels(runs)
     for i, run in enumerate(runs):
         records = read_metrics(RunDir(run))
         train = [r for r in records if r.get("loss") is not None]
         val = [r for r in records if r.get("val_loss") is not None]
         if not train and not val:
             raise TrainingError(f"{run}: {RunDir(run).metrics.name} has no loss records yet")
-        name = labels[i] if labels else Path(run).name
+        name = labels[i] if labels else default_names[i]
         names.append(name)
         color = f"C{i % 10}"
-        xs = [r[x] for r in train]
-        ax.plot(xs, _smooth([r["loss"] for r in train], smooth), color=color, lw=1.2, label=name)
+        xs, losses = [r[x] for r in train], [r["loss"] for r in train]
+        window = auto_window(len(losses)) if smooth is None else smooth
+        windows.append(window)
+        if window > 1:
+            ax.plot(xs, losses, color=color, lw=0.8, alpha=0.25)  # the raw curve, faint behind the smoothed one
+        label = f"{name} (smoothed over {window})" if window > 1 else name
+        ax.plot(xs, _smooth(losses, window), color=color, lw=1.4, label=label)
         if val:
             ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o", ms=3,
                     lw=1.0, label=f"{name} (val)")
@@ -97,4 +133,4 @@ def _draw(ax: Any, runs: list[Path], *, x: str, smooth: int, labels: list[str] |
                             ha="right", fontsize=7, color=color)
                 resumes += 1
         points += len(train) + len(val)
-    return points, resumes, names
+    return points, resumes, names, windows

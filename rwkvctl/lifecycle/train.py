@@ -61,11 +61,18 @@ class TrainResult:
     world_size: int
     nan_skips: int
     device: str
+    stop_signal: int | None = None
+    """The signal that stopped the run (SIGINT/SIGTERM), or None."""
 
 
 class _StopFlag:
-    def __init__(self) -> None:
+    """Set by the first SIGINT/SIGTERM; `signum` says which (the CLI exits 128 + signum after the checkpoint), and
+    `notify` is told at once, so the user sees the request acknowledged before the step ends."""
+
+    def __init__(self, notify: Callable[[int], None] | None = None) -> None:
         self.requested = False
+        self.signum: int | None = None
+        self.notify = notify
 
     def __call__(self) -> bool:
         return self.requested
@@ -81,7 +88,10 @@ def _graceful_signals(flag: _StopFlag) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if flag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag.requested = True
+        first = not flag.requested
+        flag.requested, flag.signum = True, flag.signum or signum
+        if first and flag.notify is not None:
+            flag.notify(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -154,6 +164,9 @@ def train(cfg: RunConfig, *, resume: str | int | None = None,
     if cfg.train.strategy == "single":
         resolve_device(cfg.train.device)  # a bad or unavailable device fails before any model is built
     ckpt = _prepare_run_dir(cfg, resume)
+    if resume is not None and ckpt is None and on_progress is not None:  # e.g. a requeued job's first start
+        on_progress(TrainProgress("message", 0, 0, 0, message=f"--resume: {RunDir(cfg.run_dir)} holds no "
+                                  "checkpoint yet, so this is a fresh start"))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     configure_determinism(cfg)
     try:
@@ -187,12 +200,24 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str
     state, resumed_from = _start_state(cfg, engine, ckpt, writer)
     engine.barrier()
     metrics, wandb = _open_sinks(cfg, engine, run)
-    stop = _StopFlag()
+    def acknowledge(signum: int) -> None:
+        if on_progress is not None and engine.is_main:
+            on_progress(TrainProgress("message", state.step, total_steps, state.tokens,
+                                      message=f"{signal.Signals(signum).name}: stopping after this step, with a "
+                                      "checkpoint (Ctrl-C again to abort without one)"))
+
+    if state.step >= total_steps and cfg.train.start_step:
+        raise TrainingError(f"train.start_step={cfg.train.start_step} is not before the planned {total_steps} steps; "
+                            "raise --max-steps/--max-tokens")
+    stop = _StopFlag(acknowledge)
     ctx = LoopContext(engine=engine, cfg=cfg, windows=windows, val=val, writer=writer, total_steps=total_steps,
                       metrics=metrics, wandb=wandb, on_progress=on_progress, stop_requested=stop,
                       init_scheme=scheme, tokenizer=dataset_tokenizer(cfg.data.path))
     if on_progress is not None and engine.is_main:
         where = f"resuming from step {resumed_from}" if resumed_from is not None else "fresh run"
+        if ckpt is None and cfg.train.start_step:
+            where = (f"taking over {cfg.train.init_from} at step {state.step} ({state.tokens:,} tokens): schedule "
+                     "and data position placed there, AdamW moments start fresh")
         on_progress(TrainProgress("message", state.step, total_steps, state.tokens,
                                   message=f"{where}; {engine.name} x{world} on {engine.device}; "
                                   f"{windows.windows_per_pass} windows per pass; {total_steps} steps planned"))
@@ -204,7 +229,9 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str
         for sink in (metrics, wandb):
             if sink is not None:
                 sink.close()
-    return _result(cfg, engine, run, out, total_steps, resumed_from, time.perf_counter() - t0)
+    result = _result(cfg, engine, run, out, total_steps, resumed_from, time.perf_counter() - t0)
+    result.stop_signal = stop.signum if out.interrupted else None
+    return result
 
 
 def _open_data(cfg: RunConfig) -> tuple[TrainWindows, ValWindows | None]:
@@ -227,7 +254,9 @@ def _start_state(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None,
             # A fresh start (e.g. after a run killed before its first checkpoint) must not append to old records:
             # they would repeat step numbers. They are moved to the superseded metrics file, not deleted.
             truncate_after(writer.run, 0)
-        return TrainerState(world_size=world, engine=engine.name, config=cfg.to_dict()), None
+        samples = cfg.train.start_step * cfg.samples_per_step(world)  # 0 unless taking a run over at a step
+        return TrainerState(step=cfg.train.start_step, samples_seen=samples, tokens=samples * cfg.data.ctx_len,
+                            world_size=world, engine=engine.name, config=cfg.to_dict()), None
     saved = read_state(ckpt)
     _check_resumable(ckpt, saved, cfg, engine)
     engine.load(ckpt)
@@ -259,7 +288,8 @@ def _open_sinks(cfg: RunConfig, engine: Engine, run: RunDir) -> tuple[MetricsLog
     if not engine.is_main:
         return None, None
     try:
-        write_run_config(run, cfg.to_yaml())
+        # --stop-after-steps belongs to this invocation: a later --resume must not stop early again
+        write_run_config(run, cfg.with_overrides({"train.stop_after_steps": 0}).to_yaml())
     except OSError as e:
         raise TrainingError(f"cannot write {run.config_file} ({e.strerror})") from None
     metrics = MetricsLog(run)

@@ -27,6 +27,7 @@ from rwkvctl.errors import ConfigError
 SAMPLING_MODES = ("magic_prime", "random")
 STRATEGIES = ("single", "deepspeed")
 PRECISIONS = ("fp32", "bf16")
+EXPORT_DTYPES = ("auto", "fp32", "bf16")
 NAN_POLICIES = ("skip", "stop")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -102,6 +103,13 @@ class TrainConfig:
     """Initialisation scheme for a fresh model."""
     init_from: str = ""
     """Start from these weights (.pth/.safetensors) instead of a fresh init (finetuning)."""
+    start_step: int = 0
+    """With init_from: continue at this optimizer step, taking a run over from its weights alone (e.g. an RWKV-LM
+    checkpoint): the lr schedule and the data position are placed there, AdamW's moments start fresh (0: start at
+    step 0)."""
+    export_dtype: str = "auto"
+    """dtype of the exported rwkv-N.pth: auto (the training precision; bf16 runs export bf16 as RWKV-LM does, half
+    the size), fp32 or bf16."""
     grad_checkpointing: bool = False
     """Recompute each block in backward (less memory, ~30% more compute)."""
     segment_len: int = 0
@@ -152,12 +160,13 @@ class RunConfig:
                 raise ConfigError(f"run config: {key} must be a positive integer, got {value!r}")
         for key, value in {"train.max_steps": t.max_steps, "train.max_tokens": t.max_tokens,
                            "optim.warmup_steps": o.warmup_steps, "data.val_every": d.val_every,
-                           "train.stop_after_steps": t.stop_after_steps}.items():
+                           "train.stop_after_steps": t.stop_after_steps, "train.start_step": t.start_step}.items():
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"run config: {key} must be a non-negative integer, got {value!r}")
         choices = {"data.sampling": (d.sampling, SAMPLING_MODES), "train.strategy": (t.strategy, STRATEGIES),
                    "train.precision": (t.precision, PRECISIONS), "train.nan_policy": (t.nan_policy, NAN_POLICIES),
-                   "train.init": (t.init, arch_of(self.model).init_schemes)}
+                   "train.init": (t.init, arch_of(self.model).init_schemes),
+                   "train.export_dtype": (t.export_dtype, EXPORT_DTYPES)}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"run config: {key}={value!r}; choose one of {', '.join(allowed)}")
@@ -185,6 +194,9 @@ class RunConfig:
             raise ConfigError("run config: optim.beta1/beta2 must be in [0, 1) and optim.adam_eps > 0")
         if o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("run config: optim.grad_clip and optim.weight_decay must be >= 0")
+        if t.start_step and not t.init_from:
+            raise ConfigError("run config: train.start_step places a run taken over from its weights; it needs "
+                              "train.init_from (to continue an rwkvctl run, use --resume)")
         if not self.run_dir:
             raise ConfigError("run config: run_dir is empty")
 

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from rwkvctl.data.loader import TrainWindows, ValWindows
 from rwkvctl.errors import TrainingError
 from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
@@ -96,6 +99,13 @@ def evaluate(ctx: LoopContext) -> float | None:
     return total / count if count else None
 
 
+def export_weights(weights: dict[str, Tensor], cfg: RunConfig) -> dict[str, Tensor]:
+    """The exported .pth in the configured dtype (auto: the training precision, as RWKV-LM saves bf16 runs)."""
+    name = cfg.train.precision if cfg.train.export_dtype == "auto" else cfg.train.export_dtype
+    dtype = torch.bfloat16 if name == "bf16" else torch.float32
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+
+
 def save_step(ctx: LoopContext, state: TrainerState) -> CheckpointDir:
     """A complete resumable checkpoint + exported .pth, atomically; raises TrainingError on a write failure
     (the previous checkpoint is left as it was)."""
@@ -109,7 +119,7 @@ def save_step(ctx: LoopContext, state: TrainerState) -> CheckpointDir:
         error = f"{exc.strerror or exc}"
     if e.all_reduce_sum([1.0 if error else 0.0])[0] == 0:
         try:
-            weights = e.export_state_dict()  # every rank (ZeRO-3 gathers)
+            weights = export_weights(e.export_state_dict(), ctx.cfg)  # every rank (ZeRO-3 gathers)
             e.save(tmp)
             ctx.writer.write_rank_files(tmp, e.rank)
             if e.is_main:
