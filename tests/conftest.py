@@ -57,3 +57,10 @@ def _rewrite_embedded_model(path, edit) -> None:
 def rewrite_embedded_model():
     return _rewrite_embedded_model
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that launch DeepSpeed processes are slow too: `-m "not slow"` is the quick run (README)."""
+    for item in items:
+        if item.get_closest_marker("deepspeed") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

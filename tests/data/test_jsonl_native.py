@@ -213,6 +213,7 @@ def test_random_real_lines_are_fast(tok: WorldTokenizer) -> None:
     assert "fallback" not in got.values()
 
 
+@pytest.mark.slow
 def test_scalar_build_agrees(tmp_path) -> None:
     """The same checks against a build without the SSE2 scan (the path ARM and other CPUs take)."""
     import os

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from rwkvctl.data.sample_corpus import write_sample_corpus
 
 
+@pytest.mark.slow
 def test_layout_fields_and_determinism(tmp_path: Path) -> None:
     a = write_sample_corpus(tmp_path / "a", seed=0)
     rel = [p.relative_to(tmp_path / "a").as_posix() for p in a]

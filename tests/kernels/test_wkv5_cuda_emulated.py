@@ -52,6 +52,7 @@ def emulated():
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "B, T, H, N", [(1, 1, 1, 64), (2, 2, 1, 16), (1, 17, 2, 64), (2, 64, 2, 16), (2, 40, 3, 16), (1, 129, 1, 64)]
 )
@@ -70,6 +71,7 @@ def test_emulated_cuda_kernels_against_reference(emulated, B, T, H, N, dtype):
     assert got[0].dtype == dtype and got[2]["r"].dtype == dtype and got[2]["s_in"].dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T, chunk, sms", [(130, 0, 132), (130, 64, 1), (100, 7, 1), (5, 2, 1), (64, 64, 1), (1, 0, 1)])
 def test_emulated_chunked_forward_and_backward(emulated, T, chunk, sms):
     """The state-passing chunked forward and backward (automatic or forced chunk lengths, uneven last chunk)."""
@@ -83,6 +85,7 @@ def test_emulated_chunked_forward_and_backward(emulated, T, chunk, sms):
             assert _error(a, b, "rel max") < 2e-5, name
 
 
+@pytest.mark.slow
 def test_emulated_without_state_gradient(emulated):
     """g_s_out = None path (only y used): same as passing zeros."""
     x = random_inputs(2, 9, 2, 16, seed=1)

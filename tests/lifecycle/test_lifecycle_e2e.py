@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rwkvctl.cli import app
 from rwkvctl.train.run_dir import RunDir
 
 
+@pytest.mark.slow
 def test_prepare_train_add_gate_quantize_chat(tmp_path: Path, sample_dataset: Path) -> None:
     runner = CliRunner()
 

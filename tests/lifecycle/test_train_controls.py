@@ -20,6 +20,7 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in read_metrics(RunDir(run)) if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_is_acknowledged_checkpointed_and_exits_non_zero(tmp_path, pattern_data, train_cli, train_env,
                                                                  sig, code):
@@ -40,6 +41,7 @@ def test_a_signal_is_acknowledged_checkpointed_and_exits_non_zero(tmp_path, patt
     assert latest is not None and latest.step == len(_losses(run))  # the step it finished was checkpointed
 
 
+@pytest.mark.slow
 def test_stop_after_steps_is_for_this_invocation_only(tmp_path, pattern_data, train_cli, run_cli):
     run = tmp_path / "run"
     first = run_cli(train_cli(run, pattern_data, "--max-steps", "6", "--stop-after-steps", "2"))
@@ -50,6 +52,7 @@ def test_stop_after_steps_is_for_this_invocation_only(tmp_path, pattern_data, tr
     assert len(_losses(run)) == 6  # ran to the plan's end, not 2 more steps
 
 
+@pytest.mark.slow
 def test_zero_steps_is_refused_and_resume_on_an_empty_run_is_said(tmp_path, pattern_data, train_cli, run_cli):
     res = run_cli(train_cli(tmp_path / "a", pattern_data, "--max-steps", "0"))
     assert res.returncode == 2 and "--max-steps 0" in res.stderr and "Traceback" not in res.stderr

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from rwkvctl.train.metrics import read_metrics
@@ -32,6 +33,7 @@ def _losses(run_dir):
     return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in read_metrics(run_dir) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pattern_data, train_cli, run_cli, train_env):
     full = run_cli(train_cli(tmp_path / "full", pattern_data, *FLAGS))
     assert full.returncode == 0, full.stderr[-2000:]
@@ -60,6 +62,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pattern_da
     assert (run / "metrics.superseded.jsonl").is_file() or killed_at % 5 == 0  # steps after the checkpoint moved aside
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_from_an_earlier_step(tmp_path, pattern_data, train_cli, run_cli, train_env):
     run = tmp_path / "run"
     plan = ("--max-steps", "400", "--save-every", "3", "--keep-last", "3")
