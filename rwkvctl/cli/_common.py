@@ -1,24 +1,45 @@
-"""Shared CLI plumbing: the Typer app, the console, and turning typed errors into one-line messages."""
+"""Shared CLI plumbing: the Typer app, the console, and turning typed errors and usage errors into one-line
+messages."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console, ConsoleDimensions
-from rich.markup import escape
+from rich.console import Console, ConsoleDimensions, ConsoleOptions, RenderableType
+from rich.segment import Segment
+from typer.core import TyperGroup
 
+from rwkvctl.cli.terminal import clean_segments, one_line, shown
 from rwkvctl.errors import RwkvctlError
 from rwkvctl.names import canonical
 
+
+class Commands(TyperGroup):
+    """The root command group: a usage error anywhere below it (a bad flag or value, a missing argument, an
+    unknown command) is one red line and exit code 2, like every other error, instead of Typer's usage box.
+    Parsing happens in `make_context` (this group's options) and in `invoke` (the sub-commands'), so both are
+    wrapped; `--help` and the no-arguments help exit before either raises."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=Commands,
     name="rwkvctl",
     help="Prepare data for, train, inspect and run RWKV-5.2 language models (RWKV-LM compatible).",
     no_args_is_help=True,
@@ -32,7 +53,9 @@ LOG_WIDTH = 4096  # "never wrap" for output that is not a terminal; tables stay 
 class LogFriendlyConsole(Console):
     """Rich's console, except that output which is not a terminal (a log file, a pipe, Slurm, CI) is never
     hard-wrapped: Rich would wrap at 80 columns (or $COLUMNS) there, splitting the paths and commands people copy
-    out of logs. Messages are soft-wrapped everywhere (one line each, however narrow the terminal)."""
+    out of logs. Messages are soft-wrapped everywhere (one line each, however narrow the terminal). Everything
+    printed is cleaned of control characters (cli/terminal.py): Rich's own styles and cursor moves still work, but
+    text from a file or the model can never send the terminal an escape sequence."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,6 +71,9 @@ class LogFriendlyConsole(Console):
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         self._width, self._height = new_size
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+        return clean_segments(super().render(renderable, options))
 
 
 console = LogFriendlyConsole(soft_wrap=True)
@@ -110,10 +136,57 @@ def _main(
     """Prepare data for, train, inspect and run RWKV-5.2 language models (RWKV-LM compatible)."""
 
 
+def print_error(message: str) -> None:
+    """The red `error:` line. The message is plain text, never markup; it often quotes a file's content (a key,
+    a field, a path), so it is cleaned of control characters and kept to one line here, once for every error."""
+    err_console.print(f"[bold red]error:[/] {shown(one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise. The message is plain text, never markup."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Print a one-line error and return the Exit to raise."""
+    print_error(message)
     return typer.Exit(code)
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """A click usage error (unknown flag, bad value, missing argument), whether typer vendors click or not; the
+    no-arguments help that click raises as one is not an error."""
+    names = {c.__name__ for c in type(e).__mro__ if c.__module__.startswith(("click", "typer"))}
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
+
+
+def usage_message(e: Any) -> str:
+    """One line for a usage error: `--max-steps: <why> (see rwkvctl train --help)`."""
+    names = {c.__name__ for c in type(e).__mro__}
+    param = getattr(e, "param", None)
+    if "BadParameter" in names and "MissingParameter" not in names and (e.param_hint or param is not None):
+        hint = e.param_hint
+        if hint is None:  # an option by its flags, an argument by its name
+            hint = param.opts if getattr(param, "param_type_name", "") == "option" else param.name
+        hint = hint if isinstance(hint, str) else " / ".join(hint)
+        message = f"{hint}: {_lower_first(e.message)}"
+    else:
+        message = _lower_first(e.format_message())
+    message = one_line(message).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.help_option_names:
+        message += f" (see {ctx.command_path} {ctx.help_option_names[0]})"
+    return message
+
+
+def _lower_first(text: str) -> str:
+    """'No such option' -> 'no such option', like every other error line (an acronym such as 'IO' stays)."""
+    return text[0].lower() + text[1:] if text[:2].istitle() else text
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        if not _is_usage_error(e):
+            raise
+        raise fail(usage_message(e), getattr(e, "exit_code", 2)) from None
 
 
 def one_spelling(kind: str, value: str, flag: str) -> str:
@@ -122,7 +195,7 @@ def one_spelling(kind: str, value: str, flag: str) -> str:
     spelling = canonical(kind, value)
     notice = spelling.notice(flag)
     if notice:
-        err_console.print(f"[yellow]deprecated:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]deprecated:[/] {shown(notice)}", highlight=False, soft_wrap=True)
     return spelling.name
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, fail, handles_errors, human, one_spelling
+from rwkvctl.cli.terminal import shown
 
 
 @app.command("add-gate")
@@ -46,11 +46,11 @@ def add_gate_command(
         out = out or source.with_name(source.name + "-gate")
         result = add_gate_to_run(source, out, step="latest" if step is None else step, init=init, seed=seed)
         console.print(
-            f"added the output gate ({human(result.added_params)} parameters, init {escape(init)}) at step "
-            f"{result.step}: new run [bold]{escape(str(out))}[/] (AdamW state carried over; the gate starts fresh)"
+            f"added the output gate ({human(result.added_params)} parameters, init {shown(init)}) at step "
+            f"{result.step}: new run [bold]{shown(str(out))}[/] (AdamW state carried over; the gate starts fresh)"
         )
         if not resume:
-            console.print(f"continue with: rwkvctl train --run-dir {escape(str(out))} --resume")
+            console.print(f"continue with: rwkvctl train --run-dir {shown(str(out))} --resume")
             return
         argv = ["train", "--run-dir", str(out), "--resume"]
         if max_steps is not None:
@@ -68,6 +68,6 @@ def add_gate_command(
         raise fail(f"{out} exists; choose another --out")
     result = add_gate_to_checkpoint(source, out, init=init, seed=seed)
     console.print(
-        f"added the output gate ({human(result.added_params)} parameters, init {escape(init)}): "
-        f"wrote [bold]{escape(str(out))}[/]"
+        f"added the output gate ({human(result.added_params)} parameters, init {shown(init)}): "
+        f"wrote [bold]{shown(str(out))}[/]"
     )

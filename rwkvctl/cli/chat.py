@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from rwkvctl.cli._common import app, console, err_console, fail, handles_errors, human
+from rwkvctl.cli._common import app, console, fail, handles_errors, human, print_error
 from rwkvctl.cli.chat_input import MessageReader
+from rwkvctl.cli.terminal import clean, shown
 from rwkvctl.errors import RwkvctlError
 
 HELP = (
@@ -69,7 +69,7 @@ def chat_command(
     if message:
         for text in message:
             pieces = conv.say(text)
-            console.print(f"[bold green]{escape(conv.settings.user)}:[/] {escape(_printable(text))}", emoji=False)
+            console.print(f"[bold green]{shown(conv.settings.user)}:[/] {shown(text)}", emoji=False)
             if not _print_reply(conv, pieces, stats):
                 break  # Ctrl-C: stop, do not go on to the next message
     else:
@@ -80,7 +80,7 @@ def chat_command(
             console.print("[yellow]nothing to save: no turn was completed[/]")
         else:
             conv.save(save.expanduser())
-            console.print(f"[dim]state saved to {escape(str(save))}[/]")
+            console.print(f"[dim]state saved to {shown(str(save))}[/]")
     if stats["turns"]:
         rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
         console.print(
@@ -97,7 +97,7 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
     from rwkvctl.train.engine import resolve_device
 
     device = str(resolve_device(device, setting="--device"))  # a missing GPU is one line, before any loading
-    with console.status(f"loading {escape(str(model_path))}..."):
+    with console.status(f"loading {shown(str(model_path))}..."):
         keep = opts["keep_quantized"]
         model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep)
         tok = load_tokenizer(tokenizer)
@@ -118,16 +118,16 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
     conv = Conversation(model, tok, settings)
     if load is not None:
         conv.load(load)
-        console.print(f"[dim]continuing from {escape(str(load))} ({conv.tokens_seen} tokens seen)[/]")
+        console.print(f"[dim]continuing from {shown(str(load))} ({conv.tokens_seen} tokens seen)[/]")
     return conv
 
 
 def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> bool:
     """Stream a reply to the terminal as it is generated; False when Ctrl-C stopped it (the turn is undone)."""
-    console.print(f"[bold cyan]{escape(conv.settings.bot)}:[/] ", end="")
+    console.print(f"[bold cyan]{shown(conv.settings.bot)}:[/] ", end="")
     try:
-        for piece in pieces:
-            console.print(_printable(piece), end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
+        for piece in pieces:  # model output: control characters are shown, never obeyed (cli/terminal.py)
+            console.print(clean(piece), end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
             console.file.flush()
     except KeyboardInterrupt:
         conv.cancel()
@@ -143,24 +143,15 @@ def _print_reply(conv: Any, pieces: Iterator[str], stats: dict) -> bool:
     return True
 
 
-# Control characters other than newline and tab are shown as their Unicode pictures (ESC -> U+241B), so model
-# output or piped text can never drive the terminal (cursor moves, title changes, hyperlinks).
-_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421}
-
-
-def _printable(text: str) -> str:
-    return text.translate(_CONTROL_PICTURES)
-
-
 def _interactive(conv: Any, stats: dict) -> None:
-    console.print(f"[dim]{escape(HELP)}[/]")
-    user = escape(conv.settings.user)
+    console.print(f"[dim]{shown(HELP)}[/]")
+    user = shown(conv.settings.user)
     reader = MessageReader(console)
     while True:
         try:
-            line = reader.read(f"[bold green]{user}:[/] ", _printable(conv.settings.user) + ":")
+            line = reader.read(f"[bold green]{user}:[/] ", clean(conv.settings.user) + ":")
             if not sys.stdin.isatty():  # piped input is not echoed: show what was said
-                console.print(_printable(line), markup=False, highlight=False, emoji=False)
+                console.print(clean(line), markup=False, highlight=False, emoji=False)
         except EOFError:
             console.print()
             return
@@ -176,7 +167,7 @@ def _interactive(conv: Any, stats: dict) -> None:
             elif not _command(conv, line, stats):
                 return
         except RwkvctlError as e:  # a bad /load or /save path must not end the chat
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            print_error(str(e))
 
 
 def _command(conv: Any, line: str, stats: dict) -> bool:
@@ -186,7 +177,7 @@ def _command(conv: Any, line: str, stats: dict) -> bool:
     if name in ("/quit", "/exit", "/q"):
         return False
     if name == "/help":
-        console.print(f"[dim]{escape(HELP)}[/]")
+        console.print(f"[dim]{shown(HELP)}[/]")
     elif name == "/reset":
         conv.reset()
         console.print("[dim](back to the start)[/]")
@@ -197,15 +188,15 @@ def _command(conv: Any, line: str, stats: dict) -> bool:
             console.print(f"[yellow]usage: {name} PATH[/]")
         elif name == "/save":
             conv.save(Path(arg).expanduser())
-            console.print(f"[dim]state saved to {escape(arg)}[/]")
+            console.print(f"[dim]state saved to {shown(arg)}[/]")
         else:
             conv.load(Path(arg).expanduser())
-            console.print(f"[dim]loaded {escape(arg)} ({conv.tokens_seen} tokens seen)[/]")
+            console.print(f"[dim]loaded {shown(arg)} ({conv.tokens_seen} tokens seen)[/]")
     elif name == "/info":
         console.print(
             f"[dim]{conv.tokens_seen} tokens seen, {len(conv.transcript)} transcript entries, "
             f"state {human(conv.state_bytes(), 'B')} (does not grow with the conversation)[/]"
         )
     else:
-        console.print(f"[yellow]unknown command {escape(name)}; /help lists them[/]")
+        console.print(f"[yellow]unknown command {shown(name)}; /help lists them[/]")
     return True

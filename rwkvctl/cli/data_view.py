@@ -6,12 +6,12 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from rwkvctl.cli._common import LogTicker, live_output
+from rwkvctl.cli.terminal import shown
 
 
 def _si(n: float) -> str:
@@ -84,7 +84,7 @@ def _source_table(title: str, sources: dict[str, dict], docs: int, tokens: int) 
     for name, c in sources.items():
         total_bytes += c["bytes"]
         tpb = f"{c['tokens'] / c['bytes']:.3f}" if c["bytes"] else "-"
-        t.add_row(escape(name), f"{c['docs']:,}", f"{c['tokens']:,}", f"{c['bytes'] / 1e6:,.1f}", tpb)
+        t.add_row(shown(name), f"{c['docs']:,}", f"{c['tokens']:,}", f"{c['bytes'] / 1e6:,.1f}", tpb)
     tpb = f"{tokens / total_bytes:.3f}" if total_bytes else "-"
     t.add_row("[bold]total[/]", f"{docs:,}", f"{tokens:,}", f"{total_bytes / 1e6:,.1f}", tpb, end_section=True)
     return t
@@ -95,8 +95,8 @@ def _bad_table(bad: list[dict]) -> Table:
     for col in ("input", "problem", "count", "first line", "detail"):
         t.add_column(col, justify="right" if col in ("count", "first line") else "left", overflow="fold")
     for b in bad:
-        detail = escape(b.get("detail", ""))
-        t.add_row(escape(b["input"]), escape(b["kind"]), f"{b['count']:,}", str(b["first_line"]), detail)
+        detail = shown(b.get("detail", ""))
+        t.add_row(shown(b["input"]), shown(b["kind"]), f"{b['count']:,}", str(b["first_line"]), detail)
     return t
 
 
@@ -104,10 +104,10 @@ def _rwkv_lm_line(console: Console, rl: dict, data: str) -> None:
     if not rl:
         return
     if rl.get("magic_prime") is None:
-        console.print(f"[yellow]RWKV-LM: {escape(rl.get('note', 'no magic_prime'))}[/]")
+        console.print(f"[yellow]RWKV-LM: {shown(rl.get('note', 'no magic_prime'))}[/]")
         return
     console.print(
-        f"RWKV-LM (after `rwkvctl merge-binidx {escape(data)} OUT`): --ctx_len {rl['ctx_len']} "
+        f"RWKV-LM (after `rwkvctl merge-binidx {shown(data)} OUT`): --ctx_len {rl['ctx_len']} "
         f"--my_exit_tokens {rl['my_exit_tokens']} --magic_prime {rl['magic_prime']}"
     )
 
@@ -135,14 +135,14 @@ def render_summary(console: Console, result: Any) -> None:
     )
     enc = result.manifest.encoder
     if enc.get("note"):
-        console.print(f"[yellow]encoder: {escape(enc['backend'])} - {escape(enc['note'])}[/]")
+        console.print(f"[yellow]encoder: {shown(enc['backend'])} - {shown(enc['note'])}[/]")
     elif enc:
-        console.print(f"encoder: {escape(enc['backend'])}")
+        console.print(f"encoder: {shown(enc['backend'])}")
     if result.complete:
-        console.print(f"manifest: [bold]{escape(str(result.manifest_path))}[/]")
+        console.print(f"manifest: [bold]{shown(str(result.manifest_path))}[/]")
     else:
         console.print(
-            f"[yellow]partial manifest (this node only): {escape(str(result.manifest_path))}[/]; when every node is "
+            f"[yellow]partial manifest (this node only): {shown(str(result.manifest_path))}[/]; when every node is "
             "done, rerun the same command without --num-nodes/--node-rank to write manifest.json"
         )
     _rwkv_lm_line(console, result.manifest.rwkv_lm, str(result.manifest_path.parent))
@@ -151,12 +151,12 @@ def render_summary(console: Console, result: Any) -> None:
 def render_dataset(console: Console, info: dict[str, Any]) -> None:
     """Layout for `rwkvctl inspect DATA` from `rwkvctl.data.inspect.describe_dataset`."""
     head = Table.grid(padding=(0, 2))
-    head.add_row("dataset", escape(info["path"]))
-    head.add_row("format", f"{info['kind']} ({info['dtype']})")
+    head.add_row("dataset", shown(info["path"]))
+    head.add_row("format", shown(f"{info['kind']} ({info['dtype']})"))
     tok = info.get("tokenizer")
     if tok:
-        name = escape(str(tok.get("name")))
-        head.add_row("tokenizer", f"{name} (vocab {tok.get('vocab_size')}, end-of-doc id {tok.get('eod_id')})")
+        described = f"{tok.get('name')} (vocab {tok.get('vocab_size')}, end-of-doc id {tok.get('eod_id')})"
+        head.add_row("tokenizer", shown(described))  # the manifest's fields, shown as text
     if info["kind"] == "binidx":  # no manifest: no per-source counts, just the index totals
         t = info["splits"]["train"]
         head.add_row("sequences / docs", f"{info['sequences']:,} / {t['docs']:,}")
@@ -169,10 +169,10 @@ def render_dataset(console: Console, info: dict[str, Any]) -> None:
     _rwkv_lm_line(console, info.get("rwkv_lm") or {}, info["path"])
     sample = info.get("sample")
     if sample:
-        console.print(f"sample window: start of {escape(sample['shard'])}")
+        console.print(f"sample window: start of {shown(sample['shard'])}")
         if sample["text"] is not None:
-            body = "[dim]<end of doc>[/]\n".join(escape(t) for t in sample["text"])
-            title = f"first {len(sample['ids'])} tokens, decoded as {escape(str(sample['decoded_as']))}"
+            body = "[dim]<end of doc>[/]\n".join(shown(t) for t in sample["text"])
+            title = f"first {len(sample['ids'])} tokens, decoded as {shown(str(sample['decoded_as']))}"
         else:
             body = " ".join(str(i) for i in sample["ids"])
             title = f"first {len(sample['ids'])} token ids"

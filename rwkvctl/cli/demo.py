@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.panel import Panel
 from rich.rule import Rule
 from rich.text import Text
 
 from rwkvctl.cli._common import app, console, handles_errors, live_output
+from rwkvctl.cli.terminal import clean, shown
 
 PROMPT = "def main():\n"
 
@@ -27,7 +27,7 @@ def _heading(title: str) -> None:
 
 def _run(title: str, argv: list[str]) -> None:
     _heading(title)
-    console.print(Text(f"$ rwkvctl {' '.join(argv)}", style="dim"))
+    console.print(Text(clean(f"$ rwkvctl {' '.join(argv)}"), style="dim"))
     code = app(argv, standalone_mode=False)
     if code:  # the failing command already printed its one-line error
         raise typer.Exit(code)
@@ -119,7 +119,7 @@ def _generate(checkpoint: Path, n_tokens: int) -> None:
             logits, state = model.step(torch.tensor([t]), state)
             rnn_logits.append(logits[0])
     diff = (seq_logits[0] - torch.stack(rnn_logits)).abs().max().item()
-    console.print(escape(f"prompt {PROMPT!r} = World tokens {ids}; max |sequence - RNN| logit difference {diff:.1e}"))
+    console.print(shown(f"prompt {PROMPT!r} = World tokens {ids}; max |sequence - RNN| logit difference {diff:.1e}"))
     out = list(generate(model, ids, n_tokens, SamplingConfig(temperature=0.8, top_p=0.9), seed=0))
     text = tokenizer.decode(out) if out else "(end of document)"
-    console.print(Panel(Text(PROMPT + text), title=escape(f"{checkpoint.name} continues the prompt")))
+    console.print(Panel(Text(clean(PROMPT + text)), title=shown(f"{checkpoint.name} continues the prompt")))

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from rwkvctl.cli._common import app, console, fail, handles_errors
+from rwkvctl.cli.terminal import clean
 
 
 @app.command("generate")
@@ -64,7 +65,8 @@ def generate_command(
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
     stream = TextStream(getattr(tok, "decode_bytes", None), tok.decode)
     stops = [x for x in (stop or []) if x]
-    show = _printable if console.is_terminal else (lambda t: t)  # a terminal never gets raw control characters
+    # a terminal never gets raw control characters; a pipe or file gets the text exactly as generated
+    show = clean if console.is_terminal else (lambda t: t)
     out = console.file
     out.write(show(prompt))
     text, written = "", 0
@@ -83,9 +85,3 @@ def generate_command(
         text += stream.flush()
     out.write(show(text[written:]) + "\n")
     out.flush()
-
-
-def _printable(text: str) -> str:
-    from rwkvctl.cli.chat import _printable as printable
-
-    return printable(text)

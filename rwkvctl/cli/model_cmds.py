@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from rwkvctl.cli._common import app, console, fail, handles_errors, human
+from rwkvctl.cli.terminal import shown
 from rwkvctl.config import PRESETS, param_count, preset
 
 
@@ -59,4 +59,4 @@ def init_command(
         result = create_checkpoint(out, cfg, scheme=init, seed=seed, dtype=dtype)
     console.print(table)
     size = human(result.bytes_written, "B")
-    console.print(f"wrote [bold]{escape(str(result.path))}[/] ({size}) and {escape(result.path.name)}.json")
+    console.print(f"wrote [bold]{shown(str(result.path))}[/] ({size}) and {shown(result.path.name)}.json")

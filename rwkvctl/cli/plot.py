@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rwkvctl.cli._common import app, console, handles_errors
+from rwkvctl.cli.terminal import shown
 
 
 @app.command("plot")
@@ -27,12 +28,10 @@ def plot_command(
     ] = None,
 ) -> None:
     """Draw loss vs tokens for one or more runs, overlaid; dotted lines mark where a run resumed."""
-    from rich.markup import escape
-
     from rwkvctl.lifecycle.plot import plot_runs
 
     result = plot_runs(runs, out, x=x, smooth=smooth, title=title, labels=label)
     console.print(
-        f"wrote [bold]{escape(str(result.path))}[/]: {len(result.runs)} run(s), {result.points} points, "
+        f"wrote [bold]{shown(str(result.path))}[/]: {len(result.runs)} run(s), {result.points} points, "
         f"{result.resumes} resume(s) marked"
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, handles_errors
+from rwkvctl.cli.terminal import clean, shown
 
 
 @app.command("sample-corpus")
@@ -21,9 +21,9 @@ def sample_corpus(
 
     paths = write_sample_corpus(out_dir, seed=seed)
     size = sum(p.stat().st_size for p in paths)
-    console.print(f"wrote {len(paths)} files ({size / 1e6:.1f} MB compressed) under [bold]{escape(str(out_dir))}[/]")
+    console.print(f"wrote {len(paths)} files ({size / 1e6:.1f} MB compressed) under [bold]{shown(str(out_dir))}[/]")
     for p in paths:
-        console.print(f"  {p}", markup=False, highlight=False)
+        console.print(f"  {clean(str(p))}", markup=False, highlight=False)
 
 
 def _parse_weights(items: list[str]) -> dict[str, float]:
@@ -115,16 +115,16 @@ def merge_cmd(
     prefixes = resolve_prefixes(data, split)
     info = merge_binidx(prefixes, out_prefix, overwrite=force)
     console.print(
-        f"merged {len(prefixes)} shards -> [bold]{escape(str(out_prefix))}.bin/.idx[/] "
+        f"merged {len(prefixes)} shards -> [bold]{shown(str(out_prefix))}.bin/.idx[/] "
         f"({info['docs']:,} docs, {info['tokens']:,} tokens, {info['dtype']})"
     )
     if ctx_len is not None:
         n = rwkv_lm_numbers(info["tokens"], ctx_len)
         if n["magic_prime"] is None:
-            console.print(f"[yellow]{escape(n['note'])}[/]")
+            console.print(f"[yellow]{shown(n['note'])}[/]")
         else:
             console.print(
-                f"RWKV-LM: --data_file {out_prefix} --data_type binidx --ctx_len {ctx_len} "
+                f"RWKV-LM: --data_file {clean(str(out_prefix))} --data_type binidx --ctx_len {ctx_len} "
                 f"--my_exit_tokens {n['my_exit_tokens']} --magic_prime {n['magic_prime']}",
                 markup=False,
             )

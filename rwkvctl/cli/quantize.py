@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rwkvctl.cli._common import LogTicker, app, console, fail, handles_errors, human, live_output
+from rwkvctl.cli.terminal import clean, shown
 
 
 @app.command("quantize")
@@ -54,9 +54,9 @@ def quantize_command(
         def advance(name: str, total: int) -> None:
             nonlocal done
             done += 1
-            progress.update(task, total=total, advance=1, description=f"quantizing {escape(name)}")
+            progress.update(task, total=total, advance=1, description=f"quantizing {shown(name)}")
             if not live and ticker.due(force=done == total):  # a log, not a terminal: a plain line now and then
-                console.print(f"quantizing {done}/{total} {name}", markup=False, highlight=False)
+                console.print(f"quantizing {done}/{total} {clean(name)}", markup=False, highlight=False)
 
         result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, on_tensor=advance)
     _summary(result, spec)
@@ -76,7 +76,7 @@ def _eval_tokens(path: Path, tokenizer: str, limit: int) -> list[int]:
 
 
 def _summary(result, spec) -> None:  # noqa: ANN001  (lifecycle result types are imported lazily)
-    table = Table(title=f"quantized {escape(str(result.path))}")
+    table = Table(title=f"quantized {shown(str(result.path))}")
     table.add_column("tensors")
     table.add_column("count", justify="right")
     table.add_column("bits", justify="right")

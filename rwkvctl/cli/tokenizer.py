@@ -6,9 +6,9 @@ from itertools import islice
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from rwkvctl.cli._common import app, console, handles_errors
+from rwkvctl.cli.terminal import shown
 
 tokenizer_app = typer.Typer(
     help="Train a SentencePiece tokenizer, or encode/decode with any tokenizer.", no_args_is_help=True
@@ -48,8 +48,8 @@ def train_cmd(
             texts(), out, vocab_size=vocab_size, max_sample_bytes=int(sample_mb * 1e6), overwrite=force
         )
     console.print(
-        f"wrote [bold]{escape(str(out))}[/] (vocab {stats['vocab_size']}, trained on {stats['docs']:,} docs, "
-        f"{stats['bytes'] / 1e6:.1f} MB); use: rwkvctl prepare ... --tokenizer spm:{escape(str(out))}"
+        f"wrote [bold]{shown(str(out))}[/] (vocab {stats['vocab_size']}, trained on {stats['docs']:,} docs, "
+        f"{stats['bytes'] / 1e6:.1f} MB); use: rwkvctl prepare ... --tokenizer spm:{shown(str(out))}"
     )
 
 

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 from rich.live import Live
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rwkvctl.cli._common import LogTicker, app, console, handles_errors, human, live_output
+from rwkvctl.cli.terminal import shown
 from rwkvctl.train.config import field_docs
 
 
@@ -88,9 +88,9 @@ class LiveDisplay:
                 self.live.start()
             self.started = True
         if event.kind == "message":
-            console.print(f"[yellow]{escape(event.message)}[/]")
+            console.print(f"[yellow]{shown(event.message)}[/]")
         elif event.kind == "checkpoint":
-            console.print(f"step {event.step}: checkpoint [bold]{escape(str(event.path))}[/]")
+            console.print(f"step {event.step}: checkpoint [bold]{shown(str(event.path))}[/]")
         elif event.kind == "val":
             self.latest["val"] = _fmt(event.val_loss, ".4f")
             console.print(f"step {event.step}: val loss [bold]{_fmt(event.val_loss, '.4f')}[/]")
@@ -126,14 +126,14 @@ def _summary(result: Any) -> Table:
         ("val loss", _fmt(result.val_loss, ".4f")),
         (
             "throughput",
-            f"{human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {escape(result.device)})",
+            f"{human(result.tokens_per_s)} tokens/s ({result.engine} x{result.world_size}, {shown(result.device)})",
         ),
         ("MFU", f"{result.mfu:.1%}" if result.mfu is not None else "n/a (no known peak; --peak-tflops)"),
         ("peak memory", human(result.peak_memory_bytes, "B")),
         ("wall time", _duration(result.elapsed_s)),
         ("NaN-skipped steps", str(result.nan_skips)),
-        ("checkpoint", escape(str(result.last_checkpoint or "-"))),
-        ("exported weights", escape(str(result.export_path or "-"))),
+        ("checkpoint", shown(str(result.last_checkpoint or "-"))),
+        ("exported weights", shown(str(result.export_path or "-"))),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -170,7 +170,7 @@ CONFIG_FLAGS = {
 
 def _doc(param: str) -> str:
     """--help of a config option: its field's docstring (plain text; brackets must not read as Rich markup)."""
-    return escape(field_docs()[CONFIG_FLAGS[param]])
+    return shown(field_docs()[CONFIG_FLAGS[param]])
 
 
 @app.command("train")
@@ -269,7 +269,7 @@ def train_command(
     if result.interrupted:
         console.print(
             f"[yellow]stopped by a signal at step {result.step}; continue with:[/] "
-            f"rwkvctl train --run-dir {escape(cfg.run_dir)} --resume"
+            f"rwkvctl train --run-dir {shown(cfg.run_dir)} --resume"
         )
         # non-zero, as shells and schedulers expect of a signalled process: 130 (SIGINT) or 143 (SIGTERM)
         raise typer.Exit(128 + (result.stop_signal or signal.SIGTERM))

@@ -271,9 +271,9 @@ def test_cli_bad_input_is_one_line(checkpoint: Path, tmp_path: Path, random_mode
 
 
 def test_cli_never_passes_control_characters_to_the_terminal(checkpoint: Path, tmp_path: Path) -> None:
-    from rwkvctl.cli.chat import _printable
+    from rwkvctl.cli.terminal import clean
 
-    assert _printable("\x1b]0;title\x07red\tok\n\x7f") == "\u241b]0;title\u2407red\tok\n\u2421"
+    assert clean("\x1b]0;title\x07red\tok\n\x7f") == "\u241b]0;title\u2407red\tok\n\u2421"
     res = _run(["chat", str(checkpoint), "-m", "hi \x1b[2J :smile:", "--max-tokens", "2"])
     assert res.exit_code == 0 and "\x1b[2J" not in res.output and ":smile:" in res.output
     res = _run(["chat", str(checkpoint), "--system", "x", "--load-state", str(tmp_path / "s.safetensors")])
