@@ -145,6 +145,38 @@ def test_help_does_not_import_torch():
     assert out.strip() == "False"
 
 
+# --- what reaches the terminal -------------------------------------------------------------------------------------
+# Text from files, the model and data is cleaned of control characters before it is printed (cli/terminal.py):
+# values go into markup through `shown()` (clean, then escape), never Rich's bare `escape`, and every print goes
+# through the consoles of cli/_common.py, which clean what they render.
+def terminal_rule_breaks(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.ImportFrom) and node.module == "rich.markup":
+            found += [f"line {line}: from rich.markup import {a.name} (use cli.terminal.shown)" for a in node.names]
+        elif isinstance(node, ast.Import) and any(a.name == "rich.markup" for a in node.names):
+            found.append(f"line {line}: import rich.markup (use cli.terminal.shown)")
+        elif isinstance(node, ast.Call) and "Console" in (getattr(node.func, "id", ""), getattr(node.func, "attr", "")):
+            found.append(f"line {line}: Console(...) (print with cli._common.console / err_console)")
+    return found
+
+
+def test_terminal_rule_check_sees_every_form():
+    for code in ("from rich.markup import escape", "import rich.markup", "from rich.console import Console\nConsole()",
+                 "import rich.console\nrich.console.Console(stderr=True)"):
+        assert terminal_rule_breaks(code), code
+    assert not terminal_rule_breaks("from rwkvctl.cli.terminal import shown\nconsole.print(shown(x))")
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "cli").glob("*.py")), ids=lambda p: p.name)
+def test_cli_prints_only_cleaned_text(path):
+    if path.name in ("terminal.py", "_common.py"):  # the sanitizer, and the consoles that apply it
+        return
+    breaks = terminal_rule_breaks(path.read_text())
+    assert not breaks, f"cli/{path.name}: {breaks}"
+
+
 def test_deprecated_spellings_live_only_in_names():
     """Old dtype/init spellings (rwkvctl.names.DEPRECATED) appear as string literals nowhere else in the package:
     commands translate them through rwkvctl.names, so the alias table has one home."""

@@ -57,3 +57,29 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path: Path) -> None:
     ):
         res = CliRunner().invoke(app, argv)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, (argv, res.output)
+
+
+def test_a_terminal_gets_no_raw_control_characters_a_pipe_gets_the_text(checkpoint, monkeypatch) -> None:
+    """Model output with an OSC sequence and a C1 CSI: shown as stand-ins on a terminal, exact in a pipe or file."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    import rwkvctl.cli.generate_cmd as generate_cmd
+    import rwkvctl.generate
+
+    path, _ = checkpoint
+    hostile = " \x1b]0;pwned\x07 \u009b2J done"
+    ids = load_tokenizer("world").encode(hostile)
+    monkeypatch.setattr(rwkvctl.generate, "generate", lambda *args, **kwargs: iter(ids))
+    argv = ["generate", str(path), "-p", "x\u009b", "--max-tokens", "40"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0 and res.output == "x\u009b" + hostile + "\n"  # `generate > out.txt` keeps the text
+    terminal = io.StringIO()
+    monkeypatch.setattr(generate_cmd, "console", Console(file=terminal, force_terminal=True))
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    shown = re.sub("\x1b\\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())  # the status spinner's own cursor codes
+    assert "\x1b" not in shown and "\x9b" not in shown and "\x07" not in shown
+    assert shown.endswith("x<U+009B> \u241b]0;pwned\u2407 <U+009B>2J done\n"), repr(shown)

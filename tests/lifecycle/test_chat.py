@@ -282,6 +282,28 @@ def test_cli_never_passes_control_characters_to_the_terminal(checkpoint: Path, t
     assert res.exit_code == 2 and "finite" in res.output
 
 
+def test_streamed_replies_and_role_names_never_pass_control_characters(monkeypatch) -> None:
+    """The streaming print path on its own (a plain Rich console, no safety net): C1 CSI, OSC and ESC from the model
+    or the role name arrive as visible stand-ins."""
+    import io
+    import re
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    import rwkvctl.cli.chat as chat_cli
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(chat_cli, "console", Console(file=terminal, force_terminal=True, width=200))
+    reply = SimpleNamespace(tokens=2, seconds=0.5, stopped="turn_end")
+    conv = SimpleNamespace(settings=SimpleNamespace(bot="Bot\x1b[31m[x]"), last_reply=reply, cancel=lambda: None)
+    stats = {"turns": 0, "tokens": 0, "seconds": 0.0}
+    assert chat_cli._print_reply(conv, iter(["ok\u009b2J", " \x1b]0;pwned\x07", "\u202edone"]), stats)
+    out = re.sub("\x1b\\[[0-9;]*m", "", terminal.getvalue())  # Rich's own colours
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out
+    assert out == "Bot\u241b[31m[x]: ok<U+009B>2J \u241b]0;pwned\u2407<U+202E>done\n" and stats["turns"] == 1
+
+
 def test_inspect_shows_a_state_file(checkpoint: Path, tmp_path: Path) -> None:
     state = tmp_path / "conv.safetensors"
     saved = _run(["chat", str(checkpoint), "-m", "Hi there", "--max-tokens", "3", "--save-state", str(state)])
@@ -289,6 +311,19 @@ def test_inspect_shows_a_state_file(checkpoint: Path, tmp_path: Path) -> None:
     res = _run(["inspect", str(state)])
     assert res.exit_code == 0, res.output
     assert "chat state" in res.output and "tokens seen" in res.output and "Hi there" in res.output
+
+
+def test_inspect_cleans_role_names_and_transcripts_of_a_state_file(checkpoint: Path, tmp_path: Path) -> None:
+    import re
+
+    state = tmp_path / "conv.safetensors"
+    hostile = "U\x1b]0;pwned\x07\u009b2J"
+    argv = ["chat", str(checkpoint), "-m", f"say {hostile}", "--user", hostile, "--max-tokens", "2", "--save-state"]
+    saved = _run([*argv, str(state)])
+    assert saved.exit_code == 0 and "\x1b]0" not in saved.output and "\x9b" not in saved.output, saved.output
+    res = _run(["inspect", str(state)])
+    assert res.exit_code == 0, res.output
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", res.output) and res.output.count("\u241b]0;pwned") >= 2
 
 
 def test_chat_and_generate_check_the_device_first(checkpoint: Path) -> None:
