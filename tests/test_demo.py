@@ -17,6 +17,8 @@ def test_demo_runs_the_lifecycle(tmp_path):
     assert (work / "loss.png").stat().st_size > 1000
     assert list(work.glob("run/checkpoints/step-*/rwkv-12.pth"))
     assert "continues the prompt" in proc.stdout
+    # a log (stdout is a pipe here) is never hard-wrapped, and nothing is stretched to the unwrapped log width
+    assert max(len(line) for line in proc.stdout.splitlines()) < 400
     assert (work / "model-q4.safetensors").is_file() and "perplexity" in proc.stdout and "Assistant:" in proc.stdout
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r and r.get("step")]

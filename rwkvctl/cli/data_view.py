@@ -176,4 +176,4 @@ def render_dataset(console: Console, info: dict[str, Any]) -> None:
         else:
             body = " ".join(str(i) for i in sample["ids"])
             title = f"first {len(sample['ids'])} token ids"
-        console.print(Panel(body, title=title, title_align="left"))
+        console.print(Panel(body, title=title, title_align="left", expand=False))  # logs: not LOG_WIDTH wide

@@ -122,4 +122,5 @@ def _generate(checkpoint: Path, n_tokens: int) -> None:
     console.print(shown(f"prompt {PROMPT!r} = World tokens {ids}; max |sequence - RNN| logit difference {diff:.1e}"))
     out = list(generate(model, ids, n_tokens, SamplingConfig(temperature=0.8, top_p=0.9), seed=0))
     text = tokenizer.decode(out) if out else "(end of document)"
-    console.print(Panel(Text(clean(PROMPT + text)), title=shown(f"{checkpoint.name} continues the prompt")))
+    title = shown(f"{checkpoint.name} continues the prompt")
+    console.print(Panel(Text(clean(PROMPT + text)), title=title, expand=False))  # not stretched to a log's width
