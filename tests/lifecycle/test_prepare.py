@@ -170,7 +170,7 @@ def test_bad_arguments(tmp_path: Path, make_corpus) -> None:
     with pytest.raises(DataError, match="not an rwkvctl prepare output"):
         prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "busy"))
     prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o"))
-    with pytest.raises(DataError, match="different 'seed'"):
+    with pytest.raises(DataError, match=r"--seed 1 differs from 0 used for .*o \(.*options\.json\); use a new --out"):
         prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o", seed=1))
     with pytest.raises(DataError, match="node-rank"):
         prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=tmp_path / "o", num_nodes=2, node_rank=2))
