@@ -39,3 +39,7 @@ class TrainingError(RwkvctlError):
 
 class BuildLockTimeout(RwkvctlError):  # noqa: N818 (says what happened, like KernelUnavailable)
     """Another live process has held the build lock of a compiled part for too long."""
+
+
+class DirectoryInUse(RwkvctlError):  # noqa: N818 (says what happened, like BuildLockTimeout)
+    """Another live rwkvctl command is writing the same output directory (or file) right now."""

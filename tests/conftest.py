@@ -58,6 +58,42 @@ def rewrite_embedded_model():
     return _rewrite_embedded_model
 
 
+# A process of its own that holds a writer lock (rwkvctl.dir_lock) until killed: directory argv[1], part argv[2]
+# unless empty, shared if argv[3] == "shared", stamped with the command argv[4]. Imports no torch: starts fast.
+_LOCK_HOLDER = """
+import sys, time
+from rwkvctl.dir_lock import writer_lock
+with writer_lock(sys.argv[1], sys.argv[4], part=sys.argv[2] or None, shared=sys.argv[3] == "shared"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """(directory, part="", shared=False, command="rwkvctl train") -> a live subprocess holding that lock (killed
+    at the end of the test)."""
+    import subprocess
+    import sys
+
+    procs: list[subprocess.Popen] = []
+
+    def hold(directory, part: str = "", shared: bool = False, command: str = "rwkvctl train") -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(directory), part,
+                                 "shared" if shared else "", command],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.strip() == "held", f"the lock holder did not start: {line!r} {proc.stderr.read()}"
+        return proc
+
+    yield hold
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests that launch DeepSpeed processes are slow too: `-m "not slow"` is the quick run (README)."""

@@ -22,6 +22,9 @@ FORBIDDEN = {
     # the ground floor of the compiled parts (cache root, RWKVCTL_* build settings, build lock), below kernels and data
     "native_build": {"arch", "config", "fs", "names", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
                      "generate", "surgery", "quant"},
+    # the ground floor too: one writer per output directory (flock), used by every command that writes one
+    "dir_lock": {"arch", "config", "fs", "names", "native_build", "model", "kernels", "data", "io", "train",
+                 "lifecycle", "cli", "generate", "surgery", "quant"},
     # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
     "names": {"arch", "config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
               "generate", "surgery", "quant"},
@@ -272,12 +275,36 @@ def test_build_settings_check_sees_them():
     assert len(build_settings_read((PKG / "native_build.py").read_text())) >= 5
 
 
+# The two owners of file locks: native_build (the build lock) and dir_lock (one writer per output directory).
+LOCK_OWNERS = {"native_build.py", "dir_lock.py"}
+
+
 @pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
 def test_only_native_build_reads_build_settings(path, rel, layer):
     if str(rel) == "native_build.py":
         return
     found = build_settings_read(path.read_text())
-    assert not found, f"{rel} reads build settings or locks by itself ({'; '.join(found)}); use rwkvctl.native_build"
+    if str(rel) in LOCK_OWNERS:  # dir_lock may lock, but reads no build setting
+        found = [f for f in found if not f.endswith("imports fcntl")]
+    assert not found, f"{rel} reads build settings or locks by itself ({'; '.join(found)}); use rwkvctl.native_build" \
+        " or rwkvctl.dir_lock"
+
+
+def test_the_lock_allowance_is_needed():
+    # not vacuous: dir_lock really imports fcntl, and that is all the scan finds in it
+    found = build_settings_read((PKG / "dir_lock.py").read_text())
+    assert found and all(f.endswith("imports fcntl") for f in found)
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_only_dir_lock_names_lock_files(path, rel, layer):
+    """The writer-lock file names (`.rwkvctl.lock`, `.rwkvctl-PART.lock`) are spelled in rwkvctl/dir_lock.py only;
+    code that must tell them apart from real content calls `dir_lock.is_lock_file`."""
+    if str(rel) == "dir_lock.py":
+        return
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(".rwkvctl"):
+            raise AssertionError(f"{rel}:{node.lineno} spells a lock-file name {node.value!r}; use rwkvctl.dir_lock")
 
 
 # --- One owner for the run-directory layout: only rwkvctl/train/run_dir.py spells its names. ---

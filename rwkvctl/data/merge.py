@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rwkvctl.data.binidx import WRITE_CODES, BinIdxReader, split_prefix, write_index
+from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import DataError
 from rwkvctl.fs import atomic_paths
 
@@ -33,17 +34,18 @@ def merge_binidx(prefixes: list[Path], out_prefix: str | Path, overwrite: bool =
     bin_final, idx_final = out.with_name(out.name + ".bin"), out.with_name(out.name + ".idx")
     if any(bin_final.resolve() == r.bin_path.resolve() for r in readers):
         raise DataError(f"{bin_final}: output would overwrite one of its inputs")
-    if not overwrite:
-        for p in (bin_final, idx_final):
-            if p.exists():
-                raise DataError(f"{p}: already exists; pass --force to overwrite it")
-    n_seq = sum(len(r) for r in readers)
-    with atomic_paths(bin_final, idx_final) as (bin_tmp, idx_tmp):  # renamed in this order: the .idx last
-        with open(bin_tmp, "wb") as fb:
-            for r in readers:
-                with open(r.bin_path, "rb") as src:
-                    shutil.copyfileobj(src, fb, 16 << 20)
-        write_index(idx_tmp, dtype, [r.sizes for r in readers], _doc_idx(readers), _pointers(readers, dtype))
+    with writer_lock(out.parent, "rwkvctl merge-binidx", part=out.name):  # one writer of the pair at a time
+        if not overwrite:
+            for p in (bin_final, idx_final):
+                if p.exists():
+                    raise DataError(f"{p}: already exists; pass --force to overwrite it")
+        n_seq = sum(len(r) for r in readers)
+        with atomic_paths(bin_final, idx_final) as (bin_tmp, idx_tmp):  # renamed in this order: the .idx last
+            with open(bin_tmp, "wb") as fb:
+                for r in readers:
+                    with open(r.bin_path, "rb") as src:
+                        shutil.copyfileobj(src, fb, 16 << 20)
+            write_index(idx_tmp, dtype, [r.sizes for r in readers], _doc_idx(readers), _pointers(readers, dtype))
     tokens = sum(r.num_tokens for r in readers)
     docs = sum(r.num_docs for r in readers)
     return {"parts": len(readers), "sequences": n_seq, "docs": docs, "tokens": tokens, "dtype": str(dtype)}

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from rwkvctl.arch import arch_of
 from rwkvctl.config import ModelConfig
+from rwkvctl.dir_lock import is_lock_file, writer_lock
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_write_text
 from rwkvctl.io.checkpoint import SUFFIXES, CheckpointMeta, save_checkpoint, sidecar_path
@@ -53,12 +54,13 @@ def add_gate_to_checkpoint(
     init = canonical("init", init).name  # recorded in the new file's metadata: the one spelling
     if dst.suffix not in SUFFIXES:
         raise CheckpointError(f"{dst}: name the output .pth or .safetensors")
-    state_dict, meta = load_checkpoint_expanded(src)  # a quantized source is expanded
-    new_sd, new_cfg = _gated(state_dict, meta.model, init, seed, source=src)
-    # written in full precision: a quantized source's quantization record no longer applies
-    kept = {k: v for k, v in meta.extra.items() if k != "quantization"}
-    extra = {**kept, "surgery": {"add_gate": init, "seed": seed, "source": src.name}}
-    save_checkpoint(dst, new_sd, replace(meta, model=new_cfg, extra=extra))
+    with writer_lock(dst.parent, "rwkvctl add-gate", part=dst.name):
+        state_dict, meta = load_checkpoint_expanded(src)  # a quantized source is expanded
+        new_sd, new_cfg = _gated(state_dict, meta.model, init, seed, source=src)
+        # written in full precision: a quantized source's quantization record no longer applies
+        kept = {k: v for k, v in meta.extra.items() if k != "quantization"}
+        extra = {**kept, "surgery": {"add_gate": init, "seed": seed, "source": src.name}}
+        save_checkpoint(dst, new_sd, replace(meta, model=new_cfg, extra=extra))
     return GateResult(dst, meta.step, _count(new_cfg), None)
 
 
@@ -93,8 +95,19 @@ def branch_run(
         raise CheckpointError(f"{src}: no checkpoints to start from (is it a `rwkvctl train` run dir?)")
     if out.path.resolve() == src.path.resolve():
         raise CheckpointError(f"{out}: choose a new directory; the original run is kept as it is")
-    if out.path.exists() and any(out.path.iterdir()):
+    _check_empty(out)  # before a lock file lands in a directory that is not ours
+    with writer_lock(out.path, "rwkvctl add-gate"):
+        _check_empty(out)  # again, held: another add-gate may have filled it meanwhile
+        return _write_branch(src, out, ckpt, transform, note)
+
+
+def _check_empty(out: RunDir) -> None:
+    if out.path.exists() and any(not is_lock_file(p) for p in out.path.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new --out")
+
+
+def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Transform | None,
+                  note: dict | None) -> GateResult:
     saved = read_state(ckpt)
     cfg = RunConfig.from_dict(saved.config, source=str(ckpt))
     weights, optimizer = training_state(ckpt, saved.engine, cfg)

@@ -22,7 +22,7 @@ import os
 import queue as queue_mod
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from rwkvctl.data.binidx import dtype_for_vocab, magic_prime
 from rwkvctl.data.corpus import expand_inputs, input_size
 from rwkvctl.data.manifest import MANIFEST_NAME, BadInput, Manifest, Shard, SourceCounts
 from rwkvctl.data.tokenizer import load_tokenizer
+from rwkvctl.dir_lock import is_lock_file, writer_lock
 from rwkvctl.errors import DataError
 from rwkvctl.fs import atomic_write_text, remove_temps
 from rwkvctl.lifecycle.prepare_unit import STATE_DIR, PrepareOptions, Unit, done_path, run_unit
@@ -123,6 +124,42 @@ def _fingerprint(opts: PrepareOptions, tok_desc: dict, units: list[Unit]) -> dic
     return {"tokenizer": tok_desc, **_data_options(opts), "units": [[u.name, u.input, u.split] for u in units]}
 
 
+# prepare's option -> its flag, for the message that refuses a rerun with other options
+_FLAGS = {"tokenizer": "--tokenizer", "text_key": "--text-key", "source_key": "--source-key",
+          "val_fraction": "--val-fraction", "seed": "--seed", "source_weights": "--source-weight",
+          "verify_every": "--verify-every"}
+
+
+def _shown(key: str, value: Any) -> str:
+    """An option's value as it is typed on the command line."""
+    if key == "tokenizer" and isinstance(value, dict):
+        return f"spm:{value['model']}" if "model" in value else str(value.get("name"))
+    if key == "source_weights" and isinstance(value, dict):
+        return " ".join(f"{k}={v:g}" for k, v in value.items()) or "(none)"
+    return "(not recorded)" if value is None else str(value)
+
+
+def _option_change(out: Path, state: Path, old: dict[str, Any], fp: dict[str, Any]) -> str:
+    """The one-line refusal of a rerun into `out` whose options differ from those saved in `state`."""
+    key = next(k for k in (*_FLAGS, *sorted(set(fp) | set(old))) if fp.get(k) != old.get(k))
+    used = f"used for {out} ({state})"
+    if key == "units":
+        return f"the input files differ from those {used}; use a new --out or the same inputs"
+    new, was = _shown(key, fp.get(key)), _shown(key, old.get(key))
+    flag = _FLAGS.get(key, key)
+    if new == was:  # the same name, other bytes: a tokenizer file that changed since
+        return f"{flag} {new} is not the file {used} (its sha256 differs); use a new --out or the original file"
+    return f"{flag} {new} differs from {was} {used}; use a new --out or the same options"
+
+
+def _is_foreign(out: Path) -> bool:
+    """`out` holds something that is not ours: a file, or a directory with more than our state dir and lock files
+    (a first run killed before options.json was in place leaves only those)."""
+    if (out / STATE_DIR / "options.json").is_file() or not out.exists():
+        return False
+    return not out.is_dir() or any(p.name != STATE_DIR and not is_lock_file(p) for p in out.iterdir())
+
+
 def _check_out_dir(out: Path, fp: dict[str, Any]) -> None:
     state = out / STATE_DIR / "options.json"
     if state.is_file():
@@ -131,15 +168,26 @@ def _check_out_dir(out: Path, fp: dict[str, Any]) -> None:
         except ValueError:
             raise DataError(f"{state}: damaged; delete {out} and start again") from None
         if old != fp:
-            key = next(k for k in sorted(set(fp) | set(old)) if fp.get(k) != old.get(k))
-            raise DataError(
-                f"{out} was prepared with a different {key!r}; rerun with the original arguments or use a new --out"
-            )
+            raise DataError(_option_change(out, state, old, fp))
         return
-    # Empty, or holding only our state dir (a first run killed before options.json was in place): ours.
-    if out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())):
+    if _is_foreign(out):
         raise DataError(f"{out} exists and is not an rwkvctl prepare output; choose a new or empty --out")
     atomic_write_text(state, json.dumps(fp, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _out_lock(opts: PrepareOptions) -> Iterator[None]:
+    """One prepare per --out at a time. Nodes of one multi-node job write disjoint units by design: each holds the
+    directory shared (excluding a whole-directory run) and its own node's part exclusively (excluding a second
+    run of the same node)."""
+    if opts.num_nodes == 1:
+        with writer_lock(opts.out_dir, "rwkvctl prepare"):
+            yield
+        return
+    node = f"node-{opts.node_rank}-of-{opts.num_nodes}"
+    with writer_lock(opts.out_dir, "rwkvctl prepare", shared=True), \
+            writer_lock(opts.out_dir, "rwkvctl prepare", part=node):
+        yield
 
 
 # --- worker processes --------------------------------------------------------------------------------------------
@@ -219,8 +267,16 @@ def prepare(opts: PrepareOptions, on_progress: Callable[[PrepareProgress], None]
     units = plan_units(opts)
     tok = load_tokenizer(opts.tokenizer)
     tok_desc = tok.describe()
-    _check_out_dir(opts.out_dir, _fingerprint(opts, tok_desc, units))
+    if _is_foreign(opts.out_dir):  # before a lock file lands in someone else's directory
+        raise DataError(f"{opts.out_dir} exists and is not an rwkvctl prepare output; choose a new or empty --out")
+    with _out_lock(opts):
+        _check_out_dir(opts.out_dir, _fingerprint(opts, tok_desc, units))
+        return _prepare_locked(opts, units, tok, tok_desc, t0, on_progress)
 
+
+def _prepare_locked(opts: PrepareOptions, units: list[Unit], tok: Any, tok_desc: dict, t0: float,
+                    on_progress: Callable[[PrepareProgress], None] | None) -> PrepareResult:
+    """The work of `prepare`, once --out is held and known to be ours."""
     mine = [u for u in units if u.index % opts.num_nodes == opts.node_rank]
     own_manifest = f"manifest.node-{opts.node_rank}-of-{opts.num_nodes}.json"
     for name in (MANIFEST_NAME, own_manifest, "options.json"):  # temps of a run killed while writing these

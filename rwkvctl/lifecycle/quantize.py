@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import CheckpointError
 from rwkvctl.lifecycle.models import load_model, model_from_state_dict
 from rwkvctl.quant.format import load_checkpoint_expanded, write_quantized
@@ -62,30 +63,31 @@ def quantize_checkpoint(
         raise CheckpointError(f"{dst}: quantized checkpoints are .safetensors files; name the output *.safetensors")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: the output would overwrite the input; choose another name")
-    state_dict, meta = load_checkpoint_expanded(src)
-    if eval_tokens and not 0 <= min(eval_tokens) <= max(eval_tokens) < meta.model.vocab_size:
-        raise CheckpointError(
-            f"{src}: the model has {meta.model.vocab_size} vocabulary rows but the evaluation text has token ids "
-            f"up to {max(eval_tokens)}; evaluate with the tokenizer the model was trained with"
-        )
-    if "quantization" in meta.extra:
-        raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
-    spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
-    plain, packed, reports = quantize_state_dict(state_dict, spec, on_tensor)
-    meta.extra["quantization"] = {
-        "bits": spec.bits,
-        "group": spec.group,
-        "embed_bits": spec.embed_bits,
-        "range_search": spec.search,
-        "source": src.name,
-    }
-    write_quantized(dst, plain, packed, meta)
-    quality = None
-    if eval_tokens:
-        original = model_from_state_dict(state_dict, meta.model)  # the weights already in memory, not a reread
-        quantized, _ = load_model(dst)
-        quality = compare_models(original, quantized, eval_tokens)
-    return QuantizeResult(dst, src.stat().st_size, dst.stat().st_size, reports, quality)
+    with writer_lock(dst.parent, "rwkvctl quantize", part=dst.name):  # one writer of dst at a time
+        state_dict, meta = load_checkpoint_expanded(src)
+        if eval_tokens and not 0 <= min(eval_tokens) <= max(eval_tokens) < meta.model.vocab_size:
+            raise CheckpointError(
+                f"{src}: the model has {meta.model.vocab_size} vocabulary rows but the evaluation text has token ids "
+                f"up to {max(eval_tokens)}; evaluate with the tokenizer the model was trained with"
+            )
+        if "quantization" in meta.extra:
+            raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
+        spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
+        plain, packed, reports = quantize_state_dict(state_dict, spec, on_tensor)
+        meta.extra["quantization"] = {
+            "bits": spec.bits,
+            "group": spec.group,
+            "embed_bits": spec.embed_bits,
+            "range_search": spec.search,
+            "source": src.name,
+        }
+        write_quantized(dst, plain, packed, meta)
+        quality = None
+        if eval_tokens:
+            original = model_from_state_dict(state_dict, meta.model)  # the weights already in memory, not a reread
+            quantized, _ = load_model(dst)
+            quality = compare_models(original, quantized, eval_tokens)
+        return QuantizeResult(dst, src.stat().st_size, dst.stat().st_size, reports, quality)
 
 
 @torch.no_grad()

@@ -9,11 +9,12 @@ SIGINT/SIGTERM during training finish the current step, write a checkpoint and r
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from rwkvctl.arch import DEFAULT_ARCH  # runs saved before architectures were recorded are x052
 from rwkvctl.data.loader import TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
+from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import CheckpointError, TrainingError
 from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
@@ -78,7 +80,7 @@ class _StopFlag:
         return self.requested
 
 
-@contextmanager
+@contextlib.contextmanager
 def _graceful_signals(flag: _StopFlag) -> Iterator[None]:
     """SIGINT/SIGTERM -> finish the step, checkpoint, exit. A second SIGINT interrupts immediately."""
     if threading.current_thread() is not threading.main_thread():
@@ -123,13 +125,29 @@ def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
     return model, scheme
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> CheckpointDir | None:
-    """Checks before anything heavy; returns the checkpoint to resume from (or None for a fresh run)."""
+def _create_run_dir(cfg: RunConfig) -> RunDir:
     run = RunDir(cfg.run_dir)
     try:
         run.create()
     except OSError as e:
         raise TrainingError(f"run dir {run} is not writable ({e.strerror}); choose another --run-dir") from None
+    return run
+
+
+def _hold_run_dir(cfg: RunConfig, run: RunDir) -> contextlib.AbstractContextManager[None]:
+    """One `train` per run dir at a time. The ranks of one DeepSpeed launch are one writer: rank 0 holds the lock
+    for all of them, taken before the process group exists (the rank comes from the launcher's RANK). A refused
+    rank 0 exits with the error before the rendezvous; the launcher (deepspeed, torchrun) then stops the ranks
+    waiting in it, none of which has written anything yet."""
+    if cfg.train.strategy == "deepspeed" and int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return writer_lock(run.path, "rwkvctl train")
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> CheckpointDir | None:
+    """Checks before anything heavy (with the run dir held); returns the checkpoint to resume from, or None for a
+    fresh run."""
+    run = RunDir(cfg.run_dir)
     if resume is None:
         if run.checkpoints():
             raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it, "
@@ -163,21 +181,22 @@ def train(cfg: RunConfig, *, resume: str | int | None = None,
     cfg.validate()
     if cfg.train.strategy == "single":
         resolve_device(cfg.train.device)  # a bad or unavailable device fails before any model is built
-    ckpt = _prepare_run_dir(cfg, resume)
-    if resume is not None and ckpt is None and on_progress is not None:  # e.g. a requeued job's first start
-        on_progress(TrainProgress("message", 0, 0, 0, message=f"--resume: {RunDir(cfg.run_dir)} holds no "
-                                  "checkpoint yet, so this is a fresh start"))
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    configure_determinism(cfg)
-    try:
-        model, scheme = _build_model(cfg)
-        engine = _build_engine(model, cfg)
+    with _hold_run_dir(cfg, _create_run_dir(cfg)):  # held until the last checkpoint and metrics line are written
+        ckpt = _prepare_run_dir(cfg, resume)
+        if resume is not None and ckpt is None and on_progress is not None:  # e.g. a requeued job's first start
+            on_progress(TrainProgress("message", 0, 0, 0, message=f"--resume: {RunDir(cfg.run_dir)} holds no "
+                                      "checkpoint yet, so this is a fresh start"))
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        configure_determinism(cfg)
         try:
-            return _run(cfg, engine, ckpt, scheme, on_progress)
-        finally:
-            engine.close()
-    finally:  # a process-wide switch: give the caller back what it had
-        torch.use_deterministic_algorithms(was_deterministic)
+            model, scheme = _build_model(cfg)
+            engine = _build_engine(model, cfg)
+            try:
+                return _run(cfg, engine, ckpt, scheme, on_progress)
+            finally:
+                engine.close()
+        finally:  # a process-wide switch: give the caller back what it had
+            torch.use_deterministic_algorithms(was_deterministic)
 
 
 def end_distributed() -> None:

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from rwkvctl.config import ModelConfig, param_shapes
-from rwkvctl.errors import CheckpointError
+from rwkvctl.dir_lock import writer_lock
+from rwkvctl.errors import CheckpointError, DirectoryInUse
 from rwkvctl.lifecycle.add_gate import add_gate_to_checkpoint, add_gate_to_run
 from rwkvctl.lifecycle.train import train
 from rwkvctl.surgery import add_gate
@@ -98,6 +99,12 @@ def test_add_gate_refusals(gateless_run: Path, tmp_path: Path, make_config, patt
         add_gate_to_run(gateless_run, tmp_path / "g4", init="zeros")
     with pytest.raises(CheckpointError, match="no checkpoints"):
         add_gate_to_run(tmp_path / "busy", tmp_path / "g3")
+    refused = pytest.raises(DirectoryInUse, match="g6 is being written by rwkvctl add-gate")
+    with writer_lock(tmp_path / "g6", "rwkvctl add-gate"), refused:  # another writer of the new run dir
+        add_gate_to_run(gateless_run, tmp_path / "g6")
+    assert add_gate_to_run(gateless_run, tmp_path / "g6").step == 12  # its lock file alone is not "content"
+    with pytest.raises(CheckpointError, match="not empty"):
+        add_gate_to_run(gateless_run, tmp_path / "g6")
 
 
 def test_weights_only_surgery_loads_in_the_official_package(tmp_path: Path, random_model) -> None:

@@ -129,3 +129,15 @@ def test_two_process_zero2_cpu_offload_resumes_exactly(tmp_path, data):
     got, _ = load_checkpoint(run / "checkpoints" / "step-00000004" / "rwkv-4.pth")
     want, _ = load_checkpoint(straight / "checkpoints" / "step-00000004" / "rwkv-4.pth")
     assert all(torch.equal(got[k], want[k]) for k in want)  # the losses alone can hide the drift at step 4
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_refused_rank_0_stops_the_whole_launch(tmp_path, data, lock_holder, launcher):
+    """Another process writes the run dir: rank 0 is refused before the rendezvous, and the launcher stops rank 1
+    (waiting in it) instead of leaving it hanging; nothing is written."""
+    run = tmp_path / "run"
+    holder = lock_holder(run, command="rwkvctl train")
+    result = _launch(run, data, "--max-steps", "4", launcher=launcher)
+    assert result.returncode != 0, (result.stdout + result.stderr)[-3000:]
+    assert f"is being written by rwkvctl train (pid {holder.pid} " in " ".join((result.stdout + result.stderr).split())
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
