@@ -96,10 +96,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish(pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Make complete files visible under their final names: fsync each source, rename each over its
-    destination in the order given (the last pair last), then fsync the destination directories."""
+def default_file_mode() -> int:
+    """The mode open() gives a new file here: 0o666 less the umask (read from /proc, so the process-wide umask is
+    never changed, even for a moment, under other threads)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return 0o666 & ~old
+
+
+def publish(pairs: Sequence[tuple[Path, Path]], *, private: bool = False) -> None:
+    """Make complete files visible under their final names: give each the mode of an ordinary new file (0o600 if
+    `private`; some writers, e.g. safetensors, create 0o600 files), fsync it, rename each over its destination in
+    the order given (the last pair last), then fsync the destination directories."""
+    mode = 0o600 if private else default_file_mode()
     for src, _ in pairs:
+        os.chmod(src, mode)
         fsync_file(src)
     for src, dst in pairs:
         os.replace(src, dst)
@@ -112,8 +127,9 @@ class AtomicFiles:
     in the order given; `abort()` (or any failure in `commit()`) removes the temps and leaves the final names as
     they were. For a writer that outlives one `with` block (BinIdxWriter); otherwise use `atomic_paths`."""
 
-    def __init__(self, *finals: PathLike) -> None:
+    def __init__(self, *finals: PathLike, private: bool = False) -> None:
         self.finals = tuple(Path(f) for f in finals)
+        self.private = private
         for final in self.finals:
             final.parent.mkdir(parents=True, exist_ok=True)
             remove_temps(final)
@@ -121,7 +137,7 @@ class AtomicFiles:
 
     def commit(self) -> None:
         try:
-            publish(list(zip(self.temps, self.finals, strict=True)))
+            publish(list(zip(self.temps, self.finals, strict=True)), private=self.private)
         except BaseException:
             self.abort()
             raise
@@ -133,12 +149,13 @@ class AtomicFiles:
 
 
 @contextlib.contextmanager
-def atomic_paths(*paths: PathLike) -> Iterator[tuple[Path, ...]]:
-    """Yield one temp path per final path; on success all are fsynced and renamed into place in the order given.
+def atomic_paths(*paths: PathLike, private: bool = False) -> Iterator[tuple[Path, ...]]:
+    """Yield one temp path per final path; on success all are fsynced and renamed into place in the order given,
+    with the mode of an ordinary new file (owner-only with `private`).
 
     On any exception every temp is removed and the final paths are left untouched.
     """
-    files = AtomicFiles(*paths)
+    files = AtomicFiles(*paths, private=private)
     try:
         yield files.temps
     except BaseException:
@@ -148,12 +165,12 @@ def atomic_paths(*paths: PathLike) -> Iterator[tuple[Path, ...]]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success fsync it and rename it over `path`.
+def atomic_path(path: PathLike, *, private: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on success fsync it and rename it over `path` (mode as atomic_paths).
 
     On any exception the temp file is removed and `path` is left untouched.
     """
-    with atomic_paths(path) as (tmp,):
+    with atomic_paths(path, private=private) as (tmp,):
         yield tmp
 
 

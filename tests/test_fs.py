@@ -155,3 +155,25 @@ def test_scratch_dir_is_private_and_removed(tmp_path):
         (d / "model.model").write_bytes(b"m")
         publish([(d / "model.model", tmp_path / "out" / "m.model")])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.model"]
+
+
+def test_published_files_get_an_ordinary_mode_or_owner_only(tmp_path):
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from rwkvctl.fs import atomic_path, default_file_mode
+
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        with atomic_path(tmp_path / "q.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors creates 0o600 files
+        assert stat.S_IMODE((tmp_path / "q.safetensors").stat().st_mode) == 0o644  # like every other output
+        with atomic_path(tmp_path / "chat.safetensors", private=True) as tmp:
+            tmp.write_bytes(b"x")
+        assert stat.S_IMODE((tmp_path / "chat.safetensors").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -56,7 +56,7 @@ def save_state(path: str | Path, saved: SavedState, cfg: ModelConfig) -> Path:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; give a file name such as {path / 'chat.safetensors'}")
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, private=True) as tmp:  # a conversation: readable by its owner only
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write the state file ({e.strerror or e})") from None

@@ -15,12 +15,15 @@ directory never touch each other's units.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import re
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -195,7 +198,19 @@ def _out_lock(opts: PrepareOptions) -> Iterator[None]:
 _W: dict[str, Any] = {}
 
 
-def _worker_init(opts: PrepareOptions, q: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker is sent SIGTERM when the prepare process dies, kill -9 included, instead of waiting forever
+    for work that will never come (prctl PR_SET_PDEATHSIG). Elsewhere nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_init(opts: PrepareOptions, q: Any, parent: int) -> None:
+    _die_with_parent(parent)
     _W["opts"], _W["q"], _W["tok"] = opts, q, load_tokenizer(opts.tokenizer)
 
 
@@ -336,7 +351,7 @@ def _run_parallel(
 
     # ProcessPoolExecutor (not Pool): a worker that dies raises BrokenProcessPool instead of hanging.
     with ProcessPoolExecutor(
-        min(opts.workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(opts, q)
+        min(opts.workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(opts, q, os.getpid())
     ) as pool:
         pending = {pool.submit(_worker_run, u) for u in order}
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
 
@@ -136,3 +139,37 @@ def test_kill_and_resume_on_the_native_block_path(tmp_path: Path, make_corpus, t
     assert prepare(PrepareOptions(inputs=[str(tmp_path / "c")], out_dir=out, batch_bytes=64 << 10)).complete
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
     assert done_counts == sorted(done_counts)
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_workers_end_when_the_prepare_process_is_killed(tmp_path: Path, make_corpus) -> None:
+    """kill -9 of the main prepare process alone (not its process group) must not leave workers blocked forever."""
+    make_corpus(tmp_path / "c", n_files=8, docs_per_file=400, seed=2)
+    proc = _start(tmp_path / "c", tmp_path / "out", workers=2)
+    deadline, workers = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = [w for w in _children(proc.pid) if "python" in Path(f"/proc/{w}/cmdline").read_bytes().decode()]
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("prepare finished before its workers could be seen; corpus too small for this machine")
+    assert len(workers) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text()]
+    for w in alive:  # do not leave them behind for the rest of the suite
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed prepare process"
