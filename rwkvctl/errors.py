@@ -43,3 +43,9 @@ class BuildLockTimeout(RwkvctlError):  # noqa: N818 (says what happened, like Ke
 
 class DirectoryInUse(RwkvctlError):  # noqa: N818 (says what happened, like BuildLockTimeout)
     """Another live rwkvctl command is writing the same output directory (or file) right now."""
+
+
+class NumericsError(RwkvctlError):
+    """The model produced non-finite numbers at run time (NaN/Inf logits): the reply or step cannot go on."""
+
+    exit_code = 1

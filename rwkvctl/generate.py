@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rwkvctl.errors import NumericsError
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.model.state import RecurrentState
 
@@ -30,6 +31,10 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
     the model's own distribution, then the temperature reshapes what is left (it never changes which tokens
     pass the cut)."""
     logits = logits.float()
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()) or not bool(torch.isfinite(logits).any()):
+        # -inf alone is fine (banned tokens); NaN, +inf or nothing finite means the forward pass overflowed
+        raise NumericsError("the model produced non-finite logits (NaN/Inf), e.g. an fp16 overflow; this reply "
+                            "is dropped and the conversation state is kept from before it (try --dtype fp32/bf16)")
     if cfg.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits, dim=-1)

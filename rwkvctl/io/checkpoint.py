@@ -308,7 +308,18 @@ def checked_state_dict(
                 "(rwkvctl.quant.format), which expands it"
             ) from None
         raise e from None
+    check_finite(state_dict, stored.path)
     return state_dict, meta
+
+
+def check_finite(state_dict: dict[str, Tensor], path: Path) -> None:
+    """The one place non-finite weights are refused on load (every command loads through here): a NaN or Inf weight
+    would only surface later as NaN logits or a NaN loss, far from its cause."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN/Inf value(s) of {t.numel()}; the file is "
+                                  "damaged or was saved from a diverged run: use an earlier checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:

@@ -334,3 +334,42 @@ def test_chat_and_generate_check_the_device_first(checkpoint: Path) -> None:
         assert res.exit_code == 2 and "--device='cuda'" in res.output and "Traceback" not in res.output
         res = _run([*cmd, "--device", "tpu"])
         assert res.exit_code == 2 and "--device='tpu'" in res.output and "cpu, cuda" in res.output
+
+
+def test_non_finite_logits_end_the_reply_and_keep_the_state(model, tok) -> None:
+    from rwkvctl.errors import NumericsError
+    from rwkvctl.generate import SamplingConfig, sample
+
+    conv = Conversation(model, tok, ChatSettings(), sampler=Script(tok, " fine\n\n"))
+    list(conv.say("first"))
+    before, transcript = conv.state.clone(), list(conv.transcript)
+    real_step = conv.model.step
+
+    def overflowing(tokens, state):  # the second token of the reply comes out of an overflowed forward pass
+        logits, state = real_step(tokens, state)
+        return torch.full_like(logits, float("nan")), state
+
+    conv._sample = lambda logits: sample(logits, SamplingConfig(temperature=1.0, top_p=0.5))
+    conv.model.step = overflowing
+    with pytest.raises(NumericsError, match="non-finite logits"):
+        list(conv.say("second"))
+    assert_same_state(conv.state, before)
+    assert conv.transcript == transcript
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NumericsError):
+            sample(torch.tensor([0.0, bad, 1.0]), SamplingConfig())
+    assert sample(torch.tensor([float("-inf"), 2.0, float("-inf")]), SamplingConfig()) == 1  # bans are fine
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_on_load(model, tmp_path: Path) -> None:
+    from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvctl.lifecycle.models import load_model
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["blocks.1.ffn.key.weight"][3, 5] = float("nan")
+    for suffix in (".pth", ".safetensors"):
+        path = save_checkpoint(tmp_path / f"bad{suffix}", weights, CheckpointMeta(model=CFG))
+        with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\.key\.weight holds 1 NaN/Inf value"):
+            load_model(path)
+        res = _run(["chat", str(path), "-m", "hi"])
+        assert res.exit_code == 2 and "NaN/Inf" in res.output and "Traceback" not in res.output
