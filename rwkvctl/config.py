@@ -9,7 +9,8 @@ stdlib + yaml only: the CLI imports this for `--help`-time work (preset names, p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rwkvctl.errors import ConfigError
@@ -147,8 +148,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Exact parameter count, without allocating anything."""
+def _count(cfg: ModelConfig) -> int:
     total = 0
     for shape in param_shapes(cfg).values():
         n = 1
@@ -156,6 +156,13 @@ def param_count(cfg: ModelConfig) -> int:
             n *= d
         total += n
     return total
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact parameter count, without allocating anything and in time independent of n_layer (every block has
+    the same tensors), so a config from an untrusted file or flag can be sized before anything is built."""
+    one, two = _count(replace(cfg, n_layer=1)), _count(replace(cfg, n_layer=2))
+    return one + (cfg.n_layer - 1) * (two - one)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], *, source: str = "checkpoint") -> ModelConfig:
@@ -172,5 +179,9 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, source: str = "checkpoin
         raise ConfigError(f"{source}: not an RWKV-5.2 state dict (unexpected tensor rank in emb/time_decay)") from None
     if not layers:
         raise ConfigError(f"{source}: not an RWKV-5.2 state dict (no blocks.* keys)")
+    if len(layers) != max(layers) + 1:  # e.g. one stray blocks.999999999.* tensor: never size a model by it
+        missing = list(itertools.islice((i for i in itertools.count() if i not in layers), 3))  # never the range
+        raise ConfigError(f"{source}: blocks are numbered up to {max(layers)} but only {len(layers)} are present "
+                          f"(missing {missing}...); a stray or damaged tensor name?")
     gate = "blocks.0.att.gate.weight" in shapes
     return ModelConfig(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N, dim_att=A, dim_ffn=F, gate=gate)

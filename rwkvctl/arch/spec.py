@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rwkvctl.errors import ConfigError
@@ -78,5 +78,13 @@ class ArchSpec:
         return self.config_class(**{**self.presets[name], **overrides})
 
     def param_count(self, cfg: Any) -> int:
-        """Exact parameter count, without allocating anything."""
-        return sum(math.prod(shape) for shape in self.param_shapes(cfg).values())
+        """Exact parameter count, without allocating anything and in time independent of n_layer (every block has
+        the same tensors), so a config from an untrusted file or flag is sized before anything is built."""
+
+        def count(c: Any) -> int:
+            return sum(math.prod(shape) for shape in self.param_shapes(c).values())
+
+        if cfg.n_layer <= 2:
+            return count(cfg)
+        one, two = count(replace(cfg, n_layer=1)), count(replace(cfg, n_layer=2))
+        return one + (cfg.n_layer - 1) * (two - one)

@@ -136,6 +136,10 @@ def detect_version(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def validate_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, *, source: str) -> None:
     """Raise a one-line CheckpointError listing missing/unexpected keys or the first shape mismatches."""
+    blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+    if len(blocks) != cfg.n_layer:  # before listing the config's tensors: a bad n_layer (10^7) must not be expanded
+        raise CheckpointError(f"{source}: the config says n_layer={cfg.n_layer} but the file holds {len(blocks)} "
+                              "blocks; fix or delete the sidecar (a bare .pth is sized from its tensors)")
     expected = arch_of(cfg).param_shapes(cfg)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -49,12 +49,8 @@ def create_checkpoint(
         raise CheckpointError(f"{out}: unknown checkpoint suffix {out.suffix!r}; use .pth or .safetensors")
     torch_dtype = parse_dtype(dtype)
     need = arch_of(cfg).param_count(cfg) * torch.tensor([], dtype=torch_dtype).element_size()
-    available = _available_memory()
-    if available is not None and need > 0.9 * available:
-        raise ConfigError(
-            f"initialising this model needs ~{need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
-            "available; try --dtype bf16, a smaller preset, or --meta to only count parameters"
-        )
+    check_fits_in_memory(need, "initialising this model", "try --dtype bf16, a smaller preset, or --meta to only "
+                         "count parameters")
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to(torch_dtype).to_empty(device="cpu")
@@ -62,6 +58,15 @@ def create_checkpoint(
     meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=scheme, extra={"seed": seed})
     path = save_checkpoint(out, model.state_dict(), meta, dtype=torch_dtype)
     return InitResult(path, cfg, arch_of(cfg).param_count(cfg), path.stat().st_size)
+
+
+def check_fits_in_memory(need: int, what: str, hint: str) -> None:
+    """Refuse, before allocating, what cannot fit in the memory available now (a config from a file or a flag can
+    ask for any size; the OS would kill the process instead of saying why)."""
+    available = _available_memory()
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(f"{what} needs ~{need / 2**30:.1f} GiB of RAM and {available / 2**30:.1f} GiB is "
+                          f"available; {hint}")
 
 
 def _available_memory() -> int | None:

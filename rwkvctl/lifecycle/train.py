@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from rwkvctl.arch import DEFAULT_ARCH  # runs saved before architectures were recorded are x052
+from rwkvctl.arch import DEFAULT_ARCH, arch_of  # runs saved before architectures were recorded are x052
 from rwkvctl.data.loader import TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
 from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import CheckpointError, TrainingError
+from rwkvctl.lifecycle.models import check_fits_in_memory
 from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.quant.format import load_checkpoint_expanded
@@ -110,6 +111,9 @@ def _build_engine(model: RWKV5, cfg: RunConfig) -> Engine:
 
 
 def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
+    # the fp32 weights alone, before the optimizer state: a lower bound, checked before anything is allocated
+    check_fits_in_memory(4 * arch_of(cfg.model).param_count(cfg.model), f"a model of n_layer={cfg.model.n_layer}, "
+                         f"n_embd={cfg.model.n_embd}", "check the model section / --set model.* values")
     model = build_model(cfg.model)
     if cfg.train.init_from:
         state_dict, meta = load_checkpoint_expanded(cfg.train.init_from)
