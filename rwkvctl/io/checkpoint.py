@@ -287,11 +287,13 @@ def read_checkpoint_file(path: str | Path) -> StoredCheckpoint:
 
 
 def checked_state_dict(
-    stored: StoredCheckpoint, tensors: dict[str, Tensor], stand_ins: dict[str, Tensor] | None = None
+    stored: StoredCheckpoint, tensors: dict[str, Tensor], stand_ins: dict[str, Tensor] | None = None, *,
+    verify_values: bool = True,
 ) -> tuple[dict[str, Tensor], CheckpointMeta]:
     """`tensors` (the file's state-dict entries) with bare names, and the checkpoint's meta, validated against its
     model config. `stand_ins`: placeholders (shape and dtype, e.g. on the meta device) for weights the file stores
-    in another form (rwkvctl.quant.format reads quantized ones), checked in their place."""
+    in another form (rwkvctl.quant.format reads quantized ones), checked in their place. `verify_values=False` skips
+    the finiteness scan, which reads every weight (for `inspect`, which shows a file without using its values)."""
     state_dict = normalize_keys(tensors)
     stand_ins = normalize_keys(stand_ins or {})
     shapes = {k: tuple(t.shape) for k, t in {**state_dict, **stand_ins}.items()}
@@ -312,7 +314,8 @@ def checked_state_dict(
                 "(rwkvctl.quant.format), which expands it"
             ) from None
         raise e from None
-    check_finite(state_dict, stored.path)
+    if verify_values:
+        check_finite(state_dict, stored.path)
     return state_dict, meta
 
 

@@ -145,7 +145,7 @@ class CheckpointInfo:
 def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     """Everything `rwkvctl inspect` shows about a checkpoint; validates it on the way."""
     path = Path(path)
-    state_dict, meta = load_checkpoint_expanded(path)
+    state_dict, meta = load_checkpoint_expanded(path, verify_values=False)  # shown, not used: no full read
     shapes = {k: tuple(t.shape) for k, t in state_dict.items()}
     tensors = [
         TensorInfo(k, tuple(t.shape), dtype_name(str(t.dtype)), t.numel()) for k, t in state_dict.items()

@@ -141,7 +141,9 @@ def _packed_weight(
     return PackedWeight(scheme, params, stored, shape, dtype)
 
 
-def load_checkpoint_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, PackedWeight], CheckpointMeta]:
+def load_checkpoint_packed(
+    path: str | Path, *, verify_values: bool = True
+) -> tuple[dict[str, Tensor], dict[str, PackedWeight], CheckpointMeta]:
     """Any checkpoint, checked against its config, with a quantized file's weights left packed: (the other tensors,
     the packed weights by bare name, meta). For a plain checkpoint the packed dict is empty."""
     stored = read_checkpoint_file(path)
@@ -149,16 +151,18 @@ def load_checkpoint_packed(path: str | Path) -> tuple[dict[str, Tensor], dict[st
     packed = normalize_keys(packed)
     # shapes (and placeholders) of the packed weights stand in for them in the config checks
     stand_ins = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in packed.items()}
-    state_dict, meta = checked_state_dict(stored, tensors, stand_ins)
+    state_dict, meta = checked_state_dict(stored, tensors, stand_ins, verify_values=verify_values)
     if packed:
         meta.extra["quantization"] = {**meta.extra.get("quantization", {}), **quant_summary(packed)}
     return state_dict, packed, meta
 
 
-def load_checkpoint_expanded(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
+def load_checkpoint_expanded(
+    path: str | Path, *, verify_values: bool = True
+) -> tuple[dict[str, Tensor], CheckpointMeta]:
     """Any checkpoint as a state dict with bare RWKV-LM names, quantized weights expanded to their original dtype
-    (the public `rwkvctl.load_checkpoint`)."""
-    state_dict, packed, meta = load_checkpoint_packed(path)
+    (the public `rwkvctl.load_checkpoint`). `verify_values`: refuse NaN/Inf weights (a scan of every weight)."""
+    state_dict, packed, meta = load_checkpoint_packed(path, verify_values=verify_values)
     for name, weight in packed.items():
         state_dict[name] = weight.expand().to(weight.dtype)
     return {k: state_dict[k] for k in arch_of(meta.model).param_shapes(meta.model)}, meta
