@@ -405,3 +405,18 @@ def test_the_layout_scan_flags_a_path_built_elsewhere(code):
 ])
 def test_the_layout_scan_leaves_prose_and_other_names_alone(code):
     assert not layout_strings(code)
+
+
+def test_front_ends_decode_only_through_the_engine():
+    """Chat, generate and any other front end decode through generate/engine.py: none samples, tracks penalties,
+    streams or cuts stop texts itself (one decode loop, one place for stop rules)."""
+    owned = {"sample", "PenaltyTracker", "TextStream", "StopTexts", "Generation"}
+    offenders = []
+    for path, rel, layer in modules():
+        if layer == "generate":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rwkvctl.generate"):
+                offenders += [f"{rel}: imports {a.name}" for a in node.names if a.name in owned]
+    assert not offenders, offenders

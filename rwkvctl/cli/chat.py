@@ -34,7 +34,9 @@ def chat_command(
     system: Annotated[str | None, typer.Option(help="Instructions or persona, fed once as 'System: ...'.")] = None,
     user: Annotated[str, typer.Option(help="The user's role name in the prompt format.")] = "User",
     bot: Annotated[str, typer.Option(help="The model's role name in the prompt format.")] = "Assistant",
-    tokenizer: Annotated[str, typer.Option(help="'world' or spm:PATH (must match the model).")] = "world",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
+    ] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.3,
     top_k: Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")] = 0,
@@ -89,23 +91,17 @@ def chat_command(
         )
 
 
-def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path | None, opts: dict) -> Any:
-    from rwkvctl.data.tokenizer import load_tokenizer
+def _open(model_path: Path, tokenizer: str | None, device: str, dtype: str, load: Path | None, opts: dict) -> Any:
     from rwkvctl.generate import Penalties, SamplingConfig
     from rwkvctl.lifecycle.chat import ChatSettings, Conversation
-    from rwkvctl.lifecycle.models import load_model, parse_dtype
+    from rwkvctl.lifecycle.infer import open_engine
+    from rwkvctl.lifecycle.models import parse_dtype
     from rwkvctl.train.engine import resolve_device
 
     device = str(resolve_device(device, setting="--device"))  # a missing GPU is one line, before any loading
     with console.status(f"loading {shown(str(model_path))}..."):
-        keep = opts["keep_quantized"]
-        model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep)
-        tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise fail(
-            f"{model_path}: the model has {model.cfg.vocab_size} vocabulary rows but the {tokenizer!r} tokenizer "
-            f"has {tok.vocab_size} ids; pass the tokenizer the model was trained with (--tokenizer)"
-        )
+        engine, _ = open_engine(model_path, tokenizer=tokenizer, dtype=parse_dtype(dtype), device=device,
+                                keep_quantized=opts["keep_quantized"])
     settings = ChatSettings(
         user=opts["user"],
         bot=opts["bot"],
@@ -115,7 +111,7 @@ def _open(model_path: Path, tokenizer: str, device: str, dtype: str, load: Path 
         max_reply_tokens=opts["max_tokens"],
         seed=opts["seed"],
     )
-    conv = Conversation(model, tok, settings)
+    conv = Conversation(engine.model, engine.tokenizer, settings)
     if load is not None:
         conv.load(load)
         console.print(f"[dim]continuing from {shown(str(load))} ({conv.tokens_seen} tokens seen)[/]")

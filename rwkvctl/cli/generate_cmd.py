@@ -27,7 +27,9 @@ def generate_command(
         list[str] | None, typer.Option("--stop", help="Stop when the output contains this text (repeatable).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (the same seed repeats the output).")] = None,
-    tokenizer: Annotated[str, typer.Option(help="'world' or spm:PATH (must match the model).")] = "world",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
     keep_quantized: Annotated[
@@ -48,40 +50,31 @@ def generate_command(
         except (OSError, UnicodeDecodeError) as e:
             raise fail(f"{prompt_file}: cannot read the prompt ({e})") from None
     assert prompt is not None
-    from rwkvctl.data.tokenizer import load_tokenizer
-    from rwkvctl.generate import SamplingConfig, TextStream, generate
-    from rwkvctl.lifecycle.models import load_model, parse_dtype
+    from rwkvctl.generate import DecodeSettings, SamplingConfig
+    from rwkvctl.lifecycle.infer import open_engine
+    from rwkvctl.lifecycle.models import parse_dtype
     from rwkvctl.train.engine import resolve_device
 
     device = str(resolve_device(device, setting="--device"))  # a missing GPU is one line, before any loading
     with console.status("loading the model..."):
-        model, _ = load_model(model_path, dtype=parse_dtype(dtype), device=device, keep_quantized=keep_quantized)
-        tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise fail(f"{model_path}: {model.cfg.vocab_size} vocabulary rows, but the tokenizer has {tok.vocab_size} ids")
-    ids = tok.encode(prompt)
+        engine, _ = open_engine(model_path, tokenizer=tokenizer, dtype=parse_dtype(dtype), device=device,
+                                keep_quantized=keep_quantized)
+    ids = engine.tokenizer.encode(prompt)
     if not ids:
         raise fail("the prompt is empty")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
-    stream = TextStream(getattr(tok, "decode_bytes", None), tok.decode)
-    stops = [x for x in (stop or []) if x]
+    settings = DecodeSettings(
+        SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k),
+        max_tokens=max_tokens,
+        stop_texts=tuple(stop or ()),
+        stop_tokens=(engine.eod_id,),
+        seed=seed,
+    )
     # a terminal never gets raw control characters; a pipe or file gets the text exactly as generated
     show = clean if console.is_terminal else (lambda t: t)
     out = console.file
     out.write(show(prompt))
-    text, written = "", 0
-    for token in generate(model, ids, max_tokens, sampling, seed=seed, stop_tokens=(tok.eod_id,)):
-        text += stream.push(token)
-        hits = [i for i in (text.find(x, max(written - len(x), 0)) for x in stops) if i >= 0]
-        if hits:
-            text = text[: min(hits)]
-            break
-        # hold back a tail that could still become a stop text
-        held = max((k for x in stops for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
-        out.write(show(text[written : len(text) - held]))
+    for piece in engine.generate(ids, settings):
+        out.write(show(piece))
         out.flush()
-        written = len(text) - held
-    else:
-        text += stream.flush()
-    out.write(show(text[written:]) + "\n")
+    out.write("\n")
     out.flush()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rwkvctl.errors import ConfigError
-from rwkvctl.generate import Penalties, PenaltyTracker, SamplingConfig, TextStream, ingest, sample
+from rwkvctl.generate import DecodeSettings, InferenceEngine, Penalties, SamplingConfig
 from rwkvctl.io.state_file import SavedState, load_state, save_state
 from rwkvctl.model.rwkv5 import RWKV5
 from rwkvctl.model.state import RecurrentState
@@ -86,15 +86,16 @@ class Conversation:
     ) -> None:
         self.model, self.tok = model, tokenizer
         self.settings = settings or ChatSettings()
-        generator = torch.Generator().manual_seed(self.settings.seed) if self.settings.seed is not None else None
-        self._sample = sampler or (lambda logits: sample(logits, self.settings.sampling, generator))
+        self.engine = InferenceEngine(model, tokenizer, chunk_len=self.settings.chunk_len)
+        # one random source for the whole conversation, so a seeded chat repeats turn after turn
+        seed = self.settings.seed
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._sample = sampler  # None: the engine samples with the settings
         self.state: RecurrentState | None = None
         self.logits: Tensor | None = None
         self.transcript: list[tuple[str, str]] = []  # (role, text)
         self.tokens_seen = 0
         self.last_reply: Reply | None = None
-        self._eod = getattr(tokenizer, "eod_id", 0)
-        self._vocab = int(getattr(tokenizer, "vocab_size", model.cfg.vocab_size))
         if self.settings.system:
             self._feed(f"System: {normalize_message(self.settings.system)}{TURN_END}")
             self.transcript.append(("System", normalize_message(self.settings.system)))
@@ -121,7 +122,7 @@ class Conversation:
         ids = self.tok.encode(text)
         if not ids:
             return
-        self.logits, self.state = ingest(self.model, ids, self.state, self.settings.chunk_len)
+        self.logits, self.state = self.engine.ingest(ids, self.state)
         self.tokens_seen += len(ids)
 
     def state_bytes(self) -> int:
@@ -180,50 +181,39 @@ class Conversation:
         self._restore(self._start)
         self._before_last = self._last_message = None
 
-    @torch.no_grad()
     def _generate_reply(self) -> Iterator[str]:
         assert self.logits is not None and self.state is not None
         t0 = time.monotonic()
-        penalties = PenaltyTracker(self.settings.penalties, exempt=self._presence_only)
-        stream = TextStream(getattr(self.tok, "decode_bytes", None), self.tok.decode)
-        device = self.model.emb.weight.device
-        text, shown, n, stopped = "", 0, 0, "max_tokens"
-        while n < self.settings.max_reply_tokens:
-            logits = penalties.apply_(self.logits.float().cpu().clone())  # (V,); self.logits stays as predicted
-            logits[self._eod] = float("-inf")  # the end-of-document token would end the whole conversation
-            logits[self._vocab :] = float("-inf")  # padded model rows the tokenizer cannot decode
-            token = self._sample(logits)
-            penalties.update(token)
-            step_logits, self.state = self.model.step(torch.tensor([token], device=device), self.state)
-            self.logits = step_logits[0]
-            self.tokens_seen += 1
-            n += 1
-            text += stream.push(token)
-            end = text.find(TURN_END)
-            if end >= 0:
-                text, stopped = text[:end], "turn_end"
-                break
-            # Show all but trailing newlines, which may be the start of the turn's end.
-            visible = len(text.rstrip("\n"))
-            if visible > shown:
-                yield _strip_lead(text[shown:visible], shown)
-                shown = visible
-        else:
-            text += stream.flush()
+        s = self.settings
+        decode = DecodeSettings(
+            sampling=s.sampling,
+            penalties=s.penalties,
+            max_tokens=s.max_reply_tokens,
+            stop_texts=(TURN_END,),  # a blank line ends the turn; its tokens are fed, so the state ends on it
+            banned_tokens=(self.engine.eod_id,),  # the end-of-document token would end the whole conversation
+        )
+        gen = self.engine.start((), decode, state=self.state, logits=self.logits, sampler=self._sample,
+                                 generator=self._generator)
+        shown = 0
+        for piece in self.engine.run([gen]):
+            self.state, self.logits = gen.state, gen.logits
+            self.tokens_seen += piece.token is not None
+            # a reply cut at the token limit does not end in the newlines that may have begun its turn's end
+            text = piece.text.rstrip("\n") if gen.finish_reason == "length" else piece.text
+            if text:
+                yield _strip_lead(text, shown)
+                shown += len(text)
+        if gen.error is not None:
+            raise gen.error
+        text = gen.text
+        if gen.finish_reason == "length":
             # close the turn, so the next message starts on a boundary (a reply cut after "\n" needs one more)
             self._feed(TURN_END[len(text) - len(text.rstrip("\n")) :] if text.endswith("\n") else TURN_END)
-        text = text.rstrip("\n") if stopped == "max_tokens" else text
-        if len(text) > shown:
-            yield _strip_lead(text[shown:], shown)
+            text = text.rstrip("\n")
         reply = text[1:] if text.startswith(" ") else text
-        self.transcript.append((self.settings.bot, reply))
-        self.last_reply = Reply(reply, n, time.monotonic() - t0, stopped)
-
-    def _presence_only(self, token: int) -> bool:
-        # ChatRWKV's rule: a token whose text is a substring of " \t0123456789" counts only for the presence
-        # penalty, so numbers and layout do not get pushed out of long replies.
-        piece = self.tok.decode([token])
-        return piece != "" and piece in " \t0123456789"
+        self.transcript.append((s.bot, reply))
+        stopped = "turn_end" if gen.finish_reason == "stop" else "max_tokens"
+        self.last_reply = Reply(reply, len(gen.tokens), time.monotonic() - t0, stopped)
 
     # --- files ---------------------------------------------------------------------------------------------------
 

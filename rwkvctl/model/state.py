@@ -37,3 +37,23 @@ class RecurrentState:
     def clone(self) -> RecurrentState:
         """An independent copy, e.g. to branch a conversation."""
         return RecurrentState(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
+
+    def rows(self, index: slice | int) -> RecurrentState:
+        """Batch rows `index` of every tensor, as views (L, B, ...) -> (L, b, ...); an int keeps a batch of 1."""
+        pick = slice(index, index + 1) if isinstance(index, int) else index
+        return RecurrentState(self.att_shift[:, pick], self.ffn_shift[:, pick], self.wkv[:, pick])
+
+    @staticmethod
+    def cat(states: list[RecurrentState]) -> RecurrentState:
+        """One batched state from several, along the batch dimension: [(L, b_i, ...)] -> (L, sum b_i, ...)."""
+        if len(states) == 1:
+            return states[0]
+        return RecurrentState(
+            torch.cat([s.att_shift for s in states], dim=1),
+            torch.cat([s.ffn_shift for s in states], dim=1),
+            torch.cat([s.wkv for s in states], dim=1),
+        )
+
+    @property
+    def batch(self) -> int:
+        return int(self.wkv.shape[1])

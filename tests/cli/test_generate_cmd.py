@@ -67,12 +67,19 @@ def test_a_terminal_gets_no_raw_control_characters_a_pipe_gets_the_text(checkpoi
     from rich.console import Console
 
     import rwkvctl.cli.generate_cmd as generate_cmd
-    import rwkvctl.generate
+    import rwkvctl.generate.engine
 
     path, _ = checkpoint
     hostile = " \x1b]0;pwned\x07 \u009b2J done"
     ids = load_tokenizer("world").encode(hostile)
-    monkeypatch.setattr(rwkvctl.generate, "generate", lambda *args, **kwargs: iter(ids))
+    replies = []  # the model "says" the hostile text, then ends the document (token 0), for each of the two runs
+
+    def scripted(logits, sampling, generator):
+        if not replies:
+            replies.extend(ids + [0])
+        return replies.pop(0)
+
+    monkeypatch.setattr(rwkvctl.generate.engine, "sample", scripted)
     argv = ["generate", str(path), "-p", "x\u009b", "--max-tokens", "40"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0 and res.output == "x\u009b" + hostile + "\n"  # `generate > out.txt` keeps the text

@@ -1,17 +1,14 @@
-"""Sampling and token-by-token generation in RNN mode (constant memory in the context length)."""
+"""Logits processing: how the next token is drawn (temperature, top-p, top-k) and the repetition penalties."""
 
 from __future__ import annotations
 
-import codecs
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from rwkvctl.errors import NumericsError
-from rwkvctl.model.rwkv5 import RWKV5
-from rwkvctl.model.state import RecurrentState
 
 
 @dataclass
@@ -87,79 +84,3 @@ class PenaltyTracker:
         for key in self.weights:
             self.weights[key] *= self.penalties.decay
         self.weights[token] = self.weights.get(token, 0.0) + (0.0 if self.exempt(token) else 1.0)
-
-
-@torch.no_grad()
-def ingest(
-    model: RWKV5, tokens: Sequence[int], state: RecurrentState | None = None, chunk_len: int = 256
-) -> tuple[Tensor, RecurrentState]:
-    """Run a prompt through the sequence form, `chunk_len` tokens at a time so that a long prompt needs no more
-    memory than a short one; returns the last position's logits (V,) and the state."""
-    if not tokens:
-        raise ValueError("ingest needs at least one token")
-    device = model.emb.weight.device
-    logits = None
-    for start in range(0, len(tokens), chunk_len):
-        idx = torch.tensor([list(tokens[start : start + chunk_len])], dtype=torch.long, device=device)
-        logits, state = model(idx, state, last_only=True)
-        logits = logits[0, -1]
-    assert logits is not None and state is not None
-    return logits, state
-
-
-class TextStream:
-    """Turns generated token ids into text pieces as they arrive, never splitting a UTF-8 character: a token
-    that ends mid-character is held back until the next one completes it (invalid bytes become U+FFFD)."""
-
-    def __init__(self, decode_bytes: Callable[[list[int]], bytes] | None, decode: Callable[[list[int]], str]) -> None:
-        self._decode_bytes, self._decode = decode_bytes, decode
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._ids: list[int] = []
-        self._text = ""
-
-    def push(self, token: int) -> str:
-        """The new text this token completes (possibly empty)."""
-        if self._decode_bytes is not None:
-            return self._utf8.decode(self._decode_bytes([token]))
-        # Tokenizers without a byte-level decode (SentencePiece): decode the whole reply, emit what is new once it
-        # no longer ends in a replacement character.
-        self._ids.append(token)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd") or not text.startswith(self._text):
-            return ""
-        new, self._text = text[len(self._text) :], text
-        return new
-
-    def flush(self) -> str:
-        """Whatever is still held back at the end (incomplete bytes become U+FFFD)."""
-        if self._decode_bytes is not None:
-            return self._utf8.decode(b"", final=True)
-        text = self._decode(self._ids)
-        new = text[len(self._text) :] if text.startswith(self._text) else ""
-        self._text = text
-        return new
-
-
-@torch.no_grad()
-def generate(
-    model: RWKV5,
-    prompt: list[int],
-    max_new_tokens: int,
-    sampling: SamplingConfig | None = None,
-    *,
-    state: RecurrentState | None = None,
-    stop_tokens: tuple[int, ...] = (0,),
-    seed: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time; the prompt goes through the parallel form, then RNN steps."""
-    sampling = sampling or SamplingConfig()
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits, state = ingest(model, prompt, state)
-    device = model.emb.weight.device
-    for _ in range(max_new_tokens):
-        token = sample(logits.cpu(), sampling, generator)
-        if token in stop_tokens:
-            return
-        yield token
-        step_logits, state = model.step(torch.tensor([token], device=device), state)
-        logits = step_logits[0]
