@@ -1,6 +1,7 @@
 """The one-way layer rules, checked by scanning every import in the package:
-cli -> lifecycle -> train / generate / surgery / quant -> model / data / io -> kernels -> config / names / errors / fs.
-Only rwkvctl/cli imports typer/rich; only train/deepspeed_engine.py imports deepspeed."""
+cli -> serve -> lifecycle -> train / generate / surgery / quant -> model / data / io -> kernels -> config / names /
+errors / fs. Only rwkvctl/cli imports typer/rich; only rwkvctl/serve imports fastapi/uvicorn/starlette; only
+train/deepspeed_engine.py imports deepspeed."""
 
 import ast
 import re
@@ -14,32 +15,36 @@ PKG = Path(__file__).resolve().parents[1] / "rwkvctl"
 
 # layer -> rwkvctl subpackages/modules it must never import
 FORBIDDEN = {
-    "config": {"arch", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
-    "errors": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli"},
+    "config": {"arch", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "serve", "generate", "surgery",
+               "quant"},
+    "errors": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "serve"},
     # the ground floor: crash-safe file writes, used by every layer that writes
-    "fs": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery",
-           "quant", "names"},
+    "fs": {"arch", "config", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "serve", "generate",
+           "surgery", "quant", "names"},
     # the ground floor of the compiled parts (cache root, RWKVCTL_* build settings, build lock), below kernels and data
     "native_build": {"arch", "config", "fs", "names", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
-                     "generate", "surgery", "quant"},
+                     "serve", "generate", "surgery", "quant"},
     # the ground floor too: one writer per output directory (flock), used by every command that writes one
     "dir_lock": {"arch", "config", "fs", "names", "native_build", "model", "kernels", "data", "io", "train",
-                 "lifecycle", "cli", "generate", "surgery", "quant"},
+                 "lifecycle", "cli", "serve", "generate", "surgery", "quant"},
     # the ground floor too: the one spelling of dtypes and init schemes, and the deprecated aliases
     "names": {"arch", "config", "errors", "fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli",
-              "generate", "surgery", "quant"},
+              "serve", "generate", "surgery", "quant"},
     # the architecture registry's torch-free half sits on config: every layer from kernels up may read it
-    "arch": {"fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "generate", "surgery", "quant"},
-    "kernels": {"model", "data", "io", "train", "lifecycle", "cli", "quant"},
-    "model": {"data", "io", "train", "lifecycle", "cli", "quant"},
+    "arch": {"fs", "model", "kernels", "data", "io", "train", "lifecycle", "cli", "serve", "generate", "surgery",
+             "quant"},
+    "kernels": {"model", "data", "io", "train", "lifecycle", "cli", "serve", "quant"},
+    "model": {"data", "io", "train", "lifecycle", "cli", "serve", "quant"},
     # quantized checkpoints are read by quant.format on top of io (io reads plain ones)
-    "io": {"model", "data", "train", "lifecycle", "cli", "quant"},
-    "data": {"model", "train", "lifecycle", "cli", "quant"},
-    "train": {"lifecycle", "cli"},
-    "generate": {"train", "lifecycle", "cli"},
-    "quant": {"train", "lifecycle", "cli", "generate", "data"},
-    "surgery": {"train", "lifecycle", "cli", "generate", "quant", "data", "io"},
-    "lifecycle": {"cli"},
+    "io": {"model", "data", "train", "lifecycle", "cli", "serve", "quant"},
+    "data": {"model", "train", "lifecycle", "cli", "serve", "quant"},
+    "train": {"lifecycle", "cli", "serve"},
+    "generate": {"train", "lifecycle", "cli", "serve"},
+    "quant": {"train", "lifecycle", "cli", "serve", "generate", "data"},
+    "surgery": {"train", "lifecycle", "cli", "serve", "generate", "quant", "data", "io"},
+    "lifecycle": {"cli", "serve"},
+    # the HTTP front end (OpenAI API over the inference engine): above lifecycle, below the command line
+    "serve": {"cli"},
 }
 
 
@@ -88,6 +93,8 @@ def test_layer_rules(path, rel, layer):
         top = name.split(".")[0]
         if top in ("typer", "rich"):
             assert layer == "cli", f"{rel} imports {name}: only rwkvctl/cli may use typer/rich"
+        if top in ("fastapi", "uvicorn", "starlette"):
+            assert layer == "serve", f"{rel} imports {name}: only rwkvctl/serve may use the HTTP stack"
         if top == "deepspeed":
             assert str(rel) == "train/deepspeed_engine.py", f"{rel} imports deepspeed"
         if top == "rwkvctl" and "." in name:
@@ -410,7 +417,7 @@ def test_the_layout_scan_leaves_prose_and_other_names_alone(code):
 def test_front_ends_decode_only_through_the_engine():
     """Chat, generate and any other front end decode through generate/engine.py: none samples, tracks penalties,
     streams or cuts stop texts itself (one decode loop, one place for stop rules)."""
-    owned = {"sample", "PenaltyTracker", "TextStream", "StopTexts", "Generation"}
+    owned = {"sample", "PenaltyTracker", "TextStream", "StopTexts"}
     offenders = []
     for path, rel, layer in modules():
         if layer == "generate":

@@ -17,6 +17,7 @@ from rwkvctl.cli import (  # noqa: F401  (registration side effects)
     plot,
     prepare,
     quantize,
+    serve_cmd,
     tokenizer,
     train,
 )

@@ -47,6 +47,9 @@ class DecodeSettings:
     banned_tokens: tuple[int, ...] = ()
     """Never sampled (their logits become -inf)."""
     seed: int | None = None
+    layout_presence_only: bool = True
+    """ChatRWKV's rule: whitespace and digit tokens count for the presence penalty only. False gives OpenAI's
+    penalties (every occurrence counts), with decay 1."""
 
     def __post_init__(self) -> None:
         s, p = self.sampling, self.penalties
@@ -182,7 +185,8 @@ class InferenceEngine:
         stream = TextStream(getattr(self.tokenizer, "decode_bytes", None), self.tokenizer.decode)
         padded = range(self.vocab_size, self.model.cfg.vocab_size)  # model rows the tokenizer cannot decode
         banned = torch.tensor(sorted({*settings.banned_tokens, *padded}), dtype=torch.long)
-        return Generation(logits, state, settings, stream, banned=banned, exempt=self.presence_only,
+        exempt = self.presence_only if settings.layout_presence_only else _never
+        return Generation(logits, state, settings, stream, banned=banned, exempt=exempt,
                           sampler=sampler, generator=generator)
 
     # --- decoding ------------------------------------------------------------------------------------------------
@@ -289,6 +293,10 @@ def generate(
             yield piece.token
     if gen.error is not None:
         raise gen.error
+
+
+def _never(token: int) -> bool:
+    return False
 
 
 class _IdsOnly:
