@@ -239,3 +239,14 @@ def human(n: float, unit: str = "") -> str:
             return f"{n:.3g}{suffix}{unit}"
         n /= 1000
     return f"{n:.3g}P{unit}"
+
+
+# Options every command that runs a model for inference shares (chat, generate, serve).
+TokenizerOption = Annotated[
+    str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
+]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOption = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")]
+KeepQuantizedOption = Annotated[
+    bool, typer.Option("--keep-quantized", help="Keep a quantized model's weights packed (less memory).")
+]

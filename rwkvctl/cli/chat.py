@@ -10,7 +10,17 @@ from typing import Annotated, Any
 
 import typer
 
-from rwkvctl.cli._common import app, console, fail, handles_errors, human, print_error
+from rwkvctl.cli._common import (
+    DeviceOption,
+    DtypeOption,
+    TokenizerOption,
+    app,
+    console,
+    fail,
+    handles_errors,
+    human,
+    print_error,
+)
 from rwkvctl.cli.chat_input import MessageReader
 from rwkvctl.cli.terminal import clean, shown
 from rwkvctl.errors import RwkvctlError
@@ -34,9 +44,7 @@ def chat_command(
     system: Annotated[str | None, typer.Option(help="Instructions or persona, fed once as 'System: ...'.")] = None,
     user: Annotated[str, typer.Option(help="The user's role name in the prompt format.")] = "User",
     bot: Annotated[str, typer.Option(help="The model's role name in the prompt format.")] = "Assistant",
-    tokenizer: Annotated[
-        str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
-    ] = None,
+    tokenizer: TokenizerOption = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.3,
     top_k: Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")] = 0,
@@ -47,8 +55,8 @@ def chat_command(
     seed: Annotated[int | None, typer.Option(help="Random seed (replies repeat exactly with the same seed).")] = None,
     load: Annotated[Path | None, typer.Option("--load-state", help="Start from a saved conversation state.")] = None,
     save: Annotated[Path | None, typer.Option("--save-state", help="Save the state here when the chat ends.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "fp32",
     keep_quantized: Annotated[
         bool,
         typer.Option(

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from rwkvctl.cli._common import app, console, fail, handles_errors
+from rwkvctl.cli._common import (
+    DeviceOption,
+    DtypeOption,
+    KeepQuantizedOption,
+    TokenizerOption,
+    app,
+    console,
+    fail,
+    handles_errors,
+)
 from rwkvctl.cli.terminal import clean
 
 
@@ -27,14 +36,10 @@ def generate_command(
         list[str] | None, typer.Option("--stop", help="Stop when the output contains this text (repeatable).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (the same seed repeats the output).")] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
-    keep_quantized: Annotated[
-        bool, typer.Option("--keep-quantized", help="Keep a quantized model's weights packed (less memory).")
-    ] = False,
+    tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "fp32",
+    keep_quantized: KeepQuantizedOption = False,
 ) -> None:
     """Continue a prompt: the prompt goes through the sequence form, then one RNN step per token (constant
     memory however long the output). Stops at --max-tokens, a --stop text or the end-of-document token."""

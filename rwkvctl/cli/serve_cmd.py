@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from rwkvctl.cli._common import app, console, fail, handles_errors, shown
+from rwkvctl.cli._common import (
+    DeviceOption,
+    DtypeOption,
+    KeepQuantizedOption,
+    TokenizerOption,
+    app,
+    console,
+    fail,
+    handles_errors,
+    shown,
+)
 
 
 def _loopback(host: str) -> bool:
@@ -40,14 +50,10 @@ def serve_command(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 32768,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     chat_max_tokens: Annotated[int, typer.Option(help="Reply limit when a chat request gives none.")] = 512,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="'world' or spm:PATH; default: the one recorded with the model (else World).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (fp16 needs a GPU).")] = "fp32",
-    keep_quantized: Annotated[
-        bool, typer.Option("--keep-quantized", help="Keep a quantized model's weights packed (less memory).")
-    ] = False,
+    tokenizer: TokenizerOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "fp32",
+    keep_quantized: KeepQuantizedOption = False,
 ) -> None:
     """Serve the model over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions, /health,
     /metrics). States at the end of each prompt and reply are cached, so the next turn of a conversation ingests
