@@ -95,6 +95,8 @@ def test_layer_rules(path, rel, layer):
             assert layer == "cli", f"{rel} imports {name}: only rwkvctl/cli may use typer/rich"
         if top in ("fastapi", "uvicorn", "starlette"):
             assert layer == "serve", f"{rel} imports {name}: only rwkvctl/serve may use the HTTP stack"
+        if top == "lm_eval":
+            assert str(rel) in ("lifecycle/harness.py", "cli/lm_eval_cmd.py"), f"{rel} imports lm_eval"
         if top == "deepspeed":
             assert str(rel) == "train/deepspeed_engine.py", f"{rel} imports deepspeed"
         if top == "rwkvctl" and "." in name:

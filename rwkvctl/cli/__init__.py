@@ -13,6 +13,7 @@ from rwkvctl.cli import (  # noqa: F401  (registration side effects)
     generate_cmd,
     inspect_cmd,
     kernels,
+    lm_eval_cmd,
     model_cmds,
     plot,
     prepare,
