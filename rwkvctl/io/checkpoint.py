@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +286,68 @@ def read_checkpoint_file(path: str | Path) -> StoredCheckpoint:
         tensors, metadata = _read_safetensors(path)
         return StoredCheckpoint(path, tensors, metadata)
     return StoredCheckpoint(path, _read_pth(path), {})
+
+
+# safetensors dtype names -> torch (what a lazily opened file's stand-ins are made of)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass
+class LazyCheckpoint:
+    """A checkpoint file opened without reading its tensors: the header now (file keys, shapes, dtypes as
+    placeholders on the meta device), each tensor when asked for (`tensor`), so a pass over the weights holds about
+    one tensor at a time."""
+
+    path: Path
+    placeholders: dict[str, Tensor]  # by the file's own keys
+    metadata: dict[str, str]
+    read: Callable[[str], Tensor]
+
+    def stored(self) -> StoredCheckpoint:
+        """The file as `checked_state_dict` takes it (no tensors; check with `placeholders` as stand-ins)."""
+        return StoredCheckpoint(self.path, {}, self.metadata)
+
+
+@contextmanager
+def open_checkpoint_lazy(path: str | Path) -> Iterator[LazyCheckpoint]:
+    """Open a `.pth` (memory-mapped, `torch.load(mmap=True)`) or `.safetensors` (`safe_open`) checkpoint lazily;
+    the file stays open inside the `with`. Read errors are one-line `CheckpointError`s as in `read_checkpoint_file`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass the .pth or .safetensors file inside it")
+    if path.suffix != ".safetensors":
+        tensors = _read_pth(path)  # mmap: a tensor's pages are read when it is used
+        placeholders = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
+        yield LazyCheckpoint(path, placeholders, {}, tensors.__getitem__)
+        return
+    from safetensors import SafetensorError, safe_open
+
+    def fail(e: Exception) -> CheckpointError:
+        return CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt: {str(e)[:120]})")
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise fail(e) from None
+    with handle as f:
+
+        def read(key: str) -> Tensor:
+            try:
+                return f.get_tensor(key)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise fail(e) from None
+
+        placeholders = {}
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            part = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)  # an exotic dtype is refused as non-float
+            placeholders[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+        yield LazyCheckpoint(path, placeholders, f.metadata() or {}, read)
 
 
 def checked_state_dict(

@@ -1,5 +1,8 @@
 """`rwkvctl quantize` as a lifecycle stage: checkpoint -> quantized `.safetensors` (+ sidecar), with a quality check.
 
+The source is streamed (read lazily, one tensor at a time); with calibration text the model runs over it once first
+to weight each Linear layer's range search by its input activations.
+
 The output loads everywhere a checkpoint does (`chat`, `inspect`, `load_model`): the loader dequantizes it. The
 optional evaluation runs the original and the quantized model (read back from the written file, so the file
 itself is what is checked) over the same text and reports both perplexities, the mean KL divergence of the
@@ -9,16 +12,28 @@ quantized model's next-token distribution from the original's, and how often the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from rwkvctl.arch import arch_of
 from rwkvctl.dir_lock import writer_lock
-from rwkvctl.errors import CheckpointError
-from rwkvctl.lifecycle.models import load_model, model_from_state_dict
-from rwkvctl.quant.format import load_checkpoint_expanded, write_quantized
+from rwkvctl.errors import CheckpointError, DataError
+from rwkvctl.io.checkpoint import (
+    CheckpointMeta,
+    LazyCheckpoint,
+    check_finite,
+    checked_state_dict,
+    normalize_keys,
+    open_checkpoint_lazy,
+)
+from rwkvctl.lifecycle.models import load_model
+from rwkvctl.quant.calibrate import collect_importance
+from rwkvctl.quant.format import is_quantized, write_quantized
 from rwkvctl.quant.policy import QuantSpec, TensorReport, quantize_state_dict
 
 
@@ -56,38 +71,109 @@ def quantize_checkpoint(
     spec: QuantSpec,
     *,
     eval_tokens: list[int] | None = None,
+    calib_tokens: list[int] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> QuantizeResult:
+    """Quantize `src` into `dst`, streaming: the source is read lazily (a memory-mapped `.pth` or `safe_open`) and
+    quantized one tensor at a time, so memory is about one tensor plus the (4-7x smaller) output. `calib_tokens`:
+    calibration text (activation-aware range search, rwkvctl.quant.calibrate); this loads the model once first."""
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: quantized checkpoints are .safetensors files; name the output *.safetensors")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: the output would overwrite the input; choose another name")
     with writer_lock(dst.parent, "rwkvctl quantize", part=dst.name):  # one writer of dst at a time
-        state_dict, meta = load_checkpoint_expanded(src)
-        if eval_tokens and not 0 <= min(eval_tokens) <= max(eval_tokens) < meta.model.vocab_size:
-            raise CheckpointError(
-                f"{src}: the model has {meta.model.vocab_size} vocabulary rows but the evaluation text has token ids "
-                f"up to {max(eval_tokens)}; evaluate with the tokenizer the model was trained with"
-            )
-        if "quantization" in meta.extra:
-            raise CheckpointError(f"{src}: already quantized; quantize the original checkpoint instead")
-        spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
-        plain, packed, reports = quantize_state_dict(state_dict, spec, on_tensor)
-        meta.extra["quantization"] = {
-            "bits": spec.bits,
-            "group": spec.group,
-            "embed_bits": spec.embed_bits,
-            "range_search": spec.search,
-            "source": src.name,
-        }
+        with open_checkpoint_lazy(src) as lazy:
+            meta, names = _checked_source(lazy)
+            for what, tokens in (("evaluation", eval_tokens), ("calibration", calib_tokens)):
+                _check_vocabulary(src, meta.model.vocab_size, tokens, what)
+            spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
+            importance = _importance(src, calib_tokens) if calib_tokens else None
+            weights = _LazyWeights(lazy, names)
+            plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance)
+        meta.extra["quantization"] = quantization_record(spec, src.name, calibrated=bool(calib_tokens))
         write_quantized(dst, plain, packed, meta)
+        del plain, packed
         quality = None
         if eval_tokens:
-            original = model_from_state_dict(state_dict, meta.model)  # the weights already in memory, not a reread
+            original, _ = load_model(src)
             quantized, _ = load_model(dst)
             quality = compare_models(original, quantized, eval_tokens)
         return QuantizeResult(dst, src.stat().st_size, dst.stat().st_size, reports, quality)
+
+
+def quantization_record(spec: QuantSpec, source: str, *, calibrated: bool) -> dict[str, Any]:
+    """meta.extra["quantization"] of an output: the settings, the source's file name, calibration if used."""
+    record = {**spec.record(), "source": source}
+    if calibrated:  # absent otherwise: uncalibrated files keep their metadata byte for byte
+        record["calibrated"] = True
+    return record
+
+
+def _checked_source(lazy: LazyCheckpoint) -> tuple[CheckpointMeta, dict[str, str]]:
+    """The source's meta, checked against its tensors' shapes (no weight read), and bare name -> file key in the
+    architecture's order. A quantized source is refused."""
+    stored = lazy.stored()
+    if is_quantized(stored):
+        raise CheckpointError(f"{lazy.path}: already quantized; quantize the original checkpoint instead")
+    _, meta = checked_state_dict(stored, {}, lazy.placeholders)
+    if "quantization" in meta.extra:
+        raise CheckpointError(f"{lazy.path}: already quantized; quantize the original checkpoint instead")
+    bare = normalize_keys({key: key for key in lazy.placeholders})  # bare name -> the file's key
+    return meta, {name: bare[name] for name in arch_of(meta.model).param_shapes(meta.model)}
+
+
+class _LazyWeights(Mapping[str, Tensor]):
+    """The source's tensors by bare name, each read (and checked for NaN/Inf) only when asked for."""
+
+    def __init__(self, lazy: LazyCheckpoint, names: dict[str, str]) -> None:
+        self.lazy, self.names = lazy, names
+
+    def __getitem__(self, name: str) -> Tensor:
+        t = self.lazy.read(self.names[name])
+        check_finite({name: t}, self.lazy.path)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _check_vocabulary(src: Path, vocab_size: int, tokens: list[int] | None, what: str) -> None:
+    if tokens and not 0 <= min(tokens) <= max(tokens) < vocab_size:
+        raise CheckpointError(
+            f"{src}: the model has {vocab_size} vocabulary rows but the {what} text has token ids up to "
+            f"{max(tokens)}; use the tokenizer the model was trained with"
+        )
+
+
+def _importance(src: Path, tokens: list[int]) -> dict[str, Tensor]:
+    """Per-input-channel activation energy of every Linear layer over the calibration text (the model is loaded
+    for this pass only)."""
+    model, _ = load_model(src)
+    try:
+        return collect_importance(model, tokens)
+    finally:
+        del model
+
+
+def read_text_tokens(path: Path, tokenizer: str, limit: int, what: str) -> list[int]:
+    """The first `limit` tokens of a UTF-8 text file (--eval, --calib): a missing, unreadable, non-UTF-8 or
+    too-short file is a one-line DataError naming it."""
+    from rwkvctl.data.tokenizer import load_tokenizer
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: the {what} text is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} text ({e.strerror or e})") from None
+    ids = load_tokenizer(tokenizer).encode(text)[:limit]
+    if len(ids) < 2:
+        raise DataError(f"{path}: too little {what} text (needs at least 2 tokens, has {len(ids)})")
+    return ids
 
 
 @torch.no_grad()

@@ -2,9 +2,10 @@
 
 Each row of a weight matrix is cut into groups of `group` inputs; a group gets a fp16 scale and minimum and its
 weights become integer codes in [0, 2^bits). Besides the group's min..max range, a few narrower ranges are tried
-and the one with the least squared error is kept (~4% less error than min/max at 4 bits and group 64 on Gaussian
-or heavy-tailed weights; more with larger groups). Small groups are what keeps 4-bit quality: rwkv.cpp's plain
-Q4_0/Q4_1 use 32-weight groups too, but also quantize the activations, and per-matrix scales collapse
+and the one with the least squared error is kept, then refined by a least-squares fit (rwkvctl.quant.search; less
+error than min/max at 4 bits and group 64 on Gaussian or heavy-tailed weights, more with larger groups; with
+calibration the error is weighted by each input's activation energy). Small groups are what keeps 4-bit quality:
+rwkv.cpp's plain Q4_0/Q4_1 use 32-weight groups too, but also quantize the activations, and per-matrix scales collapse
 (rwkv.cpp#12). Only weights are quantized; activations stay in float. At group 64 that is 4.5 bits per weight
 (4 + two fp16 per 64).
 
@@ -22,12 +23,10 @@ from torch import Tensor
 
 from rwkvctl.errors import ConfigError
 from rwkvctl.quant.schemes import Encoded, Params, Scheme, register
+from rwkvctl.quant.search import CHUNK_ELEMENTS, parallel_chunks, search_chunk
 
 NAME = "group-affine"
 BITS = (4, 8)
-# Fractions of a group's min..max range tried (shrunk around its centre); 1.0 is plain min/max.
-RANGE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
-ROWS_PER_CHUNK = 1024  # bounds the search's temporary memory (rows x in x fp32 per candidate)
 GROUPED_ROWS_MAX = 16  # inputs of at most this many rows (RNN steps) take the grouped-dot matmul
 
 
@@ -84,47 +83,37 @@ def group_size_for(cols: int, group: int) -> int:
     return g
 
 
-def quantize_weight(w: Tensor, bits: int, group: int, search: bool = True) -> Encoded:
-    """Quantize a 2-D weight (out, in); `group` must divide `in`."""
-    w32 = w.detach().float()
-    if not torch.isfinite(w32).all():
-        raise ConfigError("holds NaN or infinite values; quantize a healthy checkpoint")
-    rows, cols = w32.shape
-    levels = 2**bits - 1
+def quantize_weight(
+    w: Tensor, bits: int, group: int, search: bool = True, importance: Tensor | None = None
+) -> Encoded:
+    """Quantize a 2-D weight (out, in); `group` must divide `in`. `importance` (in,): the mean squared input
+    activation of each column (calibration), weighting the range search's error (rwkvctl.quant.search)."""
+    rows, cols = w.shape
+    levels, ng = 2**bits - 1, cols // group
     codes = torch.empty(rows, cols, dtype=torch.uint8)
-    scale = torch.empty(rows, cols // group, dtype=torch.float16)
+    scale = torch.empty(rows, ng, dtype=torch.float16)
     minimum = torch.empty_like(scale)
-    for a in range(0, rows, ROWS_PER_CHUNK):
-        x = w32[a : a + ROWS_PER_CHUNK].reshape(-1, cols // group, group)  # (r, in) -> (r, groups, group)
-        lo, hi = x.amin(-1), x.amax(-1)
-        centre, half = (hi + lo) / 2, (hi - lo) / 2
-        best_err = best_s = best_m = None
-        for ratio in RANGE_RATIOS if search else (1.0,):
-            s, m = _scale_min(centre - half * ratio, centre + half * ratio, levels)
-            err = (from_codes(to_codes(x, s, m, levels), s, m) - x).square().sum(-1)  # (r, groups)
-            if best_err is None:
-                best_err, best_s, best_m = err, s, m
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
-        assert best_s is not None and best_m is not None
-        codes[a : a + ROWS_PER_CHUNK] = to_codes(x, best_s, best_m, levels).reshape(-1, cols).to(torch.uint8)
-        scale[a : a + ROWS_PER_CHUNK], minimum[a : a + ROWS_PER_CHUNK] = best_s.half(), best_m.half()
+    weight = None if importance is None else importance.float().view(ng, group)  # (in,) -> (groups, group)
+    chunk = max(1, CHUNK_ELEMENTS // cols)
+
+    def one_chunk(a: int) -> tuple[float, float, bool]:  # fills rows a..a+chunk; -> (sq. error, sq. norm, finite)
+        x = w[a : a + chunk].detach().float()  # a bf16 source is widened a chunk at a time
+        if not torch.isfinite(x).all():
+            return 0.0, 0.0, False
+        c, s, m, err = search_chunk(x.view(-1, ng, group), levels, search, weight)  # (r, in) -> (r, groups, group)
+        codes[a : a + chunk] = c.view(-1, cols)
+        scale[a : a + chunk], minimum[a : a + chunk] = s.half(), m.half()
+        return float(err.sum()), float(x.square().sum()), True
+
+    sums = parallel_chunks(one_chunk, range(0, rows, chunk))
+    if not all(finite for _, _, finite in sums):
+        raise ConfigError("holds NaN or infinite values; quantize a healthy checkpoint")
+    sq_err, sq_norm = sum(e for e, _, _ in sums), sum(n for _, n, _ in sums)
     if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
         raise ConfigError("has values beyond the fp16 range of the scales (|w| > 65504); keep it unquantized")
-    packed = pack_codes(codes, bits)
-    restored = dequantize(packed, scale, minimum, bits, group)
-    norm = float(w32.norm())
-    rel = float((restored - w32).norm()) / norm if norm > 0 else 0.0
-    stored = {"qweight": packed, "scale": scale, "min": minimum}
+    rel = (sq_err / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
+    stored = {"qweight": pack_codes(codes, bits), "scale": scale, "min": minimum}
     return Encoded(stored, {"bits": bits, "group": group}, rel)
-
-
-def _scale_min(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor]:
-    """Per-group step and offset as stored (rounded to fp16), so the search measures the real error."""
-    s = ((hi - lo) / levels).half().float()
-    return s, lo.half().float()
 
 
 class GroupAffine(Scheme):
@@ -138,8 +127,11 @@ class GroupAffine(Scheme):
         if not isinstance(group, int) or group < 2 or group % 2:
             raise ConfigError(f"--group must be an even number >= 2, got {group}")
 
-    def encode(self, w: Tensor, *, bits: int = 4, group: int = 64, search: bool = True, **_: Any) -> Encoded:
-        return quantize_weight(w, bits, group_size_for(w.shape[1], group), search)
+    def encode(
+        self, w: Tensor, *, bits: int = 4, group: int = 64, search: bool = True, importance: Tensor | None = None,
+        **_: Any,
+    ) -> Encoded:
+        return quantize_weight(w, bits, group_size_for(w.shape[1], group), search, importance)
 
     def check(self, stored: dict[str, Tensor], params: Params, shape: tuple[int, int]) -> None:
         bits, group = params.get("bits"), params.get("group")

@@ -1,13 +1,14 @@
 """Which tensors of a checkpoint are quantized, at how many bits, with which scheme; and the run over a state dict.
 
-The Linear weights inside the blocks go to `bits`; the embedding and head to `embed_bits` (8 by default: they are
-large for a 65536 vocabulary and the most sensitive, rwkv.cpp keeps them in fp16) or stay unchanged (None);
-everything else (time_*, LayerNorms) is stored unchanged.
+The Linear weights inside the blocks go to `bits` in groups of `group`; the embedding and head to `embed_bits` (8 by
+default: they are large for a 65536 vocabulary and the most sensitive, rwkv.cpp keeps them in fp16) in groups of
+`embed_group` (default: `group`), or stay unchanged (None); everything else (time_*, LayerNorms) is stored
+unchanged. `quantize_state_dict` takes any mapping, so a lazily read checkpoint is quantized one tensor at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ class QuantSpec:
     scheme: str = groupwise.NAME
     options: dict[str, Any] = field(default_factory=dict)  # further settings of a scheme other than the default
     architecture: str = DEFAULT_ARCH  # whose quantizable-tensor patterns apply (rwkvctl.arch)
+    embed_group: int | None = None  # group of emb/head; None: `group`
 
     def __post_init__(self) -> None:
         try:
@@ -46,15 +48,26 @@ class QuantSpec:
         except KeyError:
             known = ", ".join(scheme_names())
             raise ConfigError(f"unknown quantization scheme {self.scheme!r}; known: {known}") from None
-        for bits in {self.bits, self.embed_bits} - {None}:
-            scheme.check_options(self.encode_options(bits))
+        scheme.check_options(self.encode_options(self.bits, "block"))
+        if self.embed_bits is not None:
+            scheme.check_options(self.encode_options(self.embed_bits, "embedding"))
 
     def bits_for(self, name: str) -> int | None:
         kind = quantizable_kind(name, self.architecture)
         return self.embed_bits if kind == "embedding" else self.bits if kind == "block" else None
 
-    def encode_options(self, bits: int) -> dict[str, Any]:
-        return {"bits": bits, "group": self.group, "search": self.search, **self.options}
+    def encode_options(self, bits: int, kind: TensorKind = "block") -> dict[str, Any]:
+        group = self.embed_group if kind == "embedding" and self.embed_group is not None else self.group
+        return {"bits": bits, "group": group, "search": self.search, **self.options}
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the output's metadata records them (meta.extra["quantization"], with the source)."""
+        rec: dict[str, Any] = {
+            "bits": self.bits, "group": self.group, "embed_bits": self.embed_bits, "range_search": self.search
+        }
+        if self.embed_group is not None:  # absent by default: default files keep their metadata byte for byte
+            rec["embed_group"] = self.embed_group
+        return rec
 
 
 @dataclass
@@ -69,10 +82,15 @@ class TensorReport:
 
 
 def quantize_state_dict(
-    state_dict: dict[str, Tensor], spec: QuantSpec, on_tensor: Callable[[str, int], None] | None = None
+    state_dict: Mapping[str, Tensor],
+    spec: QuantSpec,
+    on_tensor: Callable[[str, int], None] | None = None,
+    importance: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, PackedWeight], list[TensorReport]]:
     """-> (tensors stored unchanged, quantized weights by name, one report per tensor). `on_tensor(name, total)`
-    is called after each tensor (for progress)."""
+    is called after each tensor (for progress). `importance`: per weight name, the mean squared input activation
+    of each input column (rwkvctl.quant.calibrate), weighting that weight's range search."""
+    importance = importance or {}
     plain: dict[str, Tensor] = {}
     packed: dict[str, PackedWeight] = {}
     reports: list[TensorReport] = []
@@ -83,7 +101,10 @@ def quantize_state_dict(
             reports.append(TensorReport(name, tuple(w.shape), None, 0, 0.0, w.numel() * w.element_size(), kind))
         else:
             try:
-                pw, rel_error = encode_with(spec.scheme, w, **spec.encode_options(bits))
+                options = spec.encode_options(bits, kind or "block")
+                if name in importance:
+                    options["importance"] = importance[name]
+                pw, rel_error = encode_with(spec.scheme, w, **options)
             except ConfigError as e:
                 raise ConfigError(f"{name}: {e}") from None
             packed[name] = pw
