@@ -16,13 +16,33 @@ from rwkvctl.cli.terminal import clean, shown
 @app.command("quantize")
 @handles_errors
 def quantize_command(
-    src: Annotated[Path, typer.Argument(help="Checkpoint to quantize (.pth or .safetensors).")],
-    out: Annotated[Path, typer.Argument(help="Output .safetensors (a JSON sidecar is written next to it).")],
+    src: Annotated[Path | None, typer.Argument(help="Checkpoint to quantize (.pth or .safetensors).")] = None,
+    out: Annotated[
+        Path | None, typer.Argument(help="Output .safetensors (a JSON sidecar is written next to it).")
+    ] = None,
     bits: Annotated[int, typer.Option(help="Bits per weight of the block matrices: 4 or 8.")] = 4,
     group: Annotated[int, typer.Option(help="Weights per scale/minimum pair (64: 4.5 bits per weight at 4).")] = 64,
     embed_bits: Annotated[
         int, typer.Option(help="Bits for emb and head: 8 (default), 4, or 16 to keep them unquantized.")
     ] = 8,
+    embed_group: Annotated[
+        int | None,
+        typer.Option(help="Group of emb and head (default: --group). A 7B in 4 GB: --group 128 --embed-bits 4."),
+    ] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option("--calib", help="UTF-8 text file: weight each layer's range search by its input activations."),
+    ] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Tokens of --calib text to use.")] = 4096,
+    estimate: Annotated[
+        bool, typer.Option("--estimate", help="Print the exact output size of these settings; read no weights.")
+    ] = False,
+    preset_name: Annotated[
+        str | None, typer.Option("--preset", help="With --estimate: a preset instead of a checkpoint (e.g. 7b).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="With --estimate --preset: the source's dtype (fp32, bf16, fp16).")
+    ] = "bf16",
     search: Annotated[
         bool, typer.Option("--search/--no-search", help="Search each group's range for least error.")
     ] = True,
@@ -35,17 +55,34 @@ def quantize_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
 ) -> None:
     """Quantize a checkpoint to 4 bits (or 8): group-wise codes with searched ranges; emb/head at 8 bits."""
-    if out.exists() and not force:
-        raise fail(f"{out} exists; pass --force to overwrite it")
     if embed_bits not in (4, 8, 16):
         raise fail("--embed-bits must be 4, 8 or 16 (16 keeps emb and head unquantized)")
-    if eval_tokens < 2:
-        raise fail("--eval-tokens must be at least 2")
-    from rwkvctl.lifecycle.quantize import quantize_checkpoint
+    if eval_tokens < 2 or calib_tokens < 2:
+        raise fail("--eval-tokens and --calib-tokens must be at least 2")
+    from rwkvctl.lifecycle.quantize import estimate_quantized_size, quantize_checkpoint, read_text_tokens
     from rwkvctl.quant.policy import QuantSpec
 
-    spec = QuantSpec(bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search)
-    tokens = _eval_tokens(eval_text, tokenizer, eval_tokens) if eval_text is not None else None
+    spec = QuantSpec(
+        bits=bits, group=group, embed_bits=None if embed_bits == 16 else embed_bits, search=search,
+        embed_group=embed_group,
+    )  # fmt: skip
+    if estimate:
+        if out is not None:
+            raise fail("--estimate writes nothing: pass a checkpoint or --preset, not an output")
+        est = estimate_quantized_size(
+            spec, src=src, preset_name=preset_name, dtype=dtype, calibrated=calib is not None
+        )
+        console.print(
+            f"{shown(est.source)}: [bold]{est.bytes:,} bytes[/] ({est.bytes / 1e9:.3f} GB, "
+            f"{est.bytes / 2**30:.3f} GiB) for {est.params:,} weights, {est.bits_per_param:.3f} bits per weight"
+        )
+        return
+    if src is None or out is None or preset_name is not None:
+        raise fail("pass a checkpoint and an output .safetensors (--preset is only for --estimate)")
+    if out.exists() and not force:
+        raise fail(f"{out} exists; pass --force to overwrite it")
+    tokens = read_text_tokens(eval_text, tokenizer, eval_tokens, "evaluation") if eval_text is not None else None
+    calibration = read_text_tokens(calib, tokenizer, calib_tokens, "calibration") if calib is not None else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     live, ticker, done = live_output(), LogTicker(), 0
     with Progress(*columns, console=console, transient=True, disable=not live) as progress:
@@ -58,21 +95,10 @@ def quantize_command(
             if not live and ticker.due(force=done == total):  # a log, not a terminal: a plain line now and then
                 console.print(f"quantizing {done}/{total} {clean(name)}", markup=False, highlight=False)
 
-        result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, on_tensor=advance)
+        if calibration is not None:
+            progress.update(task, description="calibrating (one pass of the model over the --calib text)")
+        result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, calib_tokens=calibration, on_tensor=advance)
     _summary(result, spec)
-
-
-def _eval_tokens(path: Path, tokenizer: str, limit: int) -> list[int]:
-    from rwkvctl.data.tokenizer import load_tokenizer
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise fail(f"{path}: cannot read the evaluation text ({e})") from None
-    ids = load_tokenizer(tokenizer).encode(text)[:limit]
-    if len(ids) < 2:
-        raise fail(f"{path}: too little text to evaluate (needs at least 2 tokens)")
-    return ids
 
 
 def _summary(result, spec) -> None:  # noqa: ANN001  (lifecycle result types are imported lazily)

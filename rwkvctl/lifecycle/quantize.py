@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from rwkvctl.arch import arch_of
+from rwkvctl.config import preset
 from rwkvctl.dir_lock import writer_lock
-from rwkvctl.errors import CheckpointError, DataError
+from rwkvctl.errors import CheckpointError, ConfigError, DataError
 from rwkvctl.io.checkpoint import (
     CheckpointMeta,
     LazyCheckpoint,
@@ -31,10 +32,12 @@ from rwkvctl.io.checkpoint import (
     normalize_keys,
     open_checkpoint_lazy,
 )
-from rwkvctl.lifecycle.models import load_model
+from rwkvctl.lifecycle.models import load_model, parse_dtype
+from rwkvctl.names import INIT_SCHEMES
 from rwkvctl.quant.calibrate import collect_importance
-from rwkvctl.quant.format import is_quantized, write_quantized
-from rwkvctl.quant.policy import QuantSpec, TensorReport, quantize_state_dict
+from rwkvctl.quant.format import is_quantized, quantized_file_size, write_quantized
+from rwkvctl.quant.policy import QuantSpec, TensorReport, quantizable_kind, quantize_state_dict
+from rwkvctl.quant.schemes import get_scheme
 
 
 @dataclass
@@ -89,7 +92,7 @@ def quantize_checkpoint(
                 _check_vocabulary(src, meta.model.vocab_size, tokens, what)
             spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
             importance = _importance(src, calib_tokens) if calib_tokens else None
-            weights = _LazyWeights(lazy, names)
+            weights = _LazyWeights(lazy, names, lambda name: spec.bits_for(name) is None)
             plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance)
         meta.extra["quantization"] = quantization_record(spec, src.name, calibrated=bool(calib_tokens))
         write_quantized(dst, plain, packed, meta)
@@ -124,14 +127,16 @@ def _checked_source(lazy: LazyCheckpoint) -> tuple[CheckpointMeta, dict[str, str
 
 
 class _LazyWeights(Mapping[str, Tensor]):
-    """The source's tensors by bare name, each read (and checked for NaN/Inf) only when asked for."""
+    """The source's tensors by bare name, each read only when asked for; those `kept(name)` (stored as they are)
+    are checked for NaN/Inf here, the quantized ones by their scheme as it reads them (one pass, not two)."""
 
-    def __init__(self, lazy: LazyCheckpoint, names: dict[str, str]) -> None:
-        self.lazy, self.names = lazy, names
+    def __init__(self, lazy: LazyCheckpoint, names: dict[str, str], kept: Callable[[str], bool]) -> None:
+        self.lazy, self.names, self.kept = lazy, names, kept
 
     def __getitem__(self, name: str) -> Tensor:
         t = self.lazy.read(self.names[name])
-        check_finite({name: t}, self.lazy.path)
+        if self.kept(name):
+            check_finite({name: t}, self.lazy.path)
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -190,3 +195,49 @@ def compare_models(original: torch.nn.Module, quantized: torch.nn.Module, tokens
     kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1).mean()
     agree = (logp_a.argmax(-1) == logp_b.argmax(-1)).float().mean()
     return QualityReport(len(target), float(nll_a.exp()), float(nll_b.exp()), float(kl), float(agree))
+
+
+@dataclass
+class SizeEstimate:
+    bytes: int  # the output .safetensors, exactly
+    params: int  # weights of the model
+    source: str  # the checkpoint or preset it was computed for
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.params
+
+
+def estimate_quantized_size(
+    spec: QuantSpec,
+    *,
+    src: str | Path | None = None,
+    preset_name: str | None = None,
+    dtype: str = "fp32",
+    calibrated: bool = False,
+) -> SizeEstimate:
+    """The exact size of `quantize`'s output for `spec`, without reading or making any weight: for a checkpoint
+    `src` (its header only), or for a preset as `rwkvctl init --preset NAME --dtype DTYPE` writes it to
+    `rwkv-NAME.pth` (the file name and metadata enter the header: another name changes the size by a few bytes)."""
+    if (src is None) == (preset_name is None):
+        raise ConfigError("estimate the output size of either a checkpoint or a --preset, not both or neither")
+    if src is not None:
+        with open_checkpoint_lazy(src) as lazy:
+            meta, names = _checked_source(lazy)
+            placeholders = {name: lazy.placeholders[key] for name, key in names.items()}
+        source = Path(src).name
+    else:
+        cfg = preset(preset_name)  # ConfigError naming the presets for an unknown one
+        torch_dtype = parse_dtype(dtype)
+        shapes = arch_of(cfg).param_shapes(cfg)
+        placeholders = {k: torch.empty(s, dtype=torch_dtype, device="meta") for k, s in shapes.items()}
+        meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=INIT_SCHEMES[0], extra={"seed": 0})
+        source = f"rwkv-{preset_name}.pth"
+    spec = replace(spec, architecture=meta.model.architecture)
+    meta.extra["quantization"] = quantization_record(spec, source, calibrated=calibrated)
+    kinds = {name: quantizable_kind(name, spec.architecture) or "block" for name in placeholders}
+    size = quantized_file_size(
+        placeholders, spec.bits_for, lambda name, bits: spec.encode_options(bits, kinds[name]),
+        get_scheme(spec.scheme), meta,
+    )  # fmt: skip
+    return SizeEstimate(size, sum(t.numel() for t in placeholders.values()), source)

@@ -15,6 +15,8 @@ and `load_checkpoint_expanded` take any checkpoint; checking tensors against the
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +55,66 @@ def write_quantized(
     for name, w in packed.items():
         for t in w.scheme.tensor_names:
             tensors[f"{name}.{t}"] = w.stored[t].contiguous()
-        records[name] = {"scheme": w.scheme.name, "params": w.params, "shape": list(w.shape), "dtype": str(w.dtype)}
-    meta_json = json.dumps(meta.to_dict())
-    quant_json = json.dumps({"format": FORMAT_VERSION, "tensors": records})
+        records[name] = _record(w.scheme, w.params, w.shape, w.dtype)
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"rwkvctl": meta_json, META_KEY: quant_json})
+        save_file(tensors, str(tmp), metadata=_file_metadata(records, meta))
     atomic_write_text(sidecar_path(path), json.dumps(meta.to_dict(), indent=2) + "\n")
     return path
+
+
+def _record(scheme: Scheme, params: Params, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, Any]:
+    return {"scheme": scheme.name, "params": params, "shape": list(shape), "dtype": str(dtype)}
+
+
+def _file_metadata(records: dict[str, dict[str, Any]], meta: CheckpointMeta) -> dict[str, str]:
+    quant_json = json.dumps({"format": FORMAT_VERSION, "tensors": records})
+    return {"rwkvctl": json.dumps(meta.to_dict()), META_KEY: quant_json}
+
+
+def quantized_file_size(
+    tensors: dict[str, Tensor], bits_for: Callable[[str], int | None], options_for: Callable[[str, int], Params],
+    scheme: Scheme, meta: CheckpointMeta,
+) -> int:
+    """The exact size in bytes of the `.safetensors` that `write_quantized` writes, from the source's tensors'
+    shapes and dtypes alone (`tensors` may be placeholders on the meta device), in the order quantization visits
+    them: `bits_for(name)` None keeps a tensor as it is, else `options_for(name, bits)` are the scheme's options."""
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        bits = bits_for(name)
+        if bits is None or t.dim() != 2:
+            layout[name] = (t.dtype, tuple(t.shape))
+            continue
+        shape = (t.shape[0], t.shape[1])
+        params, stored = scheme.stored_layout(shape, **options_for(name, bits))
+        layout.update({f"{name}.{k}": v for k, v in stored.items()})
+        records[name] = _record(scheme, params, shape, t.dtype)
+    return safetensors_size(layout, _file_metadata(records, meta))
+
+
+# safetensors writes tensors sorted by dtype (this order, descending), then by name (safetensors 0.4-0.8)
+_DTYPE_ORDER = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+                torch.float32, torch.float64, torch.int64)  # fmt: skip
+_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+                torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+                torch.int64: "I64"}  # fmt: skip
+
+
+def safetensors_size(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> int:
+    """Bytes of the safetensors file of tensors with these dtypes and shapes and this metadata: 8 (header length)
+    + the JSON header as the library writes it (compact, padded with spaces to a multiple of 8) + the data."""
+    order = sorted(layout, key=lambda k: (-_DTYPE_ORDER.index(layout[k][0]), k))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = layout[name]
+        end = offset + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + -(-len(text) // 8) * 8 + offset
 
 
 def is_quantized(stored: StoredCheckpoint) -> bool:

@@ -90,7 +90,7 @@ def quantize_weight(
     activation of each column (calibration), weighting the range search's error (rwkvctl.quant.search)."""
     rows, cols = w.shape
     levels, ng = 2**bits - 1, cols // group
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    packed = torch.empty(rows, cols * bits // 8, dtype=torch.uint8)
     scale = torch.empty(rows, ng, dtype=torch.float16)
     minimum = torch.empty_like(scale)
     weight = None if importance is None else importance.float().view(ng, group)  # (in,) -> (groups, group)
@@ -101,7 +101,7 @@ def quantize_weight(
         if not torch.isfinite(x).all():
             return 0.0, 0.0, False
         c, s, m, err = search_chunk(x.view(-1, ng, group), levels, search, weight)  # (r, in) -> (r, groups, group)
-        codes[a : a + chunk] = c.view(-1, cols)
+        packed[a : a + chunk] = pack_codes(c.view(-1, cols), bits)  # (r, groups, group) -> (r, in)
         scale[a : a + chunk], minimum[a : a + chunk] = s.half(), m.half()
         return float(err.sum()), float(x.square().sum()), True
 
@@ -112,7 +112,7 @@ def quantize_weight(
     if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
         raise ConfigError("has values beyond the fp16 range of the scales (|w| > 65504); keep it unquantized")
     rel = (sq_err / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
-    stored = {"qweight": pack_codes(codes, bits), "scale": scale, "min": minimum}
+    stored = {"qweight": packed, "scale": scale, "min": minimum}
     return Encoded(stored, {"bits": bits, "group": group}, rel)
 
 
@@ -132,6 +132,17 @@ class GroupAffine(Scheme):
         **_: Any,
     ) -> Encoded:
         return quantize_weight(w, bits, group_size_for(w.shape[1], group), search, importance)
+
+    def stored_layout(
+        self, shape: tuple[int, int], *, bits: int = 4, group: int = 64, **_: Any
+    ) -> tuple[Params, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+        rows, cols = shape
+        g = group_size_for(cols, group)
+        return {"bits": bits, "group": g}, {
+            "qweight": (torch.uint8, (rows, cols * bits // 8)),
+            "scale": (torch.float16, (rows, cols // g)),
+            "min": (torch.float16, (rows, cols // g)),
+        }
 
     def check(self, stored: dict[str, Tensor], params: Params, shape: tuple[int, int]) -> None:
         bits, group = params.get("bits"), params.get("group")

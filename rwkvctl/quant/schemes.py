@@ -67,6 +67,14 @@ class Scheme(ABC):
         """A short label for summaries (e.g. '4-bit')."""
         return self.name
 
+    def stored_layout(
+        self, shape: tuple[int, int], **options: Any
+    ) -> tuple[Params, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+        """(params, {tensor name: (dtype, shape)}) that `encode` gives a weight of `shape`, without a weight (for
+        `quantize --estimate`). The default encodes zeros of that shape; schemes override it with arithmetic."""
+        enc = self.encode(torch.zeros(shape), **options)
+        return enc.params, {k: (t.dtype, tuple(t.shape)) for k, t in enc.stored.items()}
+
 
 _REGISTRY: dict[str, Scheme] = {}
 
