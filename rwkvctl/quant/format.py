@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rwkvctl.arch import arch_of
-from rwkvctl.errors import CheckpointError
+from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_path, atomic_write_text
 from rwkvctl.io.checkpoint import (
     CheckpointMeta,
@@ -88,7 +88,10 @@ def quantized_file_size(
             layout[name] = (t.dtype, tuple(t.shape))
             continue
         shape = (t.shape[0], t.shape[1])
-        params, stored = scheme.stored_layout(shape, **options_for(name, bits))
+        try:
+            params, stored = scheme.stored_layout(shape, **options_for(name, bits))
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
         layout.update({f"{name}.{k}": v for k, v in stored.items()})
         records[name] = _record(scheme, params, shape, t.dtype)
     return safetensors_size(layout, _file_metadata(records, meta))

@@ -16,6 +16,7 @@ Stored tensors: `qweight` (uint8; two 4-bit codes per byte, low nibble first, or
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -98,12 +99,13 @@ def quantize_weight(
 
     def one_chunk(a: int) -> tuple[float, float, bool]:  # fills rows a..a+chunk; -> (sq. error, sq. norm, finite)
         x = w[a : a + chunk].detach().float()  # a bf16 source is widened a chunk at a time
-        if not torch.isfinite(x).all():
-            return 0.0, 0.0, False
+        sq_norm = float(x.square().sum())
+        if not math.isfinite(sq_norm):  # a NaN or Inf weight (or beyond fp32 range when squared)
+            return 0.0, 0.0, bool(torch.isfinite(x).all())
         c, s, m, err = search_chunk(x.view(-1, ng, group), levels, search, weight)  # (r, in) -> (r, groups, group)
         packed[a : a + chunk] = pack_codes(c.view(-1, cols), bits)  # (r, groups, group) -> (r, in)
         scale[a : a + chunk], minimum[a : a + chunk] = s.half(), m.half()
-        return float(err.sum()), float(x.square().sum()), True
+        return float(err.sum()), sq_norm, True
 
     sums = parallel_chunks(one_chunk, range(0, rows, chunk))
     if not all(finite for _, _, finite in sums):

@@ -71,31 +71,31 @@ def codes_and_residual(x: Tensor, scale: Tensor, minimum: Tensor, levels: int) -
     return codes, t.sub_(codes)
 
 
-def _error(x: Tensor, scale: Tensor, minimum: Tensor, levels: int, weight: Tensor | None) -> Tensor:
-    """Weighted squared error per group of storing `x` with (scale, minimum); shapes as `codes_and_residual`."""
-    _, r = codes_and_residual(x, scale, minimum, levels)
-    r.square_()
-    if weight is not None:
-        r.mul_(weight)
-    return r.sum(-1) * scale.square()
-
-
 def _least_squares(
     x: Tensor, codes: Tensor, weight: Tensor | None, scale: Tensor, minimum: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """(scale, minimum) minimising sum weight * (codes * scale + minimum - x)^2 per group for fixed codes; groups
-    whose codes are all equal keep the given ones."""
-    wt = torch.ones_like(x) if weight is None else weight.expand_as(x)
-    sw, sq, sx = wt.sum(-1), (wt * codes).sum(-1), (wt * x).sum(-1)
-    sqq, sqx = (wt * codes * codes).sum(-1), (wt * codes * x).sum(-1)
+    """(scale, minimum) minimising sum weight * (codes * scale + minimum - x)^2 per group for fixed codes, rounded
+    to fp16; groups whose codes are all equal (or whose fit is not a positive step) keep the given ones."""
+    if weight is None:
+        sw = torch.full_like(scale, x.shape[-1])
+        sq, sx, sqq, sqx = codes.sum(-1), x.sum(-1), (codes * codes).sum(-1), (codes * x).sum(-1)
+    else:
+        wq = weight * codes
+        sw, sq, sx = weight.sum(-1).expand_as(scale), wq.sum(-1), (weight * x).sum(-1)
+        sqq, sqx = (wq * codes).sum(-1), (wq * x).sum(-1)
     det = sw * sqq - sq * sq
     ok = det > 1e-12 * sw * sqq.clamp_min(1e-30)
     s = (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det))
     m = (sx - s * sq) / sw.clamp_min(1e-30)
-    ok &= s > 0
     s, m = s.half().float(), m.half().float()
     ok &= torch.isfinite(s) & torch.isfinite(m) & (s > 0)
     return torch.where(ok, s, scale), torch.where(ok, m, minimum)
+
+
+def _weighted(r: Tensor, weight: Tensor | None, scale: Tensor) -> Tensor:
+    """Error per group from residuals in steps: scale^2 * sum(weight * r^2)."""
+    r2 = r.square()
+    return (r2 if weight is None else r2.mul_(weight)).sum(-1) * scale.square()
 
 
 def search_chunk(
@@ -106,17 +106,21 @@ def search_chunk(
     lo, hi = x.amin(-1), x.amax(-1)
     if not search:
         s, m = stored_scale_min(lo, hi, levels)
-    else:
-        ratios = torch.tensor(RANGE_RATIOS if levels < 255 else RANGE_RATIOS_8BIT, dtype=x.dtype)
-        centre, half = ((hi + lo) / 2).unsqueeze(-1), ((hi - lo) / 2).unsqueeze(-1)
-        s_all, m_all = stored_scale_min(centre - half * ratios, centre + half * ratios, levels)  # (r, groups, K)
-        weight = None if importance is None else importance.unsqueeze(1)  # (groups, 1, group): over K
-        err = _error(x.unsqueeze(-2), s_all, m_all, levels, weight)  # (r, groups, K, group) -> (r, groups, K)
-        best = err.argmin(-1, keepdim=True)
-        s, m = s_all.gather(-1, best).squeeze(-1), m_all.gather(-1, best).squeeze(-1)
-        codes, _ = codes_and_residual(x, s, m, levels)
-        s2, m2 = _least_squares(x, codes, importance, s, m)
-        better = _error(x, s2, m2, levels, importance) < err.gather(-1, best).squeeze(-1)
-        s, m = torch.where(better, s2, s), torch.where(better, m2, m)
+        codes, r = codes_and_residual(x, s, m, levels)
+        return codes.to(torch.uint8), s, m, _weighted(r, None, s)
+    ratios = torch.tensor(RANGE_RATIOS if levels < 255 else RANGE_RATIOS_8BIT, dtype=x.dtype)
+    centre, half = ((hi + lo) / 2).unsqueeze(-1), ((hi - lo) / 2).unsqueeze(-1)
+    s_all, m_all = stored_scale_min(centre - half * ratios, centre + half * ratios, levels)  # (r, groups, K)
+    weight = None if importance is None else importance.unsqueeze(1)  # (groups, 1, group): over K
+    _, r_all = codes_and_residual(x.unsqueeze(-2), s_all, m_all, levels)  # (r, groups, K, group)
+    best = _weighted(r_all, weight, s_all).argmin(-1, keepdim=True)  # (r, groups, 1)
+    del r_all
+    s, m = s_all.gather(-1, best).squeeze(-1), m_all.gather(-1, best).squeeze(-1)
     codes, r = codes_and_residual(x, s, m, levels)
-    return codes.to(torch.uint8), s, m, r.square_().sum(-1) * s.square()
+    s2, m2 = _least_squares(x, codes, importance, s, m)
+    codes2, r2 = codes_and_residual(x, s2, m2, levels)
+    better = _weighted(r2, importance, s2) < _weighted(r, importance, s)  # (r, groups)
+    keep = better.unsqueeze(-1)
+    codes, r = torch.where(keep, codes2, codes), torch.where(keep, r2, r)
+    s, m = torch.where(better, s2, s), torch.where(better, m2, m)
+    return codes.to(torch.uint8), s, m, _weighted(r, None, s)
