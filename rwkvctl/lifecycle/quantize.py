@@ -92,7 +92,7 @@ def quantize_checkpoint(
                 _check_vocabulary(src, meta.model.vocab_size, tokens, what)
             spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
             importance = _importance(src, calib_tokens) if calib_tokens else None
-            weights = _LazyWeights(lazy, names, lambda name: spec.bits_for(name) is None)
+            weights = _LazyWeights(lazy, names)
             plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance)
         meta.extra["quantization"] = quantization_record(spec, src.name, calibrated=bool(calib_tokens))
         write_quantized(dst, plain, packed, meta)
@@ -127,16 +127,15 @@ def _checked_source(lazy: LazyCheckpoint) -> tuple[CheckpointMeta, dict[str, str
 
 
 class _LazyWeights(Mapping[str, Tensor]):
-    """The source's tensors by bare name, each read only when asked for; those `kept(name)` (stored as they are)
-    are checked for NaN/Inf here, the quantized ones by their scheme as it reads them (one pass, not two)."""
+    """The source's tensors by bare name, each read only when asked for, and refused with NaN/Inf values as every
+    loader refuses them (`check_finite`)."""
 
-    def __init__(self, lazy: LazyCheckpoint, names: dict[str, str], kept: Callable[[str], bool]) -> None:
-        self.lazy, self.names, self.kept = lazy, names, kept
+    def __init__(self, lazy: LazyCheckpoint, names: dict[str, str]) -> None:
+        self.lazy, self.names = lazy, names
 
     def __getitem__(self, name: str) -> Tensor:
         t = self.lazy.read(self.names[name])
-        if self.kept(name):
-            check_finite({name: t}, self.lazy.path)
+        check_finite({name: t}, self.lazy.path)
         return t
 
     def __iter__(self) -> Iterator[str]:
