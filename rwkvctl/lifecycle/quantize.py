@@ -217,7 +217,7 @@ def estimate_quantized_size(
 ) -> SizeEstimate:
     """The exact size of `quantize`'s output for `spec`, without reading or making any weight: for a checkpoint
     `src` (its header only), or for a preset as `rwkvctl init --preset NAME --dtype DTYPE` writes it to
-    `rwkv-NAME.pth` (the file name and metadata enter the header: another name changes the size by a few bytes)."""
+    `NAME.pth` (the file name and metadata enter the header: another name changes the size by a few bytes)."""
     if (src is None) == (preset_name is None):
         raise ConfigError("estimate the output size of either a checkpoint or a --preset, not both or neither")
     if src is not None:
@@ -231,7 +231,7 @@ def estimate_quantized_size(
         shapes = arch_of(cfg).param_shapes(cfg)
         placeholders = {k: torch.empty(s, dtype=torch_dtype, device="meta") for k, s in shapes.items()}
         meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=INIT_SCHEMES[0], extra={"seed": 0})
-        source = f"rwkv-{preset_name}.pth"
+        source = f"{preset_name}.pth"
     spec = replace(spec, architecture=meta.model.architecture)
     meta.extra["quantization"] = quantization_record(spec, source, calibrated=calibrated)
     kinds = {name: quantizable_kind(name, spec.architecture) or "block" for name in placeholders}

@@ -68,7 +68,7 @@ def test_estimate_with_calibration_equals_the_written_size(random_model, tmp_pat
 
 
 def test_preset_estimate_equals_init_then_quantize(tmp_path: Path) -> None:
-    src = create_checkpoint(tmp_path / "rwkv-tiny.pth", preset("tiny")).path
+    src = create_checkpoint(tmp_path / "tiny.pth", preset("tiny")).path
     spec = QuantSpec(group=128, embed_bits=4)
     out = quantize_checkpoint(src, tmp_path / "q.safetensors", spec)
     assert estimate_quantized_size(spec, preset_name="tiny", dtype="fp32").bytes == out.output_bytes
