@@ -19,7 +19,11 @@ from rwkvctl.cli._common import app, fail, handles_errors
 def lm_eval_command(ctx: typer.Context) -> None:
     """Run lm-evaluation-harness on an rwkvctl checkpoint: every argument goes to `lm_eval`, e.g.
     `rwkvctl lm-eval --model rwkvctl --model_args path=MODEL.pth,dtype=bf16 --tasks lambada_openai`
-    (model_args: path, tokenizer, dtype, device, keep_quantized, chunk_len; --batch_size batches generate_until)."""
+    (model_args: path, tokenizer, dtype, device, keep_quantized, chunk_len; --batch_size batches generate_until).
+    `rwkvctl lm-eval run --help` shows lm-eval's own options."""
+    if not ctx.args or ctx.args in (["--help"], ["-h"]):
+        typer.echo(ctx.get_help())
+        return
     try:
         import lm_eval.__main__ as harness_cli
 
