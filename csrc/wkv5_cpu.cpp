@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "static_switch.h"
 #include "wkv5.h"
 
@@ -55,22 +56,6 @@ namespace rwkvctl::cpu_avx512 {
 
 namespace rwkvctl {
 namespace {
-
-// 0 = baseline, 1 = AVX2+FMA, 2 = AVX-512. RWKVCTL_CPU_ISA=default|avx2|avx512 caps it (tests, debugging).
-int cpu_isa_level() {
-  int hw = 0;
-#ifdef WKV5_X86_VARIANTS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) hw = 1;
-  if (hw == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) hw = 2;
-#endif
-  const char* env = std::getenv("RWKVCTL_CPU_ISA");
-  if (env == nullptr || *env == '\0') return hw;
-  if (std::strcmp(env, "default") == 0) return 0;
-  if (std::strcmp(env, "avx2") == 0) return hw < 1 ? hw : 1;
-  if (std::strcmp(env, "avx512") == 0) return hw;
-  TORCH_CHECK(false, "RWKVCTL_CPU_ISA must be default, avx2 or avx512, got '", env, "'");
-}
 
 #ifdef WKV5_X86_VARIANTS
 #define WKV5_PICK(fn, N, level) \

@@ -1,4 +1,4 @@
-"""Finding, compiling and loading the WKV5 extension (csrc/) with torch.utils.cpp_extension and ninja.
+"""Finding, compiling and loading the extension of rwkvctl's CPU/CUDA ops (csrc/: WKV5, the packed-weight matmul) with torch.utils.cpp_extension and ninja.
 
 Nothing here runs at import time: `load_extension()` builds on first use, caches the result for the
 process, and keeps the compiled library in a directory keyed by a hash of the sources, the flags and the
@@ -24,9 +24,9 @@ from rwkvctl.errors import BuildLockTimeout, KernelUnavailable
 
 log = logging.getLogger("rwkvctl.kernels")
 
-CPU_SOURCES = ("wkv5_op.cpp", "wkv5_cpu.cpp")
+CPU_SOURCES = ("wkv5_op.cpp", "wkv5_cpu.cpp", "qmm_cpu.cpp")
 CUDA_SOURCES = ("cuda/wkv5_cuda.cu",)
-HEADERS = ("wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h", "cuda/wkv5_kernels.cuh")
+HEADERS = ("wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h", "cpu_isa.h", "cuda/wkv5_kernels.cuh")
 # Plain -O3 keeps the binary portable; wkv5_cpu.cpp adds AVX2/AVX-512 variants chosen at run time.
 # -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime.
 CXX_FLAGS = ("-O3", "-fopenmp-simd")

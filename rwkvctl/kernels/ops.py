@@ -1,4 +1,5 @@
-"""Python half of the `rwkvctl::wkv5_fwd` / `rwkvctl::wkv5_bwd` ops: fake kernels and autograd.
+"""Python half of the `rwkvctl::wkv5_fwd` / `rwkvctl::wkv5_bwd` ops (fake kernels and autograd) and the fake kernel
+of `rwkvctl::group_affine_mm` (rwkvctl/kernels/qmm.py).
 
 The schema and the CPU/CUDA kernels are defined in C++ (csrc/wkv5_op.cpp); this module adds the
 fake (meta) implementations that torch.compile needs and the autograd formula (the extension-cpp
@@ -20,6 +21,7 @@ def register_python_parts() -> None:
         return
     torch.library.register_fake("rwkvctl::wkv5_fwd")(_wkv5_fwd_fake)
     torch.library.register_fake("rwkvctl::wkv5_bwd")(_wkv5_bwd_fake)
+    torch.library.register_fake("rwkvctl::group_affine_mm")(_group_affine_mm_fake)
     torch.library.register_autograd("rwkvctl::wkv5_fwd", _wkv5_backward, setup_context=_wkv5_setup_context)
     torch.library.register_autograd("rwkvctl::wkv5_bwd", _no_double_backward, setup_context=_no_context)
     _registered = True
@@ -42,6 +44,12 @@ def _wkv5_bwd_fake(
         u.new_empty(H, N),
         s_in.new_empty(B, H, N, N, dtype=torch.float32),
     )
+
+
+def _group_affine_mm_fake(
+    x: Tensor, qtiles: Tensor, scale: Tensor, minimum: Tensor, out: int, bits: int, group: int
+) -> Tensor:
+    return x.new_empty(x.shape[0], out, dtype=torch.float32)
 
 
 def _wkv5_setup_context(ctx, inputs, output) -> None:

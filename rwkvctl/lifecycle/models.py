@@ -95,7 +95,7 @@ def load_model(
         state_dict, meta = load_checkpoint_expanded(path)
         return model_from_state_dict(state_dict, meta.model, dtype=dtype, device=device), meta
     state_dict, packed, meta = load_checkpoint_packed(path)
-    from rwkvctl.quant.linear import use_packed_weights
+    from rwkvctl.quant.linear import prepare_packed, use_packed_weights
 
     linear = {k: w for k, w in packed.items() if k != "emb.weight"}
     placeholders = {k: torch.empty(w.shape, dtype=w.dtype, device="meta") for k, w in linear.items()}
@@ -105,7 +105,9 @@ def load_model(
         model = build_model(meta.model)
     model.load_state_dict({**state_dict, **placeholders}, assign=True)
     use_packed_weights(model, linear)  # replaces every placeholder before anything touches it
-    return model.to(device=device, dtype=dtype).eval(), meta
+    model = model.to(device=device, dtype=dtype).eval()
+    prepare_packed(model)  # repacks for the compiled matmul where it runs, once, before the first token
+    return model, meta
 
 
 def model_from_state_dict(

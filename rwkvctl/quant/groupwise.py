@@ -171,6 +171,10 @@ class GroupAffine(Scheme):
     def describe(self, params: Params) -> str:
         return f"{params['bits']}-bit, group {params['group']}"
 
+    def affine_view(self, stored: dict[str, Tensor], params: Params) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """The stored form as the packed-weight kernel takes it (rwkvctl/quant/linear.py): here, the form itself."""
+        return stored["qweight"], stored["scale"], stored["min"], params["bits"], params["group"]
+
 
 def _grouped_matmul(x: Tensor, codes: Tensor, scale: Tensor, minimum: Tensor, params: Params) -> Tensor:
     """x @ W.T without building W: `from_codes` summed over a group's dot product is

@@ -1,14 +1,33 @@
-"""Packed weights at run time: QuantLinear, a Linear layer that keeps its weight in a scheme's stored form."""
+"""Packed weights at run time: QuantLinear, a Linear layer that keeps its weight in a scheme's stored form.
+
+A weight whose scheme offers `affine_view(stored, params) -> (qweight, scale, min, bits, group)` (group-affine
+codes: GroupAffine, and any scheme that can present itself so) is multiplied by the compiled kernel
+(rwkvctl/kernels/qmm.py) for inputs of up to FAST_ROWS_MAX rows on the CPU: `prepare()` repacks it once into the
+kernel's tiles, which then replace the stored tensors; from then on the layer is group-affine (`stored()` unpacks
+the tiles on demand, many-row inputs use GroupAffine's matmul). Everything else, and
+every weight when the kernel cannot run here (RWKVCTL_QMM, one notice), uses the scheme's own `matmul`, the reference.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from rwkvctl.quant.schemes import PackedWeight
+from rwkvctl.kernels import qmm
+from rwkvctl.quant import groupwise
+from rwkvctl.quant.schemes import PackedWeight, Scheme, get_scheme
 
 # same-width integer dtypes that floating stored tensors are kept as (see QuantLinear.__init__)
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# inputs of at most this many rows (RNN steps, small batches) take the kernel; prompts expand a block and GEMM
+FAST_ROWS_MAX = 16
+AffineView = tuple[Tensor, Tensor, Tensor, int, int]  # qweight, scale, min, bits, group
+
+
+def affine_view(scheme: Scheme, stored: dict[str, Tensor], params: dict) -> AffineView | None:
+    """The weight as group-affine tensors if its scheme can present it so (the contract the kernel consumes)."""
+    view = getattr(scheme, "affine_view", None)
+    return None if view is None else view(stored, params)
 
 
 class QuantLinear(nn.Module):
@@ -31,9 +50,38 @@ class QuantLinear(nn.Module):
             else:
                 self.register_buffer(name, t)
         self.rows_per_block = max(1, self.ROWS_PER_BLOCK_BYTES // (4 * self.in_features))
+        self._tiles_form: tuple[int, int] | None = None  # (bits, group) once prepare() repacked the weight
+        self._fast: bool | None = None  # decided by the first prepare()
+
+    def prepare(self) -> bool:
+        """Repack the weight for the compiled kernel if it can run here (once; on the CPU). True if it will be used."""
+        if self._fast is not None:
+            return self._fast
+        view = affine_view(self.scheme, self.stored(), self.params)
+        device = next(self.buffers()).device
+        self._fast = view is not None and qmm.usable(view[3], view[4], self.in_features, device)
+        if self._fast and view is not None:
+            tiles = qmm.pack(*view)
+            for name in self.scheme.tensor_names:  # the tiles replace the stored form: memory of one copy
+                delattr(self, name if name not in self._float_dtypes else f"{name}_bits")
+            self.register_buffer("qtiles", tiles.codes)
+            self.register_buffer("scale_tiles", tiles.scale)  # int16 bits: model.to(dtype) leaves them alone
+            self.register_buffer("min_tiles", tiles.minimum)
+            self._tiles_form = (tiles.bits, tiles.group)
+            # from now on the weight is group-affine whatever scheme stored it: many-row inputs use that reference
+            self.scheme, self.params = get_scheme(groupwise.NAME), {"bits": tiles.bits, "group": tiles.group}
+        return self._fast
+
+    def _tiles(self) -> qmm.Tiles:
+        assert self._tiles_form is not None
+        bits, group = self._tiles_form
+        return qmm.Tiles(self.qtiles, self.scale_tiles, self.min_tiles, self.out_features, bits, group)
 
     def stored(self) -> dict[str, Tensor]:
-        """The scheme's stored tensors, in their own dtypes (views of the buffers)."""
+        """The scheme's stored tensors, in their own dtypes (views of the buffers, or unpacked from the tiles)."""
+        if self._tiles_form is not None:
+            qweight, scale, minimum = qmm.unpack(self._tiles())  # prepare() made the scheme group-affine
+            return {"qweight": qweight, "scale": scale, "min": minimum}
         out = {}
         for name in self.scheme.tensor_names:
             dtype = self._float_dtypes.get(name)
@@ -42,6 +90,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)  # (..., in) -> (n, in)
+        if rows.shape[0] <= FAST_ROWS_MAX and rows.device.type == "cpu" and self.prepare():
+            return qmm.matmul(rows, self._tiles()).to(x.dtype).view(*x.shape[:-1], self.out_features)
         stored = self.stored()
         parts = [
             self.scheme.matmul(rows, stored, self.params, slice(a, a + self.rows_per_block))
@@ -73,3 +123,9 @@ def use_packed_weights(model: nn.Module, packed: dict[str, PackedWeight]) -> lis
         setattr(parent, child, QuantLinear(weight))
         swapped.append(name)
     return swapped
+
+
+def prepare_packed(model: nn.Module) -> int:
+    """Repack every QuantLinear of `model` for the compiled kernel where it runs (call after moving the model to its
+    device; otherwise each layer does it at its first small-batch call). Returns how many will use the kernel."""
+    return sum(m.prepare() for m in model.modules() if isinstance(m, QuantLinear))

@@ -1,0 +1,32 @@
+// The instruction-set level a CPU kernel may use, shared by every CPU op of the extension.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RWKVCTL_X86_VARIANTS 1
+#endif
+
+namespace rwkvctl {
+
+// 0 = baseline, 1 = AVX2+FMA(+F16C), 2 = AVX-512 (F+VL). RWKVCTL_CPU_ISA=default|avx2|avx512 caps it (tests,
+// debugging).
+inline int cpu_isa_level() {
+  int hw = 0;
+#ifdef RWKVCTL_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) hw = 1;
+  if (hw == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) hw = 2;
+#endif
+  const char* env = std::getenv("RWKVCTL_CPU_ISA");
+  if (env == nullptr || *env == '\0') return hw;
+  if (std::strcmp(env, "default") == 0) return 0;
+  if (std::strcmp(env, "avx2") == 0) return hw < 1 ? hw : 1;
+  if (std::strcmp(env, "avx512") == 0) return hw;
+  TORCH_CHECK(false, "RWKVCTL_CPU_ISA must be default, avx2 or avx512, got '", env, "'");
+}
+
+}  // namespace rwkvctl

@@ -1,0 +1,320 @@
+// CPU implementation of rwkvctl::group_affine_mm: x @ W.T with W in group-affine form (rwkvctl/quant/groupwise.py:
+// W[o, k] = code[o, k] * scale[o, k / group] + min[o, k / group]), read straight from a tiled copy of the codes made
+// once at load time (rwkvctl/kernels/qmm.py `pack`), never expanded.
+//
+// Tiled layout: output rows in tiles of 16 (the last one padded with zero codes and zero scales).
+//   8 bits: per tile, per input pair p: 32 bytes, byte 2j+t = code(row j, input 2p+t)           -> (tiles, 16 * in)
+//   4 bits: per tile, per input quad q: 32 bytes, byte 2j+t = code(row j, 4q+t) | code(row j, 4q+2+t) << 4
+//                                                                                               -> (tiles, 8 * in)
+//   scale, min: (tiles, groups, 16) fp16 bits (int16 storage, so model.to(dtype) leaves them alone)
+// So 32 bytes widened to 16-bit lanes hold, for 16 output rows, the codes of two neighbouring inputs side by side:
+// one `vpmaddwd` / `vpdpwssd` against the two inputs' values (broadcast) gives 16 partial dot products.
+//
+// Activations: per call each row of x is cut into the weight's groups and each group rounded to int16 with its own
+// scale (max |x| / 32767): a relative error under 2^-16 of the group's largest input, far below fp16/bf16 rounding
+// (2^-11 / 2^-8), while the products become exact int32 arithmetic. Per group the int32 sums are scaled by
+// weight scale * activation scale; min * sum(x) (the exact fp32 sum) adds the offsets.
+//
+// Instruction sets: AVX-512BW (with VNNI where the CPU has it), AVX2, and a portable loop over the same layout.
+// The integer sums are identical in all three; only the fp32 order of the per-group scaling differs.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_isa.h"
+
+#ifdef RWKVCTL_X86_VARIANTS
+#include <immintrin.h>
+#endif
+
+namespace rwkvctl {
+namespace {
+
+constexpr int kTile = 16;  // output rows per tile
+
+struct Prepared {
+  int64_t n, in, out, tiles, group, groups, bits;
+  const int16_t* xq;    // (n, in) activations as int16
+  const float* xscale;  // (n, groups)
+  const float* xsum;    // (n, groups): exact fp32 sums of x over each group
+  const uint8_t* q;     // (tiles, tile_bytes)
+  const uint16_t* scale;  // (tiles, groups, 16) fp16 bits
+  const uint16_t* minimum;
+  float* y;  // (n, tiles * 16)
+  int64_t tile_bytes() const { return kTile * in * bits / 8; }
+};
+
+inline float half_to_float(uint16_t h) { return float(c10::Half(h, c10::Half::from_bits())); }
+
+// Portable: the same arithmetic one lane at a time. Tiles [t0, t1), all input rows.
+void tiles_portable(const Prepared& p, int64_t t0, int64_t t1) {
+  const int64_t gbytes = kTile * p.group * p.bits / 8;  // bytes of one group in a tile
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = p.q + t * p.tile_bytes();
+    for (int64_t r = 0; r < p.n; ++r) {
+      const int16_t* x = p.xq + r * p.in;
+      float total[kTile] = {};
+      for (int64_t g = 0; g < p.groups; ++g) {
+        int32_t acc[kTile] = {};
+        const uint8_t* qg = qt + g * gbytes;
+        const int64_t k0 = g * p.group;
+        for (int64_t b = 0; b < gbytes; b += 32) {  // 32 bytes: 2 inputs (8 bits) or 4 inputs (4 bits)
+          for (int j = 0; j < kTile; ++j) {
+            for (int u = 0; u < 2; ++u) {
+              const int32_t c = qg[b + 2 * j + u];
+              if (p.bits == 8) {
+                acc[j] += c * x[k0 + b / 16 + u];
+              } else {
+                acc[j] += (c & 15) * x[k0 + b / 8 + u] + (c >> 4) * x[k0 + b / 8 + 2 + u];
+              }
+            }
+          }
+        }
+        const int64_t sg = (t * p.groups + g) * kTile;
+        const float xs = p.xscale[r * p.groups + g], sum = p.xsum[r * p.groups + g];
+        for (int j = 0; j < kTile; ++j) {
+          total[j] += float(acc[j]) * (half_to_float(p.scale[sg + j]) * xs) + half_to_float(p.minimum[sg + j]) * sum;
+        }
+      }
+      std::memcpy(p.y + r * p.tiles * kTile + t * kTile, total, sizeof(total));
+    }
+  }
+}
+
+#ifdef RWKVCTL_X86_VARIANTS
+inline int32_t pair_at(const int16_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return v;
+}
+
+// AVX-512BW: 16 output rows per zmm. NR input rows share each widened code vector (2 NR + 6 registers).
+template <int BITS, int NR, bool VNNI>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void tiles_avx512(
+    const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+  const int64_t gbytes = kTile * p.group * BITS / 8;
+  const __m512i low4 = _mm512_set1_epi16(15);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = p.q + t * p.tile_bytes();
+    __m512 total[NR];
+    for (int r = 0; r < NR; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m512i acc[NR];
+      for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+      const uint8_t* qg = qt + g * gbytes;
+      const int16_t* xg = p.xq + r0 * p.in + g * p.group;
+      for (int64_t b = 0; b < gbytes; b += 32) {
+        const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b)));
+        if constexpr (BITS == 8) {
+          for (int r = 0; r < NR; ++r) {
+            const __m512i xv = _mm512_set1_epi32(pair_at(xg + r * p.in + b / 16));
+            acc[r] = VNNI ? _mm512_dpwssd_epi32(acc[r], codes, xv)
+                          : _mm512_add_epi32(acc[r], _mm512_madd_epi16(codes, xv));
+          }
+        } else {
+          const __m512i lo = _mm512_and_si512(codes, low4), hi = _mm512_srli_epi16(codes, 4);
+          for (int r = 0; r < NR; ++r) {
+            const int16_t* x = xg + r * p.in + b / 8;
+            const __m512i xl = _mm512_set1_epi32(pair_at(x)), xh = _mm512_set1_epi32(pair_at(x + 2));
+            if constexpr (VNNI) {
+              acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[r], lo, xl), hi, xh);
+            } else {
+              acc[r] = _mm512_add_epi32(acc[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xl), _mm512_madd_epi16(hi, xh)));
+            }
+          }
+        }
+      }
+      const int64_t sg = (t * p.groups + g) * kTile;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + sg)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimum + sg)));
+      for (int r = 0; r < NR; ++r) {
+        const int64_t rg = (r0 + r) * p.groups + g;
+        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(p.xscale[rg]));
+        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), sx, total[r]);
+        total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsum[rg]), total[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.tiles * kTile + t * kTile, total[r]);
+  }
+}
+
+// AVX2: a tile as two halves of 8 rows (2 ymm per input row); NR input rows (4 NR + 5 of 16 registers).
+template <int BITS, int NR>
+__attribute__((target("avx2,fma,f16c"))) void tiles_avx2(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+  const int64_t gbytes = kTile * p.group * BITS / 8;
+  const __m256i low4 = _mm256_set1_epi16(15);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = p.q + t * p.tile_bytes();
+    __m256 total[NR][2];
+    for (int r = 0; r < NR; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m256i acc[NR][2];
+      for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      const uint8_t* qg = qt + g * gbytes;
+      const int16_t* xg = p.xq + r0 * p.in + g * p.group;
+      for (int64_t b = 0; b < gbytes; b += 32) {
+        for (int h = 0; h < 2; ++h) {  // bytes 0..15: rows 0..7, bytes 16..31: rows 8..15
+          const __m256i codes =
+              _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + b + 16 * h)));
+          if constexpr (BITS == 8) {
+            for (int r = 0; r < NR; ++r) {
+              const __m256i xv = _mm256_set1_epi32(pair_at(xg + r * p.in + b / 16));
+              acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(codes, xv));
+            }
+          } else {
+            const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_srli_epi16(codes, 4);
+            for (int r = 0; r < NR; ++r) {
+              const int16_t* x = xg + r * p.in + b / 8;
+              const __m256i xl = _mm256_set1_epi32(pair_at(x)), xh = _mm256_set1_epi32(pair_at(x + 2));
+              acc[r][h] = _mm256_add_epi32(acc[r][h],
+                                           _mm256_add_epi32(_mm256_madd_epi16(lo, xl), _mm256_madd_epi16(hi, xh)));
+            }
+          }
+        }
+      }
+      const int64_t sg = (t * p.groups + g) * kTile;
+      for (int h = 0; h < 2; ++h) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scale + sg + 8 * h)));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.minimum + sg + 8 * h)));
+        for (int r = 0; r < NR; ++r) {
+          const int64_t rg = (r0 + r) * p.groups + g;
+          const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(p.xscale[rg]));
+          total[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), sx, total[r][h]);
+          total[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(p.xsum[rg]), total[r][h]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      float* y = p.y + (r0 + r) * p.tiles * kTile + t * kTile;
+      _mm256_storeu_ps(y, total[r][0]);
+      _mm256_storeu_ps(y + 8, total[r][1]);
+    }
+  }
+}
+
+using TilesFn = void (*)(const Prepared&, int64_t, int64_t, int64_t);
+
+// 0 portable, 1 AVX2, 2 AVX-512BW, 3 AVX-512BW + VNNI (capped by RWKVCTL_CPU_ISA like the WKV5 kernels).
+int qmm_level() {
+  const int level = cpu_isa_level();
+  if (level < 2) return level;
+  if (!__builtin_cpu_supports("avx512bw")) return 1;
+  return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+}
+
+template <int BITS, int NR>
+TilesFn pick_nr(int level) {
+  if (level == 3) return &tiles_avx512<BITS, NR, true>;
+  if (level == 2) return &tiles_avx512<BITS, NR, false>;
+  return &tiles_avx2<BITS, NR <= 2 ? NR : 2>;
+}
+
+// The kernel for the next `rows` input rows and how many of them it takes.
+template <int BITS>
+TilesFn pick(int level, int64_t rows, int* taken) {
+  if (level >= 2) {
+    *taken = rows >= 8 ? 8 : rows >= 4 ? 4 : rows >= 2 ? 2 : 1;
+    switch (*taken) {
+      case 8: return pick_nr<BITS, 8>(level);
+      case 4: return pick_nr<BITS, 4>(level);
+      case 2: return pick_nr<BITS, 2>(level);
+      default: return pick_nr<BITS, 1>(level);
+    }
+  }
+  *taken = rows >= 2 ? 2 : 1;
+  return *taken == 2 ? pick_nr<BITS, 2>(level) : pick_nr<BITS, 1>(level);
+}
+#endif
+
+void run_tiles(const Prepared& p, int level, int64_t t0, int64_t t1) {
+#ifdef RWKVCTL_X86_VARIANTS
+  if (level >= 1) {
+    for (int64_t r0 = 0; r0 < p.n;) {
+      int taken = 1;
+      const TilesFn fn = p.bits == 4 ? pick<4>(level, p.n - r0, &taken) : pick<8>(level, p.n - r0, &taken);
+      fn(p, t0, t1, r0);
+      r0 += taken;
+    }
+    return;
+  }
+#endif
+  tiles_portable(p, t0, t1);
+}
+
+// Each run of `group` values of x (all rows one after another) -> int16 codes, its scale (max |x| / 32767, 1 for an
+// all-zero group) and its exact fp32 sum.
+void quantize_activations(const float* x, int64_t runs, int64_t group, int16_t* xq, float* xscale, float* xsum) {
+  for (int64_t g = 0; g < runs; ++g) {
+    const float* v = x + g * group;
+    float peak = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < group; ++i) peak = std::max(peak, std::fabs(v[i])), sum += v[i];
+    const float scale = peak > 0.f ? peak / 32767.f : 1.f, inv = 1.f / scale;
+    for (int64_t i = 0; i < group; ++i) {
+      const float c = std::clamp(std::nearbyint(v[i] * inv), -32767.f, 32767.f);
+      xq[g * group + i] = c == c ? static_cast<int16_t>(c) : 0;  // NaN: the sum below carries it to the output
+    }
+    xscale[g] = scale;
+    xsum[g] = sum;
+  }
+}
+
+at::Tensor group_affine_mm_cpu(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& scale,
+                               const at::Tensor& minimum, int64_t out, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 4 || bits == 8, "group_affine_mm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "group_affine_mm: x must be (n, in) float, got ",
+              x.sizes(), " ", x.scalar_type());
+  const int64_t n = x.size(0), in = x.size(1), tiles = (out + kTile - 1) / kTile;
+  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0, "group_affine_mm: group ", group,
+              " must divide in=", in, " and be a multiple of ", bits == 4 ? 4 : 2);
+  TORCH_CHECK(qtiles.dim() == 2 && qtiles.scalar_type() == at::kByte && qtiles.size(0) == tiles &&
+                  qtiles.size(1) == kTile * in * bits / 8 && qtiles.is_contiguous(),
+              "group_affine_mm: qtiles must be contiguous (", tiles, ", ", kTile * in * bits / 8, ") uint8, got ",
+              qtiles.sizes(), " ", qtiles.scalar_type());
+  const int64_t groups = in / group;
+  for (const at::Tensor* t : {&scale, &minimum}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTile &&
+                    t->element_size() == 2 && t->is_contiguous(),
+                "group_affine_mm: scale and min tiles must be contiguous (", tiles, ", ", groups, ", 16) fp16 bits, got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&x, &qtiles, &scale, &minimum}) {
+    TORCH_CHECK(t->device().is_cpu(), "group_affine_mm: all inputs must be on the CPU");
+  }
+  at::Tensor y = at::empty({n, tiles * kTile}, x.options().dtype(at::kFloat));
+  if (n == 0 || out == 0) return y.narrow(1, 0, out);
+  // activations, each group rounded to int16 on its own scale: a plain loop, as a chain of ATen ops would cost
+  // more than the matmul of a small layer
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();  // (n, in)
+  at::Tensor xq = at::empty({n, in}, x.options().dtype(at::kShort));
+  at::Tensor xscale = at::empty({n, groups}, x.options().dtype(at::kFloat));
+  at::Tensor xsum = at::empty({n, groups}, x.options().dtype(at::kFloat));
+  quantize_activations(x32.data_ptr<float>(), n * groups, group, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
+                       xsum.data_ptr<float>());
+
+  Prepared p{n, in, out, tiles, group, groups, bits, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
+             xsum.data_ptr<float>(), qtiles.data_ptr<uint8_t>(),
+             reinterpret_cast<const uint16_t*>(scale.data_ptr()), reinterpret_cast<const uint16_t*>(minimum.data_ptr()),
+             y.data_ptr<float>()};
+  const int level = qmm_level();
+  // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / p.tile_bytes());
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run_tiles(p, level, t0, t1); });
+  return tiles * kTile == out ? y : y.narrow(1, 0, out).contiguous();
+}
+
+int64_t group_affine_level() { return qmm_level(); }
+
+}  // namespace
+}  // namespace rwkvctl
+
+TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
+  m.def("group_affine_mm(Tensor x, Tensor qtiles, Tensor scale, Tensor min, int out, int bits, int group) -> Tensor");
+  m.def("group_affine_level() -> int", &rwkvctl::group_affine_level);
+}
+
+TORCH_LIBRARY_IMPL(rwkvctl, CPU, m) { m.impl("group_affine_mm", &rwkvctl::group_affine_mm_cpu); }

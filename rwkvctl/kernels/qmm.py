@@ -1,0 +1,153 @@
+"""The packed-weight matmul `rwkvctl::group_affine_mm` (csrc/qmm_cpu.cpp): x @ W.T for a group-affine weight
+(W[o, k] = code * scale + min per group of `group` inputs, 4- or 8-bit codes) without expanding W.
+
+The kernel reads its own tiled copy of the codes, made once by `pack` (16 output rows side by side, so one widened
+vector of codes meets a broadcast pair of activations); see the layout in csrc/qmm_cpu.cpp. Activations are rounded
+per group to int16 inside the kernel (relative error < 2^-16 of the group's largest value) so the products are exact
+integer sums: AVX-512 VNNI / AVX-512BW / AVX2 picked at run time, a portable loop otherwise. `unpack` inverts
+`pack`, so a module that keeps only the tiles can still hand out the stored form.
+
+RWKVCTL_QMM=auto|compiled|reference picks the backend (`usable`). Where the op exists: the rwkvctl extension (rwkvctl/kernels/build.py) built and loaded, CPU tensors, bits 4 or 8,
+`group` a multiple of 4 (of 2 at 8 bits) dividing the row and at most MAX_GROUP_8BIT at 8 bits (int32 sums).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rwkvctl import native_build
+from rwkvctl.errors import KernelUnavailable
+
+TILE = 16  # output rows per tile (csrc/qmm_cpu.cpp kTile)
+MAX_GROUP_8BIT = 512  # 256 pairs of 255 * 32767 still fit an int32 lane
+LEVELS = ("portable", "avx2", "avx512bw", "avx512vnni")  # rwkvctl::group_affine_level()
+log = logging.getLogger("rwkvctl.kernels")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A weight in the kernel's layout: codes (tiles, 16 * in * bits / 8) uint8, scale and min (tiles, groups, 16)
+    as int16 holding fp16 bits."""
+
+    codes: Tensor
+    scale: Tensor
+    minimum: Tensor
+    out: int
+    bits: int
+    group: int
+
+
+def supports(bits: int, group: int, in_features: int) -> str | None:
+    """None if the kernel takes a weight of this form, else why not (a short phrase)."""
+    if bits not in (4, 8):
+        return f"{bits}-bit codes"
+    step = 4 if bits == 4 else 2
+    if group % step or in_features % group:
+        return f"groups of {group} (the kernel needs a multiple of {step} dividing the row)"
+    if bits == 8 and group > MAX_GROUP_8BIT:
+        return f"8-bit groups over {MAX_GROUP_8BIT}"
+    return None
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    return F.pad(t, (0, 0, 0, rows - t.shape[0])) if rows > t.shape[0] else t
+
+
+def pack(qweight: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tiles:
+    """The stored group-affine tensors (qweight (out, in * bits / 8) uint8, two 4-bit codes per byte with the low
+    nibble first; scale, min (out, in / group) fp16) -> the kernel's tiles."""
+    out = qweight.shape[0]
+    tiles = -(-out // TILE)
+    rows = tiles * TILE
+    if bits == 8:
+        cols = qweight.shape[1]
+        codes = _pad_rows(qweight, rows).view(tiles, TILE, cols // 2, 2)  # (out, in) -> (tiles, 16, pairs, 2)
+        packed = codes.permute(0, 2, 1, 3)  # -> (tiles, pairs, 16, 2)
+    else:
+        cols = qweight.shape[1] * 2
+        low, high = qweight & 0x0F, qweight >> 4
+        codes = torch.stack((low, high), -1).view(out, cols)  # (out, in/2) -> (out, in/2, 2) -> (out, in)
+        quads = _pad_rows(codes, rows).view(tiles, TILE, cols // 4, 2, 2)  # input 4q + 2h + t -> [.., q, h, t]
+        packed = (quads[..., 0, :] | (quads[..., 1, :] << 4)).permute(0, 2, 1, 3)  # (tiles, quads, 16, 2)
+    packed = packed.contiguous().view(tiles, -1)
+
+    def per_tile(t: Tensor) -> Tensor:  # (out, groups) fp16 -> (tiles, groups, 16) int16 bits
+        padded = _pad_rows(t.to(torch.float16), rows).view(tiles, TILE, -1)
+        return padded.transpose(1, 2).contiguous().view(torch.int16)
+
+    return Tiles(packed, per_tile(scale), per_tile(minimum), out, bits, group)
+
+
+def unpack(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor]:
+    """`pack` inverted: (qweight, scale, min) in the stored form."""
+    n_tiles, rows = tiles.codes.shape[0], tiles.codes.shape[0] * TILE
+    if tiles.bits == 8:
+        packed = tiles.codes.view(n_tiles, -1, TILE, 2).permute(0, 2, 1, 3)  # (tiles, pairs, 16, 2) -> rows first
+        qweight = packed.reshape(rows, -1)[: tiles.out]
+    else:
+        packed = tiles.codes.view(n_tiles, -1, TILE, 2).permute(0, 2, 1, 3)  # (tiles, 16, quads, 2)
+        quads = torch.stack((packed & 0x0F, packed >> 4), -2)  # (tiles, 16, quads, h, t): input 4q + 2h + t
+        codes = quads.reshape(rows, -1)[: tiles.out]
+        qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+    def per_row(t: Tensor) -> Tensor:  # (tiles, groups, 16) int16 bits -> (out, groups) fp16
+        return t.view(torch.float16).transpose(1, 2).reshape(rows, -1)[: tiles.out].contiguous()
+
+    return qweight.contiguous(), per_row(tiles.scale), per_row(tiles.minimum)
+
+
+def matmul(x: Tensor, tiles: Tiles) -> Tensor:
+    """x (n, in) of any float dtype and strides @ W.T -> (n, out) fp32. Needs the extension loaded."""
+    return torch.ops.rwkvctl.group_affine_mm(
+        x, tiles.codes, tiles.scale, tiles.minimum, tiles.out, tiles.bits, tiles.group
+    )
+
+
+def level() -> str:
+    """The instruction set the kernel runs with on this CPU (after RWKVCTL_CPU_ISA)."""
+    return LEVELS[torch.ops.rwkvctl.group_affine_level()]
+
+
+_MODES = ("auto", "compiled", "reference")
+_warned: set[str] = set()
+
+
+def backend_mode() -> str:
+    """The RWKVCTL_QMM setting: auto (the kernel where it runs, else the reference with one notice), compiled (fail
+    instead of falling back) or reference (always the scheme's own matmul)."""
+    return native_build.choice("QMM", _MODES, KernelUnavailable)
+
+
+def _fallback(reason: str, mode: str) -> bool:
+    if mode == "compiled":
+        raise KernelUnavailable(f"RWKVCTL_QMM=compiled but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("packed weights: using the slower reference matmul because %s", reason)
+    return False
+
+
+def usable(bits: int, group: int, in_features: int, device: torch.device) -> bool:
+    """Whether `matmul` should run for such a weight here; builds/loads the extension on first call. Says once per
+    reason (a logging warning on rwkvctl.kernels) why not, unless RWKVCTL_QMM=reference asked for that."""
+    mode = backend_mode()
+    if mode == "reference":
+        return False
+    if device.type != "cpu":
+        return _fallback(f"there is no packed-weight kernel for device type {device.type!r}", mode)
+    if (why := supports(bits, group, in_features)) is not None:
+        return _fallback(f"the kernel does not take {why}", mode)
+    from rwkvctl.kernels.build import load_extension
+
+    try:
+        load_extension()
+    except KernelUnavailable as e:
+        return _fallback(str(e), mode)
+    if level() == "portable" and mode == "auto":
+        return _fallback("this CPU has no AVX2 (or RWKVCTL_CPU_ISA=default)", mode)
+    return True

@@ -1,0 +1,101 @@
+"""The packed-weight matmul kernel (rwkvctl/kernels/qmm.py, csrc/qmm_cpu.cpp) against the expanded weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkvctl.errors import KernelUnavailable
+from rwkvctl.kernels import qmm
+from rwkvctl.quant.groupwise import dequantize, quantize_weight
+
+# (out, in, group): odd out sizes (a padded last tile), several groups, one group per row
+SHAPES = [(37, 128, 32), (65, 192, 64), (33, 256, 128), (20, 96, 12), (17, 48, 16), (3, 8, 4), (40, 64, 64)]
+
+
+@pytest.fixture(scope="module")
+def extension():
+    try:
+        from rwkvctl.kernels.build import load_extension
+
+        load_extension()
+    except KernelUnavailable as e:
+        pytest.skip(f"extension unavailable: {e}")
+
+
+def _weight(out: int, cols: int, group: int, bits: int, seed: int = 0):
+    w = torch.randn(out, cols, generator=torch.Generator().manual_seed(seed))
+    enc = quantize_weight(w, bits, group, search=False)
+    q, s, m = enc.stored["qweight"], enc.stored["scale"], enc.stored["min"]
+    return q, s, m, dequantize(q, s, m, bits, group).double()
+
+
+def _rel_err(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    """Error relative to the size of the summed terms (|x| @ |W|.T), so cancellation does not hide it."""
+    return ((y.double() - x.double() @ w.T).abs() / (x.double().abs() @ w.abs().T).clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out,cols,group", SHAPES)
+def test_pack_and_unpack_are_inverse(bits: int, out: int, cols: int, group: int) -> None:
+    group = 2 if bits == 8 and group == 4 else group
+    q, s, m, _ = _weight(out, cols, group, bits)
+    tiles = qmm.pack(q, s, m, bits, group)
+    assert tiles.codes.shape == (-(-out // qmm.TILE), qmm.TILE * cols * bits // 8)
+    back = qmm.unpack(tiles)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, s, m), strict=True))
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out,cols,group", SHAPES)
+def test_kernel_matches_the_expanded_weight(extension, monkeypatch, isa, bits, out, cols, group) -> None:
+    monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)  # caps the level: every variant runs on this CPU's capabilities
+    q, s, m, w = _weight(out, cols, group, bits)
+    tiles = qmm.pack(q, s, m, bits, group)
+    gen = torch.Generator().manual_seed(1)
+    for n in range(1, 18):
+        x = torch.randn(n, cols, generator=gen)
+        y = qmm.matmul(x, tiles)
+        assert y.shape == (n, out) and y.dtype == torch.float32
+        assert _rel_err(y, x, w) < 1e-4, (n, isa)  # int16 activations: < 2^-16 of a group's largest input
+
+
+def test_kernel_takes_any_strides_and_float_dtypes(extension) -> None:
+    q, s, m, w = _weight(29, 128, 32, 4)
+    tiles = qmm.pack(q, s, m, 4, 32)
+    x = torch.randn(128, 6).t()  # (6, 128), not contiguous
+    assert not x.is_contiguous()
+    assert _rel_err(qmm.matmul(x, tiles), x, w) < 1e-4
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        xd = x.to(dtype)
+        assert _rel_err(qmm.matmul(xd, tiles), xd.float(), w) < 1e-4
+
+
+def test_kernel_edge_inputs(extension) -> None:
+    q, s, m, w = _weight(16, 64, 32, 8)
+    tiles = qmm.pack(q, s, m, 8, 32)
+    zeros = torch.zeros(2, 64)
+    assert torch.equal(qmm.matmul(zeros, tiles), torch.zeros(2, 16))  # all-zero groups: scale 1, codes 0
+    x = torch.randn(2, 64)
+    x[1, 5] = float("nan")
+    y = qmm.matmul(x, tiles)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()  # NaN reaches the output, never silently dropped
+    assert qmm.matmul(torch.empty(0, 64), tiles).shape == (0, 16)
+
+
+def test_supports_names_what_the_kernel_cannot_take() -> None:
+    assert qmm.supports(4, 64, 768) is None and qmm.supports(8, 2, 768) is None
+    assert "groups of 6" in qmm.supports(4, 6, 48)
+    assert "8-bit groups over" in qmm.supports(8, 1024, 2048)
+
+
+def test_backend_setting(monkeypatch) -> None:
+    monkeypatch.setenv("RWKVCTL_QMM", "reference")
+    assert not qmm.usable(4, 64, 768, torch.device("cpu"))
+    monkeypatch.setenv("RWKVCTL_QMM", "compiled")
+    with pytest.raises(KernelUnavailable, match="RWKVCTL_QMM=compiled but .*groups of 6"):
+        qmm.usable(4, 6, 48, torch.device("cpu"))
+    monkeypatch.setenv("RWKVCTL_QMM", "fast")
+    with pytest.raises(KernelUnavailable, match="RWKVCTL_QMM must be one of auto, compiled, reference"):
+        qmm.backend_mode()
