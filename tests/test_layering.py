@@ -110,6 +110,13 @@ def test_the_quantized_format_has_one_owner():
     assert owners == ["quant/format.py"]
 
 
+def test_the_packed_matmul_op_has_one_owner():
+    """Only rwkvctl/kernels/qmm.py calls `rwkvctl::group_affine_mm` (so only it knows the kernel's tile layout); the
+    quant layer reaches the kernel through it."""
+    owners = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "group_affine_mm(" in p.read_text()]
+    assert owners == ["kernels/qmm.py"]
+
+
 def _calls_named(path: Path, name: str) -> list[int]:
     """Lines where `name(...)` or `x.name(...)` is called."""
     tree = ast.parse(path.read_text(), filename=str(path))

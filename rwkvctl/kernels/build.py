@@ -1,4 +1,5 @@
-"""Finding, compiling and loading the extension of rwkvctl's CPU/CUDA ops (csrc/: WKV5, the packed-weight matmul) with torch.utils.cpp_extension and ninja.
+"""Finding, compiling and loading the extension of rwkvctl's CPU/CUDA ops (csrc/: WKV5, the packed-weight matmul)
+with torch.utils.cpp_extension and ninja.
 
 Nothing here runs at import time: `load_extension()` builds on first use, caches the result for the
 process, and keeps the compiled library in a directory keyed by a hash of the sources, the flags and the

@@ -7,8 +7,9 @@ per group to int16 inside the kernel (relative error < 2^-16 of the group's larg
 integer sums: AVX-512 VNNI / AVX-512BW / AVX2 picked at run time, a portable loop otherwise. `unpack` inverts
 `pack`, so a module that keeps only the tiles can still hand out the stored form.
 
-RWKVCTL_QMM=auto|compiled|reference picks the backend (`usable`). Where the op exists: the rwkvctl extension (rwkvctl/kernels/build.py) built and loaded, CPU tensors, bits 4 or 8,
-`group` a multiple of 4 (of 2 at 8 bits) dividing the row and at most MAX_GROUP_8BIT at 8 bits (int32 sums).
+RWKVCTL_QMM=auto|compiled|reference picks the backend (`usable`). Where the op exists: the rwkvctl extension
+(rwkvctl/kernels/build.py) built and loaded, CPU tensors, bits 4 or 8, `group` a multiple of 4 (of 2 at 8 bits)
+dividing the row and at most MAX_GROUP_8BIT at 8 bits (int32 sums).
 """
 
 from __future__ import annotations
