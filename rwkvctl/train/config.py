@@ -113,8 +113,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute each block in backward (less memory, ~30% more compute)."""
     segment_len: int = 0
-    """Long windows: backpropagate through data.ctx_len in segments of this many tokens, exactly (full BPTT), with
-    the activation memory of one segment (0: the whole window at once). Single strategy."""
+    """Long windows: backpropagate through data.ctx_len in segments of this many tokens (a divisor of ctx_len),
+    exactly (full BPTT), with the memory of one segment (0: the whole window at once). Single strategy."""
     l2wrap: bool = True
     """RWKV-LM's L2Wrap: a tiny penalty on the largest logit that keeps logits from drifting."""
     compile: bool = False
@@ -185,6 +185,13 @@ class RunConfig:
         if t.segment_len and t.strategy != "single":
             raise ConfigError("run config: train.segment_len (segmented long-window training) runs under the single "
                               "strategy only so far; set train.strategy=single or train.segment_len=0")
+        if t.segment_len > d.ctx_len:
+            raise ConfigError(f"run config: train.segment_len={t.segment_len} is larger than data.ctx_len={d.ctx_len}; "
+                              "use a segment_len that divides ctx_len (0: the whole window at once)")
+        if t.segment_len and d.ctx_len % t.segment_len:
+            # equal segments: one segment size to plan memory for, and no short tail segment (a slow kernel call)
+            raise ConfigError(f"run config: train.segment_len={t.segment_len} does not divide data.ctx_len="
+                              f"{d.ctx_len}; use a divisor such as {_divisor_near(d.ctx_len, t.segment_len)}")
         if t.zero_stage not in (1, 2, 3):
             raise ConfigError(f"run config: train.zero_stage must be 1, 2 or 3, got {t.zero_stage!r}")
         if o.lr_init <= 0 or o.lr_final < 0:
@@ -262,6 +269,12 @@ class RunConfig:
                 raise ConfigError(f"override {key!r}: unknown key; known here: {sorted(node)}")
             node[parts[-1]] = value
         return RunConfig.from_dict(data, source="overrides")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    """The divisor of n closest to target (ties: the smaller), for the error line's suggestion."""
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    return min(divisors, key=lambda d: (abs(d - target), d))
 
 
 def _model_from(data: Any, source: str) -> ModelConfig:

@@ -118,7 +118,7 @@ class Engine:
         try:
             with self._autocast():
                 if seg and batch.x.shape[1] > seg:  # a long window: one segment's activations at a time
-                    return segmented_loss(self.model, batch.x.to(self.device), batch.y.to(self.device), seg)
+                    return segmented_loss(self.model, batch.x, batch.y, seg, device=self.device)
                 logits, _ = self.model(batch.x.to(self.device))
             return float(lm_loss(logits, batch.y.to(self.device), use_l2wrap=False))
         finally:

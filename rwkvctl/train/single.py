@@ -40,10 +40,9 @@ class SingleEngine(Engine):
     def micro_step(self, batch: Batch, accum: int) -> float:
         seg = self.cfg.train.segment_len
         if seg and batch.x.shape[1] > seg:
-            x, y = batch.x.to(self.device), batch.y.to(self.device)
-            value = segmented_backward(self.forward, x, y, seg, scale=1.0 / accum, l2wrap=self.cfg.train.l2wrap,
-                                       autocast=self._autocast)  # fmt: skip
-            return value
+            # the window stays in host memory: segmented_backward moves one segment's tokens at a time
+            return segmented_backward(self.forward, batch.x, batch.y, seg, scale=1.0 / accum,
+                                      l2wrap=self.cfg.train.l2wrap, autocast=self._autocast, device=self.device)
         with self._autocast():
             logits, _ = self.forward(batch.x.to(self.device))
             loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
