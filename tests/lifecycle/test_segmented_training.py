@@ -78,13 +78,8 @@ def test_segment_len_must_divide_ctx_len(tmp_path, pattern_data, make_config, se
     make_config(tmp_path / "r", pattern_data, data={"ctx_len": 64}, train={"segment_len": 64})  # one segment: fine
 
 
-def test_segment_len_errors_are_one_line_on_the_command_line(tmp_path, pattern_data) -> None:
-    import subprocess
-
-    from tests.lifecycle.conftest import TRAIN_ENV, _cli_args
-
-    argv = _cli_args(tmp_path / "r", pattern_data, "--segment-len", "12", "--max-steps", "1")
-    res = subprocess.run(argv, capture_output=True, text=True, env=TRAIN_ENV)
+def test_segment_len_errors_are_one_line_on_the_command_line(tmp_path, pattern_data, train_cli, run_cli) -> None:
+    res = run_cli(train_cli(tmp_path / "r", pattern_data, "--segment-len", "12", "--max-steps", "1"))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "segment_len=12 does not divide data.ctx_len=32" in lines[0], res.stderr
