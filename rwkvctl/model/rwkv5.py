@@ -50,12 +50,14 @@ class TimeMix(nn.Module):
     def _mix(self, x: Tensor, xx: Tensor, mix: Tensor) -> Tensor:
         return x * mix + xx * (1 - mix)
 
-    def _project(self, x: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _project(self, x: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r = self.receptance(self._mix(x, xx, self.time_mix_r))
         k = self.key(self._mix(x, xx, self.time_mix_k))
         v = self.value(self._mix(x, xx, self.time_mix_v))
-        g = F.silu(self.gate(self._mix(x, xx, self.time_mix_g))) if self.cfg.gate else None
-        return r, k, v, g
+        return r, k, v
+
+    def _gate(self, x: Tensor, xx: Tensor) -> Tensor | None:
+        return F.silu(self.gate(self._mix(x, xx, self.time_mix_g))) if self.cfg.gate else None
 
     def _out(self, y: Tensor, g: Tensor | None) -> Tensor:
         # y: (..., A); GroupNorm wants (rows, A). Dividing by head_size_divisor before GroupNorm is what
@@ -66,23 +68,30 @@ class TimeMix(nn.Module):
             y = y * g
         return self.output(y)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, T, C) -> (out (B, T, C), last x (B, C), wkv state (B, H, N, N))."""
+    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, tail: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, C) -> (out (B, T, C), last x (B, C), wkv state (B, H, N, N)). `tail` > 0: out for the last
+        `tail` positions only, (B, tail, C): the state needs every position, the gate and output projection not."""
         B, T, _ = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
-        r, k, v, g = self._project(x, _token_shift(x, shift))
+        xx = _token_shift(x, shift)
+        r, k, v = self._project(x, xx)
         # (B, T, A) -> (B, T, H, N) for the kernel
         y, wkv_state = wkv5(
             r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), self.time_decay, self.time_faaaa, wkv_state
         )
-        return self._out(y.reshape(B, T, H * N).to(x.dtype), g), x[:, -1], wkv_state
+        last, y = x[:, -1], y.reshape(B, T, H * N).to(x.dtype)
+        if tail:  # (B, T, .) -> (B, tail, .)
+            x, xx, y = x[:, -tail:], xx[:, -tail:], y[:, -tail:]
+        return self._out(y, self._gate(x, xx)), last, wkv_state
 
     def step(self, x: Tensor, shift: Tensor, wkv_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token. x, shift: (B, C); wkv_state: (B, H, N, N) fp32."""
         B = x.shape[0]
         H, N = self.cfg.n_head, self.cfg.head_size
         # mixes are (1, 1, C): work on (B, 1, C) so they broadcast as in the sequence form
-        r, k, v, g = self._project(x.unsqueeze(1), shift.to(x.dtype).unsqueeze(1))
+        x1, xx1 = x.unsqueeze(1), shift.to(x.dtype).unsqueeze(1)
+        r, k, v = self._project(x1, xx1)
+        g = self._gate(x1, xx1)
         g = g.squeeze(1) if g is not None else None
         r = r.float().view(B, H, N, 1)
         k = k.float().view(B, H, N, 1)
@@ -131,12 +140,14 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
     def forward(
-        self, x: Tensor, att_shift: Tensor, ffn_shift: Tensor, wkv_state: Tensor
+        self, x: Tensor, att_shift: Tensor, ffn_shift: Tensor, wkv_state: Tensor, tail: int = 0
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`tail` > 0: the output is needed for the last `tail` positions only (x out: (B, tail, C)); the state
+        is the same. With tail >= 2 the last position's output is exact (its token shift is inside the tail)."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
-        x = x + a
+        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, tail)
+        x = (x[:, -tail:] if tail else x) + a
         f, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
         return x + f, att_shift, ffn_shift, wkv_state
 
@@ -172,12 +183,19 @@ class RWKV5(nn.Module):
     ) -> tuple[Tensor, RecurrentState]:
         """All blocks in sequence (x: (B, T, C)) or RNN (x: (B, C)) form, collecting each layer's new state."""
         att_shifts, ffn_shifts, wkvs = [], [], []
+        last_block = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             args = (x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
             if one_token:
                 x, a, f, s = block.step(*args)
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, a, f, s = checkpoint(block, *args, use_reentrant=False)
+            elif last_only and i == last_block:
+                # Nothing after the last block reads positions before the last, and the state needs only its
+                # time-mix inputs and the last position: the last block's output projection and channel mix run
+                # on 2 positions instead of T (a segment's state pass in training, a prompt in chat). Two, not
+                # one, so that the last position's token shift in the channel mix is the real previous token.
+                x, a, f, s = block(*args, tail=2)
             else:
                 x, a, f, s = block(*args)
             att_shifts.append(a)

@@ -88,3 +88,25 @@ def test_last_only_logits_equal_the_last_position(random_model):
     assert last.shape == (2, 1, 97)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state_last.wkv, state_full.wkv)
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("gate", [False, True])
+def test_last_only_skips_work_but_not_state(random_model, T, gate):
+    """With last_only the last block runs its output projection, gate and channel mix on the last 2 positions
+    only; the logits at the last position and every part of the state are those of the full forward."""
+    from rwkvctl.config import ModelConfig
+
+    model = random_model(ModelConfig(n_layer=3, n_embd=64, vocab_size=97, head_size=32, gate=gate))
+    idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+    start = model(idx[:, :1])[1]  # a non-zero incoming state
+    seen = []
+    hook = model.blocks[-1].ffn.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        full, state_full = model(idx, start)
+        last, state_last = model(idx, start, last_only=True)
+    hook.remove()
+    assert seen == [T, min(T, 2)]
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        torch.testing.assert_close(getattr(state_last, name), getattr(state_full, name), msg=name)
