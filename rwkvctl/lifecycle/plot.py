@@ -58,6 +58,21 @@ def human_count(value: float, _pos: Any = None) -> str:
     return f"{value:.3g}"
 
 
+def _pyplot(out: Path) -> tuple[Any, str]:
+    """matplotlib.pyplot on the file-only Agg backend, and the image format `out` asks for (checked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = (out.suffix.lstrip(".") or "png").lower()
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ConfigError(f"{out}: cannot write .{fmt} images; use one of {', '.join('.' + k for k in supported)}")
+    return plt, fmt
+
+
 def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int | None = None, title: str | None = None,
               labels: list[str] | None = None) -> PlotResult:
     """Draw the training (and validation, if logged) loss of every run; vertical dotted lines mark resumes.
@@ -69,17 +84,8 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "tokens", smooth: int | N
         raise ConfigError(f"--smooth must be a whole number of points >= 1 (1: raw), got {smooth!r}")
     if labels and len(labels) != len(runs):
         raise ConfigError(f"{len(labels)} labels for {len(runs)} runs")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     out = Path(out)
-    fmt = (out.suffix.lstrip(".") or "png").lower()
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    if fmt not in supported:
-        raise ConfigError(f"{out}: cannot write .{fmt} images; use one of {', '.join('.' + k for k in supported)}")
+    plt, fmt = _pyplot(out)
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     try:
         points, resumes, names, windows = _draw(ax, runs, x=x, smooth=smooth, labels=labels)
@@ -134,3 +140,31 @@ def _draw(ax: Any, runs: list[Path], *, x: str, smooth: int | None,
                 resumes += 1
         points += len(train) + len(val)
     return points, resumes, names, windows
+
+
+def plot_loss_by_position(curves: dict[str, list[tuple[int, int, float]]], out: Path, *, window: int,
+                          title: str | None = None) -> Path:
+    """Loss vs position in the window, one line per model: `curves` maps a label to (first, last, mean loss) per
+    log2 bucket of positions (rwkvctl eval); each point sits at its bucket's geometric middle, on a log2 axis."""
+    out = Path(out)
+    plt, fmt = _pyplot(out)
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
+    try:
+        for i, (label, buckets) in enumerate(curves.items()):
+            xs = [(first * last) ** 0.5 for first, last, _ in buckets]
+            ax.plot(xs, [loss for _, _, loss in buckets], color=f"C{i % 10}", marker="o", ms=3, lw=1.4, label=label)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+        ax.set_xlabel("position in the window (tokens of context)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title or f"loss by position, windows of {human_count(window)} tokens")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
+    return out

@@ -91,3 +91,18 @@ def lm_loss(logits: Tensor, y: Tensor, *, use_l2wrap: bool) -> Tensor:
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _loss_only(logits, y)
     return _FusedCrossEntropy.apply(logits, y, L2Wrap.FACTOR if use_l2wrap else 0.0)
+
+
+@torch.no_grad()
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Next-token loss of every position, (B, T, V) logits and (B, T) targets -> (B, T) fp32 nats, computed a
+    chunk of rows at a time in fp32 (no upcast copy of all the logits; for evaluation)."""
+    vocab = logits.shape[-1]
+    flat, y = logits.reshape(-1, vocab), targets.reshape(-1, 1)  # (P, V), (P, 1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    step = _rows_per_chunk(flat)
+    for i in range(0, flat.shape[0], step):
+        chunk = flat[i : i + step].to(_compute_dtype(flat))
+        nll = torch.logsumexp(chunk, dim=-1) - chunk.gather(1, y[i : i + step]).squeeze(1)
+        out[i : i + step] = nll
+    return out.view(targets.shape)
