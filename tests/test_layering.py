@@ -436,3 +436,10 @@ def test_front_ends_decode_only_through_the_engine():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rwkvctl.generate"):
                 offenders += [f"{rel}: imports {a.name}" for a in node.names if a.name in owned]
     assert not offenders, offenders
+
+
+def test_only_host_memory_talks_to_the_c_allocator():
+    """Giving freed heap back to the OS (glibc malloc_trim) is platform code with one home:
+    rwkvctl/train/host_memory.py; everything else calls release_free_host_memory()."""
+    users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "malloc_trim" in p.read_text())
+    assert users == ["train/host_memory.py"], users
