@@ -114,7 +114,7 @@ class TrainConfig:
     """Recompute each block in backward (less memory, ~30% more compute)."""
     segment_len: int = 0
     """Long windows: backpropagate through data.ctx_len in segments of this many tokens (a divisor of ctx_len),
-    exactly (full BPTT), with the memory of one segment (0: the whole window at once). Single strategy."""
+    exactly (full BPTT), with the memory of one segment (0: the whole window at once). Any strategy."""
     l2wrap: bool = True
     """RWKV-LM's L2Wrap: a tiny penalty on the largest logit that keeps logits from drifting."""
     compile: bool = False
@@ -182,9 +182,6 @@ class RunConfig:
             raise ConfigError(f"run config: train.peak_tflops must be >= 0, got {t.peak_tflops}")
         if t.segment_len < 0:
             raise ConfigError(f"run config: train.segment_len must be >= 0, got {t.segment_len}")
-        if t.segment_len and t.strategy != "single":
-            raise ConfigError("run config: train.segment_len (segmented long-window training) runs under the single "
-                              "strategy only so far; set train.strategy=single or train.segment_len=0")
         if t.segment_len > d.ctx_len:
             raise ConfigError(f"run config: train.segment_len={t.segment_len} is larger than data.ctx_len={d.ctx_len}; "
                               "use a segment_len that divides ctx_len (0: the whole window at once)")

@@ -35,6 +35,7 @@ from rwkvctl.train.engine import Engine
 from rwkvctl.train.loss import lm_loss
 from rwkvctl.train.optim import optimizer_groups, param_groups, set_lr
 from rwkvctl.train.run_dir import CheckpointDir
+from rwkvctl.train.segmented import segmented_backward, segmented_loss
 
 
 def _checkpoint_types() -> list[type]:
@@ -169,10 +170,14 @@ def ds_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     }
     if t.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    # A segmented window backpropagates one segment at a time; DeepSpeed sees each segment's backward as one of its
+    # micro-steps (its ZeRO-2 buckets reduce every gradient once per micro-step), so it accumulates over
+    # accum x segments of them and steps the optimizer once per window batch, as without segments.
+    steps = t.accum * segments_per_window(cfg)
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_bsz,
-        "gradient_accumulation_steps": t.accum,
-        "train_batch_size": t.micro_bsz * t.accum * world_size,
+        "gradient_accumulation_steps": steps,
+        "train_batch_size": t.micro_bsz * steps * world_size,
         "zero_optimization": zero,
         # ZeRO-1/2 skip a step with a non-finite grad norm only when this is on (the default since ~0.16)
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
@@ -183,6 +188,11 @@ def ds_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     if cfg.optim.grad_clip > 0:
         out["gradient_clipping"] = cfg.optim.grad_clip
     return out
+
+
+def segments_per_window(cfg: RunConfig) -> int:
+    seg = cfg.train.segment_len
+    return cfg.data.ctx_len // seg if seg and seg < cfg.data.ctx_len else 1
 
 
 class DeepSpeedEngine(Engine):
@@ -222,16 +232,48 @@ class DeepSpeedEngine(Engine):
         self.name = f"deepspeed-zero{self.zero_stage}"
 
     def micro_step(self, batch: Batch, accum: int) -> float:
+        segments = segments_per_window(self.cfg)
+        if segments > 1:
+            return self._segmented_micro_step(batch, accum, segments)
         logits, _ = self.ds(batch.x.to(self.device))
         loss = lm_loss(logits, batch.y.to(self.device), use_l2wrap=self.cfg.train.l2wrap)
         del logits  # the loss keeps what backward needs; the (B, T, V) logits can go before backward runs
         value = float(loss.detach())
         if not torch.isfinite(loss):
-            # DeepSpeed counts micro-steps itself, so we still go through backward, with an exactly-zero loss.
-            loss = sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+            loss = self._zero_loss()
+        self._backward(loss)
+        return value
+
+    def _zero_loss(self) -> Tensor:
+        # DeepSpeed counts micro-steps itself, so a skipped one still goes through backward, with an exactly-zero loss
+        return sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+
+    def _backward(self, loss: Tensor) -> None:
         self.ds.backward(loss)  # divides by gradient_accumulation_steps itself
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+
+    def _segmented_micro_step(self, batch: Batch, accum: int, segments: int) -> float:
+        """Exact backprop through a long window, segment by segment (train/segmented.py), each segment's backward
+        one DeepSpeed micro-step. DeepSpeed takes a scalar loss and divides it by its accumulation count c, so a
+        segment passes loss / c + sum(state_out * grad_in / c): its gradient is the same vector-Jacobian product
+        as backward([loss, *state_out], [1, *grad_in]), and the gradient it leaves at the segment's initial state
+        is again the true one for the segment before."""
+        c = 1.0 / (accum * segments)
+        done = 0
+
+        def backward(loss: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
+            nonlocal done
+            surrogate = loss / c
+            for out, grad in zip(outputs, grads, strict=True):
+                surrogate = surrogate + (out * (grad.to(out.dtype) / c)).sum()
+            self._backward(surrogate)
+            done += 1
+
+        value = segmented_backward(self.ds, batch.x, batch.y, self.cfg.train.segment_len, scale=1.0 / accum,
+                                   l2wrap=self.cfg.train.l2wrap, device=self.device, backward=backward)
+        for _ in range(segments - done):  # a non-finite segment: the rest still count as micro-steps
+            self._backward(self._zero_loss())
         return value
 
     def optimizer_step(self, lr: float) -> float:
@@ -260,6 +302,9 @@ class DeepSpeedEngine(Engine):
 
     def eval_loss(self, batch: Batch) -> float:
         with torch.no_grad():
+            seg = self.cfg.train.segment_len
+            if seg and batch.x.shape[1] > seg:  # a long window: one segment's activations at a time
+                return segmented_loss(self.ds, batch.x, batch.y, seg, device=self.device)
             logits, _ = self.ds(batch.x.to(self.device))
             return float(lm_loss(logits, batch.y.to(self.device), use_l2wrap=False))
 

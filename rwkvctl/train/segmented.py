@@ -29,6 +29,13 @@ from rwkvctl.train.host_memory import release_free_host_memory
 from rwkvctl.train.loss import lm_loss
 
 Forward = Callable[..., tuple[Tensor, RecurrentState]]
+# (the segment's scaled loss, its final state's tensors, the gradient arriving at each of them) -> backward done
+SegmentBackward = Callable[[Tensor, list[Tensor], list[Tensor]], None]
+
+
+def autograd_segment_backward(loss: Tensor, outputs: list[Tensor], grads: list[Tensor]) -> None:
+    """One segment's backward: its loss, plus what the later segments send back through its final state."""
+    torch.autograd.backward([loss, *outputs], [None, *grads])
 
 
 def _leaf(state: RecurrentState, device: torch.device) -> RecurrentState:
@@ -70,6 +77,7 @@ def segmented_backward(
     l2wrap: bool = True,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     device: torch.device | str | None = None,
+    backward: SegmentBackward = autograd_segment_backward,
 ) -> float:
     """Accumulate into .grad the gradient of `scale * mean token loss` over the window x -> y (B, T), segment by
     segment; returns the window's mean loss (NaN/Inf: stops early, and the caller must discard the gradients).
@@ -102,12 +110,9 @@ def segmented_backward(
         if not torch.isfinite(loss):
             return value
         total += value * share
-        outputs: list[Tensor] = [loss * (share * scale)]
-        grads: list[Tensor | None] = [None]
-        if grad_out is not None:  # the gradient the later segments send back through this segment's final state
-            outputs += list(_tensors(state_out))
-            grads += list(grad_out)
-        torch.autograd.backward(outputs, grads)
+        # the first segment to run (the last) has no later segment sending a gradient back
+        outputs = list(_tensors(state_out)) if grad_out is not None else []
+        backward(loss * (share * scale), outputs, list(grad_out) if grad_out is not None else [])
         del outputs, loss, state_out
         if state_in is not None:
             grad_out = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in _tensors(state_in))
