@@ -18,10 +18,13 @@ over rounds is printed; the load average at the start and end says how quiet the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +79,8 @@ def main() -> None:
     if not args.no_package:
         from rwkv.model import RWKV
 
-        theirs = {k: RWKV(model=str(path.with_suffix("")), strategy=f"cpu {k}") for k in ("fp32", "bf16")}
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it loads
+            theirs = {k: RWKV(model=str(path.with_suffix("")), strategy=f"cpu {k}") for k in ("fp32", "bf16")}
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 65530, (max(args.prompt, args.decode) + 1,), generator=gen).tolist()
     bytes_fp32 = step_bytes(ours["fp32"])
@@ -104,19 +108,24 @@ def main() -> None:
     for model in theirs.values():
         model.forward(tokens[:16], None)
 
+    def measure(r: dict[str, float], key: str, fn, *fn_args) -> None:
+        r[key] = fn(*fn_args)
+        print(f"  [{torch.get_num_threads()} thr] {key}: {r[key]:.1f}", file=sys.stderr, flush=True)
+
     rows: dict[int, list[dict[str, float]]] = {n: [] for n in args.threads}
     for _ in range(args.rounds):
         for n in args.threads:
             torch.set_num_threads(n)
-            r: dict[str, float] = {"bandwidth_gb_s": gemv_bandwidth() / 1e9}
+            r: dict[str, float] = {}
+            measure(r, "bandwidth_gb_s", lambda: gemv_bandwidth() / 1e9)
             r["bound_tok_s"] = r["bandwidth_gb_s"] * 1e9 / bytes_fp32
             for name in ("fp32", "bf16"):
-                r[f"decode_{name}"] = decode(ours[name], "auto")
-                r[f"decode_{name}_module"] = decode(ours[name], "reference")
+                measure(r, f"decode_{name}", decode, ours[name], "auto")
+                measure(r, f"decode_{name}_module", decode, ours[name], "reference")
             for name in ("fp32", "bf16"):
-                r[f"ingest_{name}"] = ingest_ours(ours[name])
+                measure(r, f"ingest_{name}", ingest_ours, ours[name])
                 if theirs:
-                    r[f"ingest_{name}_rwkv"] = ingest_theirs(theirs[name])
+                    measure(r, f"ingest_{name}_rwkv", ingest_theirs, theirs[name])
             r["decode_fp32_vs_bound"] = r["decode_fp32"] / r["bound_tok_s"]
             r["bf16_vs_fp32"] = r["decode_bf16"] / r["decode_fp32"]
             r["decode_fp32_vs_module"] = r["decode_fp32"] / r["decode_fp32_module"]

@@ -1,7 +1,7 @@
 // AVX-512 gemv, included by rnn_step_cpu.cpp on x86 only (outside any target pragma: each function carries its
 // target). Explicit intrinsics, because the auto-vectorised bf16 loop of rnn_step_kernel.h ran at under half the
-// memory bandwidth here. Four weight rows share each load of x; a software prefetch runs 3 KB ahead of each row
-// pair (one core alone does not keep enough misses in flight otherwise). Prefetching past the end cannot fault.
+// memory bandwidth here. Four weight rows share each load of x (eight rows, software prefetch 1-3 KB ahead, or
+// widening by unpacking with zeros against a permuted x measured no faster on the development machine).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline __m512 avx512_load_w(const float* p) {
   return _mm512_loadu_ps(p);
 }
@@ -18,7 +18,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline __m512 avx5
 template <typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void gemv_rows_avx512(const W* w, const float* x, float* y, int64_t B,
                                                                     int64_t K, int64_t n0, int64_t n1, int64_t ldy) {
-  constexpr int64_t kPrefetch = 3072 / sizeof(W);  // elements ahead
   const int64_t K16 = K & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1);
   int64_t n = n0;
@@ -28,10 +27,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void gemv_rows_avx
       const float* xb = x + b * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < K16; k += 16) {
-        if (b == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + k + kPrefetch), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k + kPrefetch), _MM_HINT_T0);
-        }
         const __m512 xv = _mm512_loadu_ps(xb + k);
         a0 = _mm512_fmadd_ps(avx512_load_w(w0 + k), xv, a0);
         a1 = _mm512_fmadd_ps(avx512_load_w(w0 + K + k), xv, a1);

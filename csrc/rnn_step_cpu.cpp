@@ -2,8 +2,9 @@
 // rwkvctl/model/rwkv5.py (the reference and test oracle; Python side: rwkvctl/model/fused_step.py):
 //
 //   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
-//       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers, so a bf16 model streams half
-//       the bytes of fp32 on CPUs without bf16 arithmetic.
+//       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
+//       kernels), so a bf16 model streams half the bytes of fp32 on CPUs without bf16 arithmetic; fp32 weights
+//       go to torch's BLAS.
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
 //                  has_ln0, has_gate) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
@@ -15,6 +16,7 @@
 //   8 att.time_faaaa  9 att.receptance  10 att.key  11 att.value  12 att.output  13 att.ln_x.w  14 att.ln_x.b
 //   15 ffn.time_mix_k  16 ffn.time_mix_r  17 ffn.key  18 ffn.receptance  19 ffn.value
 //   then att.time_mix_g, att.gate (has_gate), then ln0.w, ln0.b (has_ln0).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -97,23 +99,23 @@ void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
 }
 
-// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight.
+// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. fp32 weights go to torch's own
+// BLAS gemv (what the streaming bound of benchmarks/infer.py measures; it was faster than a hand-written fp32
+// loop here), bf16 weights to the kernels above, which widen them in registers.
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
-  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   if (w.scalar_type() == at::kFloat) {
-    auto fn = STEP_PICK(gemv_rows, float, level);
-    const float* wp = w.data_ptr<float>();
-    at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
-      fn(wp, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
-    });
-  } else {
-    auto fn = STEP_PICK(gemv_rows, uint16_t, level);
-    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
-      fn(wp, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
-    });
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor yt = at::from_blob(y, {B, N}, opts);
+    at::mm_out(yt, at::from_blob(const_cast<float*>(x), {B, K}, opts), w.t());
+    return;
   }
+  auto fn = STEP_PICK(gemv_rows, uint16_t, level);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
+    fn(wp, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
+  });
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }

@@ -153,9 +153,13 @@ def forward_upcast(
     dtype = model.emb.weight.dtype
     x = x.float()
     att_shifts, ffn_shifts, wkvs = [], [], []
+    last_block = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
         params = {name: p.float() for name, p in block.named_parameters()}
-        x, a, f, s = functional_call(block, params, (x, state.att_shift[i], state.ffn_shift[i], state.wkv[i]))
+        args = (x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
+        # as in RWKV5._run_blocks: with last_only the last block's outputs are needed for 2 positions only
+        kwargs = {"tail": 2} if last_only and i == last_block else {}
+        x, a, f, s = functional_call(block, params, args, kwargs)
         att_shifts.append(a)
         ffn_shifts.append(f)
         wkvs.append(s)

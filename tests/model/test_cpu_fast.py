@@ -67,14 +67,21 @@ def test_fused_step_equals_reference_fp32(random_model, monkeypatch, name, batch
     _assert_state_close(fast_state, ref_state, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_batch_rows_equal_single_rows(random_model):
-    model = random_model(CONFIGS["gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_batch_rows_equal_single_rows(random_model, dtype):
+    """bf16 (own kernel, rows independent of the batch) bitwise; fp32 goes through torch's BLAS, whose gemv and
+    gemm round differently (as on the module path): logits within 1e-6 of the scale, states 1e-5."""
+    model = random_model(CONFIGS["gate"]).to(dtype)
     tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(5))
     batched, state = _steps(model, tokens)
     for row in range(3):
         single, single_state = _steps(model, tokens[row : row + 1])
-        assert torch.equal(batched[row], single[0])
-        assert torch.equal(state.wkv[:, row], single_state.wkv[:, 0])
+        if dtype == torch.bfloat16:
+            assert torch.equal(batched[row], single[0])
+            assert torch.equal(state.wkv[:, row], single_state.wkv[:, 0])
+        else:
+            assert (batched[row] - single[0]).abs().max() <= 1e-6 * single.abs().max()
+            torch.testing.assert_close(state.wkv[:, row], single_state.wkv[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_step_leaves_the_input_state_alone(random_model):
