@@ -140,8 +140,12 @@ def test_fused_step_with_a_quantized_block(random_model, monkeypatch):
     assert cpu_fast.layer_params(model.blocks[1], torch.float32) is None
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(7))
     (fast, fast_state), (ref, ref_state) = _both(model, tokens, monkeypatch)
-    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
-    _assert_state_close(fast_state, ref_state, rtol=1e-5, atol=1e-5)
+    # QuantLinear's compiled matmul rounds its activations to int16 (~2e-5 relative per matmul, tests/quant), so
+    # the fused block's fp32-order differences before it can move a code by one step
+    assert (fast - ref).abs().max() <= 2e-4 * ref.abs().max()
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        f, r = getattr(fast_state, name), getattr(ref_state, name)
+        assert (f - r).abs().max() <= 1e-3 * r.abs().max(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
