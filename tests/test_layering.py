@@ -443,3 +443,17 @@ def test_only_host_memory_talks_to_the_c_allocator():
     rwkvctl/train/host_memory.py; everything else calls release_free_host_memory()."""
     users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "malloc_trim" in p.read_text())
     assert users == ["train/host_memory.py"], users
+
+
+# The fast CPU step has one switchboard: only rwkvctl/model/cpu_fast.py calls its compiled ops (and decides when the
+# module path, their reference, runs instead), so RWKVCTL_STEP and the fallback notice cover every use.
+STEP_OPS = ("rnn_step_layer", "linear_f32acc")
+
+
+@pytest.mark.parametrize("path, rel, layer", list(modules()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_only_cpu_fast_calls_the_step_ops(path, rel, layer):
+    if str(rel) == "model/cpu_fast.py":
+        assert all(_calls_named(path, op) for op in STEP_OPS)
+        return
+    lines = [line for op in STEP_OPS for line in _calls_named(path, op)]
+    assert not lines, f"{rel}:{lines[0]} calls a compiled step op; go through rwkvctl.model.cpu_fast"

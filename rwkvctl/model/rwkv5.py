@@ -6,6 +6,8 @@ Two ways to run the same weights:
 - `step(tokens, state)`: the one-token RNN form used for generation; the recurrence is written out
   here, independently of the kernels, so the two forms check each other.
 Both take and return a `RecurrentState`, so a long sequence can be processed in segments.
+On CPU, without autograd, `step` (and `forward` of a bf16 model) go through rwkvctl.model.cpu_fast, which this
+module path stays the reference of (RWKVCTL_STEP=reference forces this path).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.kernels import wkv5
+from rwkvctl.model import cpu_fast
 from rwkvctl.model.state import RecurrentState
 
 
@@ -219,10 +222,14 @@ class RWKV5(nn.Module):
             raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         if state is None:
             state = self._zero_state(idx.shape[0], idx.device)
+        if cpu_fast.upcast_applies(self):
+            return cpu_fast.forward_upcast(self, self.emb(idx), state, last_only)
         return self._run_blocks(self.emb(idx), state, one_token=False, last_only=last_only)
 
     def step(self, tokens: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """RNN mode, one token per sequence: tokens (B,) -> (logits (B, V), new state)."""
         if state is None:
             state = self._zero_state(tokens.shape[0], tokens.device)
+        if cpu_fast.applies(self):
+            return cpu_fast.fused_step(self, tokens, state)
         return self._run_blocks(self.emb(tokens), state, one_token=True)

@@ -1,0 +1,169 @@
+"""Benchmark CPU inference: decode against the weight-streaming bound, bf16 against fp32, prompt ingestion against the
+official `rwkv` package (JIT on, its default). The goals of issue 15, recorded in one run.
+
+    python benchmarks/infer.py [--preset 0.1b] [--threads 1 2] [--decode 24] [--prompt 512] [--rounds 2]
+
+Same weights everywhere (a randomly initialised preset written as an RWKV-LM .pth, loaded by both). Measurements
+alternate within each round (the machine is shared), and every ratio is taken within one round, then the median
+over rounds is printed; the load average at the start and end says how quiet the machine was.
+
+- streaming bound: bytes of weights one decode step reads (every Linear of the blocks and the head, the per-layer
+  vectors, one embedding row) / the bandwidth of a large fp32 gemv (torch, 256 MB matrix) measured in the round;
+- decode: tokens/s of `model.step` one token at a time with the state carried, head included; the module path
+  (RWKVCTL_STEP=reference, what decode was before the fused step) is measured beside it;
+- ingestion: a `--prompt`-token prompt, ours through `rwkvctl.generate.ingest`, the package through
+  `RWKV.forward(tokens, None)` with strategy "cpu fp32" / "cpu bf16".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def gemv_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a large fp32 gemv (matrix well beyond the caches), best of `repeats`."""
+    w = torch.randn(n_bytes // 4 // 4096, 4096)
+    x = torch.randn(1, 4096)
+    F.linear(x, w)
+    best = min(_timed(lambda: F.linear(x, w)) for _ in range(repeats))
+    return w.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table, plus one row of it."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "emb.weight")
+    emb = model.emb.weight
+    return total + emb.shape[1] * emb.element_size()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.1b")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--decode", type=int, default=24, help="tokens per decode measurement")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-package", action="store_true", help="skip the rwkv package (ingestion ratios)")
+    args = ap.parse_args()
+    os.environ["RWKV_JIT_ON"] = os.environ.get("RWKV_JIT_ON", "1")  # the package's default
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    load_start = os.getloadavg()
+
+    from rwkvctl.config import preset
+    from rwkvctl.generate import ingest
+    from rwkvctl.lifecycle.models import create_checkpoint, load_model
+
+    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-infer-"))
+    path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
+    ours = {"fp32": load_model(path)[0], "bf16": load_model(path, dtype=torch.bfloat16)[0]}
+    theirs = {}
+    if not args.no_package:
+        from rwkv.model import RWKV
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it loads
+            theirs = {k: RWKV(model=str(path.with_suffix("")), strategy=f"cpu {k}") for k in ("fp32", "bf16")}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 65530, (max(args.prompt, args.decode) + 1,), generator=gen).tolist()
+    bytes_fp32 = step_bytes(ours["fp32"])
+
+    def decode(model, mode: str) -> float:
+        os.environ["RWKVCTL_STEP"] = mode
+        with torch.no_grad():
+            _, state = model.step(torch.tensor([tokens[0]]))  # warm: builds/loads the op, first allocations
+            t = time.perf_counter()
+            for tok in tokens[1 : args.decode + 1]:
+                _, state = model.step(torch.tensor([tok]), state)
+        os.environ.pop("RWKVCTL_STEP")
+        return args.decode / (time.perf_counter() - t)
+
+    def ingest_ours(model) -> float:
+        with torch.no_grad():
+            return args.prompt / _timed(lambda: ingest(model, tokens[: args.prompt]))
+
+    def ingest_theirs(model) -> float:
+        return args.prompt / _timed(lambda: model.forward(tokens[: args.prompt], None))
+
+    for model in ours.values():  # warm-up: op build/load, first-call allocations
+        decode(model, "auto")
+        ingest_ours(model)
+    for model in theirs.values():
+        model.forward(tokens[:16], None)
+
+    def measure(r: dict[str, float], key: str, fn, *fn_args) -> None:
+        r[key] = fn(*fn_args)
+        print(f"  [{torch.get_num_threads()} thr] {key}: {r[key]:.1f}", file=sys.stderr, flush=True)
+
+    rows: dict[int, list[dict[str, float]]] = {n: [] for n in args.threads}
+    for _ in range(args.rounds):
+        for n in args.threads:
+            torch.set_num_threads(n)
+            r: dict[str, float] = {}
+            measure(r, "bandwidth_gb_s", lambda: gemv_bandwidth() / 1e9)
+            r["bound_tok_s"] = r["bandwidth_gb_s"] * 1e9 / bytes_fp32
+            for name in ("fp32", "bf16"):
+                measure(r, f"decode_{name}", decode, ours[name], "auto")
+                measure(r, f"decode_{name}_module", decode, ours[name], "reference")
+            for name in ("fp32", "bf16"):
+                measure(r, f"ingest_{name}", ingest_ours, ours[name])
+                if theirs:
+                    measure(r, f"ingest_{name}_rwkv", ingest_theirs, theirs[name])
+            r["decode_fp32_vs_bound"] = r["decode_fp32"] / r["bound_tok_s"]
+            r["bf16_vs_fp32"] = r["decode_bf16"] / r["decode_fp32"]
+            r["decode_fp32_vs_module"] = r["decode_fp32"] / r["decode_fp32_module"]
+            r["decode_bf16_vs_module"] = r["decode_bf16"] / r["decode_bf16_module"]
+            if theirs:
+                r["ingest_fp32_vs_rwkv"] = r["ingest_fp32"] / r["ingest_fp32_rwkv"]
+                r["ingest_bf16_vs_rwkv"] = r["ingest_bf16"] / r["ingest_bf16_rwkv"]
+            rows[n].append(r)
+
+    summary = {n: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]} for n, rs in rows.items()}
+    for n, s in summary.items():
+        print(f"--- {n} thread(s), median of {args.rounds} round(s) ---")
+        print(f"  fp32 decode {s['decode_fp32']:.1f} tok/s = {s['decode_fp32_vs_bound']:.2f}x the streaming bound "
+              f"({s['bound_tok_s']:.1f} tok/s at {s['bandwidth_gb_s']:.1f} GB/s; goal >= 0.9); module path "
+              f"{s['decode_fp32_module']:.1f} tok/s")
+        print(f"  bf16 decode {s['decode_bf16']:.1f} tok/s = {s['bf16_vs_fp32']:.2f}x fp32 (goal >= 1.8); module path "
+              f"{s['decode_bf16_module']:.1f} tok/s")
+        for name in ("fp32", "bf16"):
+            line = f"  ingestion {args.prompt} tokens {name}: {s[f'ingest_{name}']:.0f} tok/s"
+            if theirs:
+                line += (f" vs rwkv {s[f'ingest_{name}_rwkv']:.0f} tok/s = {s[f'ingest_{name}_vs_rwkv']:.2f}x"
+                         " (goal >= 3)")
+            print(line)
+    result = {
+        "bench": "infer",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "prompt": args.prompt,
+        "decode_tokens": args.decode,
+        "rounds": args.rounds,
+        "step_mb_fp32": round(bytes_fp32 / 1e6, 1),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "threads": summary,
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+// CPU ops of the RNN decode step (RWKV-5.2, one token per sequence), beside the module path they replace in
+// rwkvctl/model/rwkv5.py (the reference and test oracle; Python side: rwkvctl/model/fused_step.py):
+//
+//   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
+//       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
+//       kernels), so a bf16 model streams half the bytes of fp32 on CPUs without bf16 arithmetic; fp32 weights
+//       go to torch's BLAS.
+//   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
+//                  has_ln0, has_gate) -> (x, att_shift, ffn_shift, wkv)
+//       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
+//       per layer instead of ~40 PyTorch ops; new tensors are returned, the inputs are left untouched (callers
+//       keep snapshots of states). Shifts come back in the dtype they came in.
+//
+// `params` order (kept in sync with rwkvctl/model/fused_step.py:layer_params):
+//   0 ln1.w  1 ln1.b  2 ln2.w  3 ln2.b  4 att.time_mix_k  5 att.time_mix_v  6 att.time_mix_r  7 att.time_decay
+//   8 att.time_faaaa  9 att.receptance  10 att.key  11 att.value  12 att.output  13 att.ln_x.w  14 att.ln_x.b
+//   15 ffn.time_mix_k  16 ffn.time_mix_r  17 ffn.key  18 ffn.receptance  19 ffn.value
+//   then att.time_mix_g, att.gate (has_gate), then ln0.w, ln0.b (has_ln0).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace rwkvctl::step_default {
+#include "rnn_step_kernel.h"
+}  // namespace rwkvctl::step_default
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RNN_STEP_X86_VARIANTS 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace rwkvctl::step_avx2 {
+#include "rnn_step_kernel.h"
+}  // namespace rwkvctl::step_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
+#endif
+namespace rwkvctl::step_avx512 {
+#include "rnn_step_kernel.h"
+}  // namespace rwkvctl::step_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#include <immintrin.h>
+namespace rwkvctl::step_avx512 {
+#include "rnn_step_avx512.h"
+}  // namespace rwkvctl::step_avx512
+#endif
+
+namespace rwkvctl {
+namespace {
+
+// cpu_isa_level() (cpu_isa.h), with level 2 lowered to 1 where AVX-512 BW is missing: the AVX-512 kernel's
+// 16-bit masked loads need it.
+int step_isa_level() {
+  int level = cpu_isa_level();
+#ifdef RNN_STEP_X86_VARIANTS
+  if (level >= 2 && !__builtin_cpu_supports("avx512bw")) level = 1;
+#endif
+  return level;
+}
+
+#ifdef RNN_STEP_X86_VARIANTS
+#define STEP_PICK(fn, W, level) \
+  ((level) >= 2 ? &step_avx512::fn##_avx512<W> : (level) == 1 ? &step_avx2::fn<W> : &step_default::fn<W>)
+#define STEP_PICK_PLAIN(fn, level) \
+  ((level) >= 2 ? &step_avx512::fn : (level) == 1 ? &step_avx2::fn : &step_default::fn)
+#else
+#define STEP_PICK(fn, W, level) (&step_default::fn<W>)
+#define STEP_PICK_PLAIN(fn, level) (&step_default::fn)
+#endif
+
+constexpr int64_t kRowsPerTask = 64;  // output rows per parallel task: ~100 KB of fp32 weights at K = 768
+
+void check_weight(const char* op, const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": weights must be on the CPU, got ", w.device());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == K, op, ": weight must be (N, ", K, "), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op,
+              ": weights must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
+}
+
+// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. fp32 weights go to torch's own
+// BLAS gemv (what the streaming bound of benchmarks/infer.py measures; it was faster than a hand-written fp32
+// loop here), bf16 weights to the kernels above, which widen them in registers.
+void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
+  const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == at::kFloat) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor yt = at::from_blob(y, {B, N}, opts);
+    at::mm_out(yt, at::from_blob(const_cast<float*>(x), {B, K}, opts), w.t());
+    return;
+  }
+  auto fn = STEP_PICK(gemv_rows, uint16_t, level);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
+    fn(wp, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
+  });
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Small per-layer vectors (norm weights, mixes) as contiguous fp32 of n elements, whatever their shape.
+at::Tensor vec_f32(const char* what, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.numel() == n, "rnn_step_layer: ", what, " must have ", n, " elements, got ", t.sizes());
+  return as_f32(t).reshape({n});
+}
+
+void layer_norm(const float* x, const float* g, const float* b, float* out, int64_t n, float eps) {
+  double mean = 0.0, var = 0.0;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= n;
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var / n + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv * g[i] + b[i];
+}
+
+// out = x * mix + xx * (1 - mix), row by row (the reference's order of operations)
+void token_mix(const float* x, const float* xx, const float* mix, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * mix[i] + xx[i] * (1.f - mix[i]);
+}
+
+}  // namespace
+
+at::Tensor linear_f32acc_cpu(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2, "linear_f32acc: x must be (B, K), got ", x.sizes());
+  check_weight("linear_f32acc", w, x.size(1));
+  const at::Tensor xf = as_f32(x);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, xf.options());
+  if (y.numel() > 0) linear_into(w, xf.data_ptr<float>(), y.data_ptr<float>(), x.size(0), step_isa_level());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
+    const at::Tensor& x_in, const at::Tensor& att_shift, const at::Tensor& ffn_shift, const at::Tensor& wkv,
+    at::TensorList p, double head_size_divisor, bool has_ln0, bool has_gate) {
+  const char* op = "rnn_step_layer";
+  const size_t expected = 20 + (has_gate ? 2 : 0) + (has_ln0 ? 2 : 0);
+  TORCH_CHECK(p.size() == expected, op, ": expected ", expected, " parameter tensors, got ", p.size());
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (B, C), got ", x_in.sizes());
+  const int64_t B = x_in.size(0), C = x_in.size(1);
+  TORCH_CHECK(att_shift.sizes() == x_in.sizes() && ffn_shift.sizes() == x_in.sizes(), op,
+              ": shifts must be (B, C) like x, got ", att_shift.sizes(), ", ", ffn_shift.sizes());
+  TORCH_CHECK(p[7].dim() == 2, op, ": time_decay must be (H, N), got ", p[7].sizes());
+  const int64_t H = p[7].size(0), N = p[7].size(1), A = H * N;
+  TORCH_CHECK(wkv.dim() == 4 && wkv.size(0) == B && wkv.size(1) == H && wkv.size(2) == N && wkv.size(3) == N &&
+                  wkv.scalar_type() == at::kFloat,
+              op, ": wkv must be (B, H, N, N) = (", B, ", ", H, ", ", N, ", ", N, ") float32, got ", wkv.sizes(), " ",
+              wkv.scalar_type());
+  for (int idx : {9, 10, 11}) check_weight(op, p[idx], C);
+  check_weight(op, p[12], A);
+  check_weight(op, p[17], C);
+  check_weight(op, p[18], C);
+  const int64_t F = p[17].size(0);
+  check_weight(op, p[19], F);
+  TORCH_CHECK(p[9].size(0) == A && p[10].size(0) == A && p[11].size(0) == A && p[12].size(0) == C &&
+                  p[18].size(0) == C && p[19].size(0) == C,
+              op, ": projection shapes do not match C=", C, ", dim_att=", A);
+  if (has_gate) {
+    check_weight(op, p[21], C);
+    TORCH_CHECK(p[21].size(0) == A, op, ": gate must be (", A, ", ", C, "), got ", p[21].sizes());
+  }
+  const int level = step_isa_level();
+
+  const at::Tensor ln1w = vec_f32("ln1.weight", p[0], C), ln1b = vec_f32("ln1.bias", p[1], C);
+  const at::Tensor ln2w = vec_f32("ln2.weight", p[2], C), ln2b = vec_f32("ln2.bias", p[3], C);
+  const at::Tensor mk = vec_f32("att.time_mix_k", p[4], C), mv = vec_f32("att.time_mix_v", p[5], C);
+  const at::Tensor mr = vec_f32("att.time_mix_r", p[6], C);
+  const at::Tensor decay = at::exp(-at::exp(vec_f32("att.time_decay", p[7], A)));
+  const at::Tensor u = vec_f32("att.time_faaaa", p[8], A);
+  const at::Tensor lnxw = vec_f32("att.ln_x.weight", p[13], A), lnxb = vec_f32("att.ln_x.bias", p[14], A);
+  const at::Tensor fk = vec_f32("ffn.time_mix_k", p[15], C), fr = vec_f32("ffn.time_mix_r", p[16], C);
+  at::Tensor mg;
+  if (has_gate) mg = vec_f32("att.time_mix_g", p[20], C);
+
+  at::Tensor x = as_f32(x_in).clone();  // (B, C): the residual stream, updated in place below
+  if (has_ln0) {
+    const size_t o = expected - 2;
+    const at::Tensor g0 = vec_f32("ln0.weight", p[o], C), b0 = vec_f32("ln0.bias", p[o + 1], C);
+    for (int64_t b = 0; b < B; ++b) {
+      float* xb = x.data_ptr<float>() + b * C;
+      std::vector<float> tmp(xb, xb + C);
+      layer_norm(tmp.data(), g0.data_ptr<float>(), b0.data_ptr<float>(), xb, C, 1e-5f);
+    }
+  }
+  const at::Tensor sa = as_f32(att_shift), sf = as_f32(ffn_shift);
+  at::Tensor new_att = at::empty({B, C}, x.options()), new_ffn = at::empty({B, C}, x.options());
+  at::Tensor wkv_out = wkv.contiguous().clone();  // (B, H, N, N), advanced in place
+
+  // --- time mix ---
+  const int64_t n_in = has_gate ? 4 : 3;
+  std::vector<float> mixed(static_cast<size_t>(n_in * B * C));  // [r | k | v | g] inputs, each (B, C)
+  float* xr = mixed.data();
+  float* xk = xr + B * C;
+  float* xv = xk + B * C;
+  float* xg = has_gate ? xv + B * C : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    float* xa = new_att.data_ptr<float>() + b * C;  // ln1(x): also the next token's shift
+    layer_norm(x.data_ptr<float>() + b * C, ln1w.data_ptr<float>(), ln1b.data_ptr<float>(), xa, C, 1e-5f);
+    const float* prev = sa.data_ptr<float>() + b * C;
+    token_mix(xa, prev, mr.data_ptr<float>(), xr + b * C, C);
+    token_mix(xa, prev, mk.data_ptr<float>(), xk + b * C, C);
+    token_mix(xa, prev, mv.data_ptr<float>(), xv + b * C, C);
+    if (has_gate) token_mix(xa, prev, mg.data_ptr<float>(), xg + b * C, C);
+  }
+  std::vector<float> proj(static_cast<size_t>(n_in * B * A));  // r, k, v, g projections, each (B, A)
+  float* r = proj.data();
+  float* k = r + B * A;
+  float* v = k + B * A;
+  float* g = has_gate ? v + B * A : nullptr;
+  linear_into(p[9], xr, r, B, level);
+  linear_into(p[10], xk, k, B, level);
+  linear_into(p[11], xv, v, B, level);
+  if (has_gate) linear_into(p[21], xg, g, B, level);
+
+  std::vector<float> y(static_cast<size_t>(B * A));
+  auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, level);
+  const float inv_hsd = static_cast<float>(1.0 / head_size_divisor);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t o = b * A + h * N;
+      float* yh = y.data() + o;
+      wkv_fn(r + o, k + o, v + o, decay.data_ptr<float>() + h * N, u.data_ptr<float>() + h * N,
+             wkv_out.data_ptr<float>() + (b * H + h) * N * N, yh, N);
+      // GroupNorm(H groups) of y / head_size_divisor, as the reference does it
+      for (int64_t i = 0; i < N; ++i) yh[i] *= inv_hsd;
+      double mean = 0.0, var = 0.0;
+      for (int64_t i = 0; i < N; ++i) mean += yh[i];
+      mean /= N;
+      for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
+      const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var / N + 1e-5));
+      const float* gw = lnxw.data_ptr<float>() + h * N;
+      const float* gb = lnxb.data_ptr<float>() + h * N;
+      for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] - m) * inv * gw[i] + gb[i];
+    }
+    if (has_gate) {
+      float* yb = y.data() + b * A;
+      const float* gb = g + b * A;
+      for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + std::exp(-gb[i]));  // silu
+    }
+  }
+  std::vector<float> out(static_cast<size_t>(B * C));
+  linear_into(p[12], y.data(), out.data(), B, level);
+  float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i];
+
+  // --- channel mix ---
+  std::vector<float> fmixed(static_cast<size_t>(2 * B * C));  // [k | r] inputs
+  float* fxk = fmixed.data();
+  float* fxr = fxk + B * C;
+  for (int64_t b = 0; b < B; ++b) {
+    float* xf = new_ffn.data_ptr<float>() + b * C;
+    layer_norm(xp + b * C, ln2w.data_ptr<float>(), ln2b.data_ptr<float>(), xf, C, 1e-5f);
+    const float* prev = sf.data_ptr<float>() + b * C;
+    token_mix(xf, prev, fk.data_ptr<float>(), fxk + b * C, C);
+    token_mix(xf, prev, fr.data_ptr<float>(), fxr + b * C, C);
+  }
+  std::vector<float> hidden(static_cast<size_t>(B * F));
+  linear_into(p[17], fxk, hidden.data(), B, level);
+  for (float& h : hidden) h = h > 0.f ? h * h : 0.f;  // relu(.)^2
+  std::vector<float> rec(static_cast<size_t>(B * C));
+  linear_into(p[18], fxr, rec.data(), B, level);
+  linear_into(p[19], hidden.data(), out.data(), B, level);
+  for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
+  return {x, new_att.to(att_shift.scalar_type()), new_ffn.to(ffn_shift.scalar_type()), wkv_out};
+}
+
+}  // namespace rwkvctl
+
+TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
+  m.def("linear_f32acc(Tensor x, Tensor w) -> Tensor");
+  m.def(
+      "rnn_step_layer(Tensor x, Tensor att_shift, Tensor ffn_shift, Tensor wkv, Tensor[] params, "
+      "float head_size_divisor, bool has_ln0, bool has_gate) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rwkvctl, CPU, m) {
+  m.impl("linear_f32acc", &rwkvctl::linear_f32acc_cpu);
+  m.impl("rnn_step_layer", &rwkvctl::rnn_step_layer_cpu);
+}

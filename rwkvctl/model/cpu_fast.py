@@ -1,0 +1,186 @@
+"""Fast CPU paths of RWKV5, beside the module path in rwkv5.py that stays the reference and test oracle.
+
+- `fused_step`: the RNN decode step with one C++ op per layer (`rwkvctl::rnn_step_layer`, csrc/rnn_step_cpu.cpp):
+  all of a block's elementwise work, the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly
+  (bf16 widened in registers: half the bytes of fp32, no bf16 arithmetic needed). A block whose projections are
+  not plain Linear layers (e.g. QuantLinear) runs its own `Block.step`, so any mix of layers works.
+- `forward_upcast`: the sequence form for a bf16 model on a CPU without bf16 arithmetic: each block runs in fp32
+  with its weights upcast for the duration of that block only (torch's bf16 GEMM there is ~3x slower than fp32).
+
+RWKVCTL_STEP picks the path: `auto` (default: the fast path where it applies, else the module path with one
+notice), `fused` (fail with KernelUnavailable instead of falling back), `reference` (always the module path).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from rwkvctl import native_build
+from rwkvctl.errors import KernelUnavailable
+from rwkvctl.model.state import RecurrentState
+
+log = logging.getLogger("rwkvctl.model")
+_MODES = ("auto", "fused", "reference")
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+_HEAD_ROWS = 8192  # head rows upcast at once when full bf16 logits are asked for (~25 MB fp32 at C=768)
+_warned: set[str] = set()
+
+
+def step_mode() -> str:
+    """The RWKVCTL_STEP setting: auto, fused or reference."""
+    return native_build.choice("STEP", _MODES, KernelUnavailable)
+
+
+def _unavailable(reason: str, mode: str) -> bool:
+    if mode == "fused":
+        raise KernelUnavailable(f"RWKVCTL_STEP=fused but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("RNN step: using the PyTorch module path (slower) because %s", reason)
+    return False
+
+
+def _extension_ready() -> str | None:
+    """None once the ops are loaded (building them on first use), else why not."""
+    from rwkvctl.kernels import build
+
+    if build.loaded() is not None:
+        return None
+    try:
+        build.load_extension()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether the fast CPU paths run for this model now. CUDA and autograd keep the module path without a
+    notice (it is the right path there); a CPU model the fast path cannot take gets one notice per reason."""
+    mode = step_mode()
+    weight = model.emb.weight
+    if mode == "reference" or weight.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return False  # the C++ ops have no backward; training and gradient checks use the module path
+    if weight.dtype not in _FAST_DTYPES:
+        return _unavailable(f"the model dtype is {weight.dtype}, not float32 or bfloat16", mode)
+    reason = _extension_ready()
+    return True if reason is None else _unavailable(reason, mode)
+
+
+def _plain(linear: nn.Module, dtype: torch.dtype) -> bool:
+    w = getattr(linear, "weight", None)
+    return type(linear) is nn.Linear and linear.bias is None and w.dtype == dtype and w.is_contiguous()
+
+
+def layer_params(block: nn.Module, dtype: torch.dtype) -> list[Tensor] | None:
+    """The parameters `rnn_step_layer` takes, in its order (csrc/rnn_step_cpu.cpp), or None when the block has a
+    projection the op cannot read (not a plain bias-free Linear in the model dtype)."""
+    att, ffn = block.att, block.ffn
+    linears = [att.receptance, att.key, att.value, att.output, ffn.key, ffn.receptance, ffn.value]
+    if att.cfg.gate:
+        linears.append(att.gate)
+    if not all(_plain(m, dtype) for m in linears):
+        return None
+    p = [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
+    p += [att.time_mix_k, att.time_mix_v, att.time_mix_r, att.time_decay, att.time_faaaa]
+    p += [att.receptance.weight, att.key.weight, att.value.weight, att.output.weight, att.ln_x.weight, att.ln_x.bias]
+    p += [ffn.time_mix_k, ffn.time_mix_r, ffn.key.weight, ffn.receptance.weight, ffn.value.weight]
+    if att.cfg.gate:
+        p += [att.time_mix_g, att.gate.weight]
+    if block.layer_id == 0:
+        p += [block.ln0.weight, block.ln0.bias]
+    return p
+
+
+def _head(model: nn.Module, x: Tensor) -> Tensor:
+    """ln_out and head of fp32 rows x (B, C) -> fp32 logits (B, V); the head's weights are read as they are."""
+    ln = model.ln_out
+    x = F.layer_norm(x, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+    if _plain(model.head, model.emb.weight.dtype):
+        return torch.ops.rwkvctl.linear_f32acc(x, model.head.weight)
+    return model.head(x.to(model.emb.weight.dtype)).float()
+
+
+def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple[Tensor, RecurrentState]:
+    """RWKV5.step on the fast path (call only where `applies(model)`): tokens (B,) -> (logits (B, V), new state).
+    The residual stream stays fp32 between layers; logits and state come back in the reference's dtypes."""
+    dtype = model.emb.weight.dtype
+    hsd = float(model.cfg.head_size_divisor)
+    x = model.emb(tokens).float()  # (B, C)
+    att_shifts, ffn_shifts, wkvs = [], [], []
+    for i, block in enumerate(model.blocks):
+        params = layer_params(block, dtype)
+        if params is not None:
+            x, a, f, s = torch.ops.rwkvctl.rnn_step_layer(
+                x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], params, hsd, block.layer_id == 0,
+                block.att.cfg.gate,
+            )
+        else:  # e.g. packed QuantLinear projections: the block's own step, matmuls included
+            x, a, f, s = block.step(x.to(dtype), state.att_shift[i], state.ffn_shift[i], state.wkv[i])
+            x = x.float()
+        att_shifts.append(a)
+        ffn_shifts.append(f)
+        wkvs.append(s)
+    new_state = RecurrentState(
+        torch.stack(att_shifts).to(state.att_shift.dtype),  # (L, B, C)
+        torch.stack(ffn_shifts).to(state.ffn_shift.dtype),  # (L, B, C)
+        torch.stack(wkvs),  # (L, B, H, N, N)
+    )
+    return _head(model, x).to(dtype), new_state
+
+
+def upcast_applies(model: nn.Module) -> bool:
+    """Whether the sequence form should run in fp32 blocks: a bf16 CPU model, no bf16 arithmetic in the CPU."""
+    if model.emb.weight.dtype != torch.bfloat16 or step_mode() == "reference":
+        return False
+    if model.emb.weight.device.type != "cpu" or (torch.is_grad_enabled() and model.emb.weight.requires_grad):
+        return False
+    has_bf16_math = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return not has_bf16_math
+
+
+def forward_upcast(
+    model: nn.Module, x: Tensor, state: RecurrentState, last_only: bool
+) -> tuple[Tensor, RecurrentState]:
+    """The blocks of RWKV5.forward on x (B, T, C) in fp32, one block's weights upcast at a time (memory: one
+    block in fp32); logits and state come back in the reference's dtypes."""
+    dtype = model.emb.weight.dtype
+    x = x.float()
+    att_shifts, ffn_shifts, wkvs = [], [], []
+    last_block = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        params = {name: p.float() for name, p in block.named_parameters()}
+        args = (x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
+        # as in RWKV5._run_blocks: with last_only the last block's outputs are needed for 2 positions only
+        kwargs = {"tail": 2} if last_only and i == last_block else {}
+        x, a, f, s = functional_call(block, params, args, kwargs)
+        att_shifts.append(a)
+        ffn_shifts.append(f)
+        wkvs.append(s)
+    new_state = RecurrentState(
+        torch.stack(att_shifts).to(state.att_shift.dtype),  # (L, B, C)
+        torch.stack(ffn_shifts).to(state.ffn_shift.dtype),  # (L, B, C)
+        torch.stack(wkvs),  # (L, B, H, N, N)
+    )
+    if last_only:
+        x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
+    B, T, C = x.shape
+    rows = x.reshape(B * T, C)  # (B, T, C) -> (B*T, C)
+    if T == 1 and _extension_ready() is None:
+        logits = _head(model, rows)
+    else:  # many rows: a GEMM, with the head upcast a block of rows at a time
+        ln = model.ln_out
+        rows = F.layer_norm(rows, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+        head = model.head.weight if isinstance(model.head, nn.Linear) else None
+        if head is None:
+            logits = model.head(rows)
+        else:
+            blocks = range(0, head.shape[0], _HEAD_ROWS)
+            logits = torch.cat([rows @ head[a : a + _HEAD_ROWS].float().T for a in blocks], dim=1)  # (B*T, V)
+    return logits.to(dtype).view(B, T, -1), new_state

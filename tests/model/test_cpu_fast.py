@@ -1,0 +1,256 @@
+"""The fast CPU paths (rwkvctl/model/cpu_fast.py, csrc/rnn_step_cpu.cpp) against the module path they replace.
+
+Tolerances: fp32 differs from the reference only in summation order (1e-5 of the largest logit); bf16 computes in
+fp32 with bf16 weights where the reference computes in bf16, so it is compared with an fp32 run on the same
+(bf16-rounded) weights, the bf16 rounding of the logits being the error left (2^-8 relative).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from rwkvctl.config import ModelConfig
+from rwkvctl.errors import KernelUnavailable
+from rwkvctl.model import cpu_fast
+from rwkvctl.model.state import RecurrentState
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
+
+CONFIGS = {
+    "gate": ModelConfig(n_layer=2, n_embd=128, vocab_size=300),
+    "no-gate": ModelConfig(n_layer=2, n_embd=128, vocab_size=300, gate=False),
+    "head32": ModelConfig(n_layer=3, n_embd=96, vocab_size=77, head_size=32, dim_ffn=224),
+    "head24-odd": ModelConfig(n_layer=2, n_embd=96, vocab_size=101, head_size=24, dim_att=96, dim_ffn=160),
+}
+
+
+def _steps(model, tokens: torch.Tensor, state: RecurrentState | None = None):
+    """Logits of every step (B, T, V) and the final state, one token per call."""
+    outs = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits, state = model.step(tokens[:, t], state)
+            outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def _both(model, tokens, monkeypatch, state=None):
+    """(fast, reference) results of the same steps."""
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    fast = _steps(model, tokens, None if state is None else state.clone())
+    monkeypatch.setenv("RWKVCTL_STEP", "reference")
+    ref = _steps(model, tokens, None if state is None else state.clone())
+    monkeypatch.delenv("RWKVCTL_STEP")
+    return fast, ref
+
+
+def _assert_state_close(a: RecurrentState, b: RecurrentState, rtol: float, atol: float) -> None:
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_step_equals_reference_fp32(random_model, monkeypatch, name, batch):
+    cfg = CONFIGS[name]
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    (fast, fast_state), (ref, ref_state) = _both(model, tokens, monkeypatch)
+    scale = ref.abs().max()
+    assert (fast - ref).abs().max() <= 1e-5 * scale
+    _assert_state_close(fast_state, ref_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_batch_rows_equal_single_rows(random_model, dtype):
+    """bf16 (own kernel, rows independent of the batch) bitwise; fp32 goes through torch's BLAS, whose gemv and
+    gemm round differently (as on the module path): logits within 1e-6 of the scale, states 1e-5."""
+    model = random_model(CONFIGS["gate"]).to(dtype)
+    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(5))
+    batched, state = _steps(model, tokens)
+    for row in range(3):
+        single, single_state = _steps(model, tokens[row : row + 1])
+        if dtype == torch.bfloat16:
+            assert torch.equal(batched[row], single[0])
+            assert torch.equal(state.wkv[:, row], single_state.wkv[:, 0])
+        else:
+            assert (batched[row] - single[0]).abs().max() <= 1e-6 * single.abs().max()
+            torch.testing.assert_close(state.wkv[:, row], single_state.wkv[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_leaves_the_input_state_alone(random_model):
+    model = random_model(CONFIGS["gate"])
+    _, state = _steps(model, torch.tensor([[1, 2, 3]]))
+    before = state.clone()
+    with torch.no_grad():
+        model.step(torch.tensor([4]), state)
+    _assert_state_close(state, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_bf16(random_model, monkeypatch, gate, batch):
+    cfg = ModelConfig(n_layer=2, n_embd=128, vocab_size=300, gate=gate)
+    bf16 = random_model(cfg).to(torch.bfloat16)
+    rounded = random_model(cfg)
+    rounded.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})  # same weights in fp32
+    tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    fast, fast_state = _steps(bf16, tokens)
+    monkeypatch.setenv("RWKVCTL_STEP", "reference")
+    exact, exact_state = _steps(rounded, tokens)
+    ref, ref_state = _steps(bf16, tokens)
+    assert fast.dtype == torch.bfloat16 and fast_state.att_shift.dtype == torch.bfloat16
+    _assert_closer_than_module_path((fast, fast_state), (ref, ref_state), (exact, exact_state))
+
+
+def _assert_closer_than_module_path(fast, ref, exact, tol: float = 2e-2) -> None:
+    """bf16 results (logits, state) vs the fp32 run on the same weights: within `tol` of each tensor's largest
+    magnitude (fp32 arithmetic on bf16 weights: only the rounding of logits and stored shifts remains), and at
+    least as close as the bf16 module path (plus 0.1% of the scale)."""
+    for name, f, r, e in [("logits", fast[0], ref[0], exact[0])] + [
+        (n, getattr(fast[1], n), getattr(ref[1], n), getattr(exact[1], n)) for n in ("att_shift", "ffn_shift", "wkv")
+    ]:
+        assert f.dtype == r.dtype and f.shape == e.shape, name
+        scale = e.abs().max().item()
+        err, ref_err = (f.float() - e).abs().max().item(), (r.float() - e).abs().max().item()
+        assert err <= tol * scale, (name, err, scale)
+        assert err <= ref_err + 1e-3 * scale, (name, err, ref_err)
+
+
+def test_fused_step_with_a_quantized_block(random_model, monkeypatch):
+    """A block whose projections are QuantLinear runs its own step; the other blocks stay fused."""
+    from rwkvctl.quant.linear import use_packed_weights
+    from rwkvctl.quant.schemes import encode_with
+
+    model = random_model(CONFIGS["gate"])
+    packed = {
+        name: encode_with("group-affine", p.detach(), bits=8)[0]
+        for name, p in model.named_parameters()
+        if name.startswith("blocks.1.") and p.dim() == 2 and "time_" not in name
+    }
+    assert use_packed_weights(model, packed)
+    assert cpu_fast.layer_params(model.blocks[0], torch.float32) is not None
+    assert cpu_fast.layer_params(model.blocks[1], torch.float32) is None
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(7))
+    (fast, fast_state), (ref, ref_state) = _both(model, tokens, monkeypatch)
+    # QuantLinear's compiled matmul rounds its activations to int16 (~2e-5 relative per matmul, tests/quant), so
+    # the fused block's fp32-order differences before it can move a code by one step
+    assert (fast - ref).abs().max() <= 2e-4 * ref.abs().max()
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        f, r = getattr(fast_state, name), getattr(ref_state, name)
+        assert (f - r).abs().max() <= 1e-3 * r.abs().max(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["", "avx2", "default"])
+def test_linear_f32acc_odd_shapes(monkeypatch, dtype, isa):
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(0)
+    for rows, n, k in ((1, 7, 77), (3, 130, 16), (5, 1, 1), (2, 64, 768)):
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        x = torch.randn(k, rows, generator=gen).T  # non-contiguous (rows, k)
+        got = torch.ops.rwkvctl.linear_f32acc(x, w)
+        want = x.double() @ w.double().T
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_f32acc_refuses_bad_weights():
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.rwkvctl.linear_f32acc(torch.randn(1, 4), torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.rwkvctl.linear_f32acc(torch.randn(1, 4), torch.randn(4, 3).T)
+
+
+def test_reference_env_forces_the_module_path(random_model, monkeypatch):
+    model = random_model(CONFIGS["gate"])
+
+    def boom(*args):
+        raise AssertionError("fused path taken")
+
+    monkeypatch.setattr(cpu_fast, "fused_step", boom)
+    monkeypatch.setenv("RWKVCTL_STEP", "reference")
+    _steps(model, torch.tensor([[1, 2]]))
+    monkeypatch.setenv("RWKVCTL_STEP", "auto")
+    with pytest.raises(AssertionError, match="fused path taken"):
+        _steps(model, torch.tensor([[1, 2]]))
+
+
+def test_bad_mode_is_refused(monkeypatch, random_model):
+    monkeypatch.setenv("RWKVCTL_STEP", "fast")
+    with pytest.raises(KernelUnavailable, match="RWKVCTL_STEP must be one of"):
+        _steps(random_model(CONFIGS["gate"]), torch.tensor([[1]]))
+
+
+def test_autograd_keeps_the_module_path(random_model, monkeypatch):
+    model = random_model(CONFIGS["gate"])
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    logits, _ = model.step(torch.tensor([1]))
+    assert logits.requires_grad  # the module path, which has a backward
+
+
+def test_one_notice_when_unavailable(random_model, monkeypatch, caplog):
+    model = random_model(CONFIGS["gate"]).double()
+    monkeypatch.setattr(cpu_fast, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="rwkvctl.model"):
+        fast, _ = _steps(model, torch.tensor([[1, 2, 3]]))
+    notices = [r for r in caplog.records if "module path" in r.getMessage()]
+    assert len(notices) == 1 and "torch.float64" in notices[0].getMessage()
+    assert fast.dtype == torch.float64
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    with pytest.raises(KernelUnavailable, match="RWKVCTL_STEP=fused but the model dtype"):
+        _steps(model, torch.tensor([[1]]))
+
+
+def test_notice_when_the_extension_cannot_load(random_model, monkeypatch, caplog):
+    model = random_model(CONFIGS["gate"])
+    monkeypatch.setattr(cpu_fast, "_warned", set())
+    monkeypatch.setattr(cpu_fast, "_extension_ready", lambda: "no C++ compiler")
+    with caplog.at_level(logging.WARNING, logger="rwkvctl.model"):
+        (fast, _), (ref, _) = _both_auto(model, monkeypatch)
+    assert torch.equal(fast, ref)
+    assert sum("no C++ compiler" in r.getMessage() for r in caplog.records) == 1
+
+
+def _both_auto(model, monkeypatch):
+    tokens = torch.tensor([[1, 2, 3]])
+    fast = _steps(model, tokens)
+    monkeypatch.setenv("RWKVCTL_STEP", "reference")
+    ref = _steps(model, tokens)
+    monkeypatch.delenv("RWKVCTL_STEP")
+    return fast, ref
+
+
+@pytest.mark.parametrize("last_only", [True, False])
+@pytest.mark.parametrize("gate", [True, False])
+def test_bf16_sequence_form_runs_in_fp32_blocks(random_model, monkeypatch, last_only, gate):
+    cfg = ModelConfig(n_layer=2, n_embd=128, vocab_size=300, gate=gate)
+    bf16 = random_model(cfg).to(torch.bfloat16)
+    rounded = random_model(cfg)
+    rounded.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 300, (2, 33), generator=gen)
+    _, start = bf16(torch.randint(0, 300, (2, 5), generator=gen))  # an incoming state, in the model dtype
+    monkeypatch.setattr(cpu_fast, "_HEAD_ROWS", 64)  # several head blocks
+    with torch.no_grad():
+        monkeypatch.setenv("RWKVCTL_STEP", "auto")
+        assert cpu_fast.upcast_applies(bf16)
+        fast, fast_state = bf16(idx, start.clone(), last_only=last_only)
+        monkeypatch.setenv("RWKVCTL_STEP", "reference")
+        ref, ref_state = bf16(idx, start.clone(), last_only=last_only)
+        exact = rounded(idx, RecurrentState(*(t.float() for t in vars(start).values())), last_only=last_only)
+    assert fast.shape == ref.shape and fast.dtype == torch.bfloat16
+    _assert_closer_than_module_path((fast, fast_state), (ref, ref_state), exact)
