@@ -12,7 +12,12 @@ over rounds is printed; the load average at the start and end says how quiet the
 - decode: tokens/s of `model.step` one token at a time with the state carried, head included; the module path
   (RWKVCTL_STEP=reference, what decode was before the fused step) is measured beside it;
 - ingestion: a `--prompt`-token prompt, ours through `rwkvctl.generate.ingest`, the package through
-  `RWKV.forward(tokens, None)` with strategy "cpu fp32" / "cpu bf16".
+  `RWKV.forward(tokens, None)` with strategy "cpu fp32" / "cpu bf16";
+- packed decode: the same checkpoint quantized (`quantize_checkpoint`, default settings: 4 or 8-bit blocks, 8-bit
+  head) and loaded with `keep_quantized=True` (the compiled packed matmul), plus int4 with a 4-bit head
+  (`--embed-bits 4`); the max |logit difference| to the expanded model of the same file is printed once.
+Goals (issue 15): fp32 decode >= 0.9x the bound; bf16 >= 1.8x fp32; int8 >= 3x; int4 >= 4x; ingestion >= 3x the
+package in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -55,6 +60,28 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total + emb.shape[1] * emb.element_size()
 
 
+def quantized_models(path: Path, work: Path) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """int8, int4 (8-bit head) and int4 with a 4-bit head, packed; and each one's max |logit - expanded model's|."""
+    from rwkvctl.lifecycle.models import load_model
+    from rwkvctl.lifecycle.quantize import quantize_checkpoint
+    from rwkvctl.quant.policy import QuantSpec
+
+    models, errors = {}, {}
+    for name, spec in (("int8", QuantSpec(bits=8)), ("int4", QuantSpec(bits=4)),
+                       ("int4_head4", QuantSpec(bits=4, embed_bits=4))):
+        out = quantize_checkpoint(path, work / f"{name}.safetensors", spec).path
+        models[name] = load_model(out, keep_quantized=True)[0]
+        expanded = load_model(out)[0]
+        with torch.no_grad():
+            idx = torch.tensor([[1, 2, 3, 4]])
+            errors[name] = float((models[name](idx)[0] - expanded(idx)[0]).abs().max())
+            _, a = models[name](idx)
+            _, b = expanded(idx)
+            errors[name] = max(errors[name], float((models[name].step(torch.tensor([5]), a)[0]
+                                                    - expanded.step(torch.tensor([5]), b)[0]).abs().max()))
+    return models, errors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.1b")
@@ -75,6 +102,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-infer-"))
     path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
     ours = {"fp32": load_model(path)[0], "bf16": load_model(path, dtype=torch.bfloat16)[0]}
+    packed, packed_error = quantized_models(path, work)
     theirs = {}
     if not args.no_package:
         from rwkv.model import RWKV
@@ -122,6 +150,9 @@ def main() -> None:
             for name in ("fp32", "bf16"):
                 measure(r, f"decode_{name}", decode, ours[name], "auto")
                 measure(r, f"decode_{name}_module", decode, ours[name], "reference")
+            for name, model in packed.items():
+                measure(r, f"decode_{name}", decode, model, "auto")
+                r[f"{name}_vs_fp32"] = r[f"decode_{name}"] / r["decode_fp32"]
             for name in ("fp32", "bf16"):
                 measure(r, f"ingest_{name}", ingest_ours, ours[name])
                 if theirs:
@@ -143,6 +174,9 @@ def main() -> None:
               f"{s['decode_fp32_module']:.1f} tok/s")
         print(f"  bf16 decode {s['decode_bf16']:.1f} tok/s = {s['bf16_vs_fp32']:.2f}x fp32 (goal >= 1.8); module path "
               f"{s['decode_bf16_module']:.1f} tok/s")
+        for name, goal in (("int8", 3), ("int4", 4), ("int4_head4", 4)):
+            print(f"  {name} decode (packed) {s[f'decode_{name}']:.1f} tok/s = {s[f'{name}_vs_fp32']:.2f}x fp32 "
+                  f"(goal >= {goal}; max |logit - expanded| {packed_error[name]:.1e})")
         for name in ("fp32", "bf16"):
             line = f"  ingestion {args.prompt} tokens {name}: {s[f'ingest_{name}']:.0f} tok/s"
             if theirs:
@@ -160,6 +194,7 @@ def main() -> None:
         "step_mb_fp32": round(bytes_fp32 / 1e6, 1),
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "packed_logit_error": packed_error,
         "threads": summary,
     }  # fmt: skip
     print(json.dumps(result))
