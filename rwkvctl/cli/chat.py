@@ -61,7 +61,7 @@ def chat_command(
         bool,
         typer.Option(
             "--keep-quantized",
-            help="A quantized model's weights stay packed (~4.5 bits each in memory; ~3x slower per token on CPU).",
+            help="A quantized model's weights stay packed (~4.5 bits each in memory; decoded by a compiled kernel).",
         ),
     ] = False,
 ) -> None:
