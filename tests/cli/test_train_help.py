@@ -38,5 +38,5 @@ def test_every_mapped_key_is_a_real_override():
 
 def test_field_docs_read_multiline_docstrings_as_one_line():
     doc = field_docs()["train.segment_len"]
-    assert "\n" not in doc and "  " not in doc and doc.endswith("Single strategy.")
+    assert "\n" not in doc and "  " not in doc and doc.endswith("Any strategy.")
     assert field_docs()["model.n_layer"] == "Number of blocks."  # rwkvctl/config.py's ModelConfig too
