@@ -49,6 +49,7 @@ def direct_loglikelihood(model, tok, context: str, continuation: str) -> float:
     return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
 
 
+@pytest.mark.slow  # lm-eval's import and task loading take ~40 s on 2 cores
 def test_the_harness_scores_equal_ours_on_local_tasks(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
