@@ -1,5 +1,5 @@
 // CPU ops of the RNN decode step (RWKV-5.2, one token per sequence), beside the module path they replace in
-// rwkvctl/model/rwkv5.py (the reference and test oracle; Python side: rwkvctl/model/fused_step.py):
+// rwkvctl/model/rwkv5.py (the reference and test oracle; Python side: rwkvctl/model/cpu_fast.py):
 //
 //   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
 //       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
@@ -11,7 +11,7 @@
 //       per layer instead of ~40 PyTorch ops; new tensors are returned, the inputs are left untouched (callers
 //       keep snapshots of states). Shifts come back in the dtype they came in.
 //
-// `params` order (kept in sync with rwkvctl/model/fused_step.py:layer_params):
+// `params` order (kept in sync with rwkvctl/model/cpu_fast.py:layer_params):
 //   0 ln1.w  1 ln1.b  2 ln2.w  3 ln2.b  4 att.time_mix_k  5 att.time_mix_v  6 att.time_mix_r  7 att.time_decay
 //   8 att.time_faaaa  9 att.receptance  10 att.key  11 att.value  12 att.output  13 att.ln_x.w  14 att.ln_x.b
 //   15 ffn.time_mix_k  16 ffn.time_mix_r  17 ffn.key  18 ffn.receptance  19 ffn.value
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "rnn_step_parts.h"
 
 namespace rwkvctl::step_default {
 #include "rnn_step_kernel.h"
@@ -118,29 +119,39 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   });
 }
 
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// Small per-layer vectors (norm weights, mixes) as contiguous fp32 of n elements, whatever their shape.
-at::Tensor vec_f32(const char* what, const at::Tensor& t, int64_t n) {
-  TORCH_CHECK(t.numel() == n, "rnn_step_layer: ", what, " must have ", n, " elements, got ", t.sizes());
-  return as_f32(t).reshape({n});
-}
-
-void layer_norm(const float* x, const float* g, const float* b, float* out, int64_t n, float eps) {
-  double mean = 0.0, var = 0.0;
-  for (int64_t i = 0; i < n; ++i) mean += x[i];
-  mean /= n;
-  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
-  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var / n + eps));
-  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv * g[i] + b[i];
-}
-
-// out = x * mix + xx * (1 - mix), row by row (the reference's order of operations)
-void token_mix(const float* x, const float* xx, const float* mix, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * mix[i] + xx[i] * (1.f - mix[i]);
-}
-
 }  // namespace
+
+void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const float* g, const float* time_decay,
+                        const float* u, const float* lnx_w, const float* lnx_b, float* wkv, float* y, int64_t B,
+                        int64_t H, int64_t N, double head_size_divisor) {
+  const int64_t A = H * N;
+  std::vector<float> decay(static_cast<size_t>(A));
+  for (int64_t i = 0; i < A; ++i) decay[i] = std::exp(-std::exp(time_decay[i]));
+  auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, step_isa_level());
+  const float inv_hsd = static_cast<float>(1.0 / head_size_divisor);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t o = b * A + h * N;
+      float* yh = y + o;
+      wkv_fn(r + o, k + o, v + o, decay.data() + h * N, u + h * N, wkv + (b * H + h) * N * N, yh, N);
+      // GroupNorm(H groups) of y / head_size_divisor, as the reference does it
+      for (int64_t i = 0; i < N; ++i) yh[i] *= inv_hsd;
+      double mean = 0.0, var = 0.0;
+      for (int64_t i = 0; i < N; ++i) mean += yh[i];
+      mean /= N;
+      for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
+      const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var / N + 1e-5));
+      const float* gw = lnx_w + h * N;
+      const float* gb = lnx_b + h * N;
+      for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] - m) * inv * gw[i] + gb[i];
+    }
+    if (g != nullptr) {
+      float* yb = y + b * A;
+      const float* gb = g + b * A;
+      for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + std::exp(-gb[i]));  // silu
+    }
+  }
+}
 
 at::Tensor linear_f32acc_cpu(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2, "linear_f32acc: x must be (B, K), got ", x.sizes());
@@ -182,21 +193,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   }
   const int level = step_isa_level();
 
-  const at::Tensor ln1w = vec_f32("ln1.weight", p[0], C), ln1b = vec_f32("ln1.bias", p[1], C);
-  const at::Tensor ln2w = vec_f32("ln2.weight", p[2], C), ln2b = vec_f32("ln2.bias", p[3], C);
-  const at::Tensor mk = vec_f32("att.time_mix_k", p[4], C), mv = vec_f32("att.time_mix_v", p[5], C);
-  const at::Tensor mr = vec_f32("att.time_mix_r", p[6], C);
-  const at::Tensor decay = at::exp(-at::exp(vec_f32("att.time_decay", p[7], A)));
-  const at::Tensor u = vec_f32("att.time_faaaa", p[8], A);
-  const at::Tensor lnxw = vec_f32("att.ln_x.weight", p[13], A), lnxb = vec_f32("att.ln_x.bias", p[14], A);
-  const at::Tensor fk = vec_f32("ffn.time_mix_k", p[15], C), fr = vec_f32("ffn.time_mix_r", p[16], C);
+  const at::Tensor ln1w = vec_f32(op, "ln1.weight", p[0], C), ln1b = vec_f32(op, "ln1.bias", p[1], C);
+  const at::Tensor ln2w = vec_f32(op, "ln2.weight", p[2], C), ln2b = vec_f32(op, "ln2.bias", p[3], C);
+  const at::Tensor mk = vec_f32(op, "att.time_mix_k", p[4], C), mv = vec_f32(op, "att.time_mix_v", p[5], C);
+  const at::Tensor mr = vec_f32(op, "att.time_mix_r", p[6], C);
+  const at::Tensor td = vec_f32(op, "att.time_decay", p[7], A);
+  const at::Tensor u = vec_f32(op, "att.time_faaaa", p[8], A);
+  const at::Tensor lnxw = vec_f32(op, "att.ln_x.weight", p[13], A), lnxb = vec_f32(op, "att.ln_x.bias", p[14], A);
+  const at::Tensor fk = vec_f32(op, "ffn.time_mix_k", p[15], C), fr = vec_f32(op, "ffn.time_mix_r", p[16], C);
   at::Tensor mg;
-  if (has_gate) mg = vec_f32("att.time_mix_g", p[20], C);
+  if (has_gate) mg = vec_f32(op, "att.time_mix_g", p[20], C);
 
   at::Tensor x = as_f32(x_in).clone();  // (B, C): the residual stream, updated in place below
   if (has_ln0) {
     const size_t o = expected - 2;
-    const at::Tensor g0 = vec_f32("ln0.weight", p[o], C), b0 = vec_f32("ln0.bias", p[o + 1], C);
+    const at::Tensor g0 = vec_f32(op, "ln0.weight", p[o], C), b0 = vec_f32(op, "ln0.bias", p[o + 1], C);
     for (int64_t b = 0; b < B; ++b) {
       float* xb = x.data_ptr<float>() + b * C;
       std::vector<float> tmp(xb, xb + C);
@@ -234,31 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   if (has_gate) linear_into(p[21], xg, g, B, level);
 
   std::vector<float> y(static_cast<size_t>(B * A));
-  auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, level);
-  const float inv_hsd = static_cast<float>(1.0 / head_size_divisor);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t o = b * A + h * N;
-      float* yh = y.data() + o;
-      wkv_fn(r + o, k + o, v + o, decay.data_ptr<float>() + h * N, u.data_ptr<float>() + h * N,
-             wkv_out.data_ptr<float>() + (b * H + h) * N * N, yh, N);
-      // GroupNorm(H groups) of y / head_size_divisor, as the reference does it
-      for (int64_t i = 0; i < N; ++i) yh[i] *= inv_hsd;
-      double mean = 0.0, var = 0.0;
-      for (int64_t i = 0; i < N; ++i) mean += yh[i];
-      mean /= N;
-      for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
-      const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var / N + 1e-5));
-      const float* gw = lnxw.data_ptr<float>() + h * N;
-      const float* gb = lnxb.data_ptr<float>() + h * N;
-      for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] - m) * inv * gw[i] + gb[i];
-    }
-    if (has_gate) {
-      float* yb = y.data() + b * A;
-      const float* gb = g + b * A;
-      for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + std::exp(-gb[i]));  // silu
-    }
-  }
+  wkv_groupnorm_gate(r, k, v, g, td.data_ptr<float>(), u.data_ptr<float>(), lnxw.data_ptr<float>(),
+                     lnxb.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N, head_size_divisor);
   std::vector<float> out(static_cast<size_t>(B * C));
   linear_into(p[12], y.data(), out.data(), B, level);
   float* xp = x.data_ptr<float>();

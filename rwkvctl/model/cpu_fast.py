@@ -3,7 +3,8 @@
 - `fused_step`: the RNN decode step with one C++ op per layer (`rwkvctl::rnn_step_layer`, csrc/rnn_step_cpu.cpp):
   all of a block's elementwise work, the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly
   (bf16 widened in registers: half the bytes of fp32, no bf16 arithmetic needed). A block whose projections are
-  not plain Linear layers (e.g. QuantLinear) runs its own `Block.step`, so any mix of layers works.
+  not plain Linear layers (e.g. packed QuantLinear) takes `_split_step`: its elementwise work in five fused ops
+  (csrc/rnn_step_parts_cpu.cpp) around calls of its own projection modules, so any mix of layers works.
 - `forward_upcast`: the sequence form for a bf16 model on a CPU without bf16 arithmetic: each block runs in fp32
   with its weights upcast for the duration of that block only (torch's bf16 GEMM there is ~3x slower than fp32).
 
@@ -121,9 +122,8 @@ def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple
                 x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], params, hsd, block.layer_id == 0,
                 block.att.cfg.gate,
             )
-        else:  # e.g. packed QuantLinear projections: the block's own step, matmuls included
-            x, a, f, s = block.step(x.to(dtype), state.att_shift[i], state.ffn_shift[i], state.wkv[i])
-            x = x.float()
+        else:  # e.g. packed QuantLinear projections: fused elementwise ops around the block's own modules
+            x, a, f, s = _split_step(block, x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], dtype, hsd)
         att_shifts.append(a)
         ffn_shifts.append(f)
         wkvs.append(s)
@@ -133,6 +133,43 @@ def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple
         torch.stack(wkvs),  # (L, B, H, N, N)
     )
     return _head(model, x).to(dtype), new_state
+
+
+def _project(linear: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """linear(x) as fp32 (B, out) for fp32 rows x (B, in): a plain Linear through linear_f32acc, any other module
+    (QuantLinear: its compiled packed matmul) called on rows in the model dtype, as the module path does."""
+    if _plain(linear, dtype):
+        return torch.ops.rwkvctl.linear_f32acc(x, linear.weight)
+    return linear(x if dtype == torch.float32 else x.to(dtype)).float()
+
+
+def _split_step(
+    block: nn.Module, x: Tensor, att_shift: Tensor, ffn_shift: Tensor, wkv: Tensor, dtype: torch.dtype, hsd: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block.step for fp32 rows x (B, C) of a block `rnn_step_layer` cannot take: the elementwise work in five C++
+    ops (csrc/rnn_step_parts_cpu.cpp), the projections by the block's own modules in between."""
+    att, ffn, ops = block.att, block.ffn, torch.ops.rwkvctl
+    gate = att.cfg.gate
+    vecs = [block.ln1.weight, block.ln1.bias, att.time_mix_r, att.time_mix_k, att.time_mix_v]
+    if gate:
+        vecs.append(att.time_mix_g)
+    if block.layer_id == 0:
+        vecs += [block.ln0.weight, block.ln0.bias]
+    x, new_att, mixed = ops.rnn_step_att_in(x, att_shift, vecs, block.layer_id == 0, gate)  # mixed: (3|4, B, C)
+    r = _project(att.receptance, mixed[0], dtype)
+    k = _project(att.key, mixed[1], dtype)
+    v = _project(att.value, mixed[2], dtype)
+    g = _project(att.gate, mixed[3], dtype) if gate else None
+    y, new_wkv = ops.rnn_step_att_out(
+        r, k, v, g, wkv, [att.time_decay, att.time_faaaa, att.ln_x.weight, att.ln_x.bias], hsd
+    )
+    a = _project(att.output, y, dtype)
+    ffn_vecs = [block.ln2.weight, block.ln2.bias, ffn.time_mix_k, ffn.time_mix_r]
+    x, new_ffn, mixed = ops.rnn_step_ffn_in(x, a, ffn_shift, ffn_vecs)  # mixed: (2, B, C)
+    hidden = ops.rnn_step_relu_square(_project(ffn.key, mixed[0], dtype))
+    rec = _project(ffn.receptance, mixed[1], dtype)
+    x = ops.rnn_step_ffn_residual(x, rec, _project(ffn.value, hidden, dtype))
+    return x, new_att, new_ffn, new_wkv
 
 
 def upcast_applies(model: nn.Module) -> bool:

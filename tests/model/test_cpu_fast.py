@@ -254,3 +254,110 @@ def test_bf16_sequence_form_runs_in_fp32_blocks(random_model, monkeypatch, last_
         exact = rounded(idx, RecurrentState(*(t.float() for t in vars(start).values())), last_only=last_only)
     assert fast.shape == ref.shape and fast.dtype == torch.bfloat16
     _assert_closer_than_module_path((fast, fast_state), (ref, ref_state), exact)
+
+
+def _packed_model(random_model, cfg: ModelConfig, bits: int, blocks: str = "blocks."):
+    """A random model whose block projections (under `blocks`) are packed QuantLinear layers of `bits` bits."""
+    from rwkvctl.quant.linear import use_packed_weights
+    from rwkvctl.quant.schemes import encode_with
+
+    model = random_model(cfg)
+    packed = {
+        name: encode_with("group-affine", p.detach(), bits=bits)[0]
+        for name, p in model.named_parameters()
+        if name.startswith(blocks) and p.dim() == 2 and "time_" not in name
+    }
+    assert use_packed_weights(model, packed)
+    return model
+
+
+def _split_and_module_steps(model, tokens, monkeypatch):
+    """((fast logits, state), (module-path logits, state)) of 3 steps after a 2-token start; asserts that the fast
+    path never ran Block.step and the reference did."""
+    from rwkvctl.model.rwkv5 import Block
+
+    _, start = _steps(model, tokens[:, :2])  # a non-zero incoming state
+    calls = []
+    real_step = Block.step
+    monkeypatch.setattr(Block, "step", lambda *a: calls.append(1) or real_step(*a))
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    fast = _steps(model, tokens[:, 2:], start.clone())
+    assert not calls  # the split path, not the module path
+    monkeypatch.setenv("RWKVCTL_STEP", "reference")
+    ref = _steps(model, tokens[:, 2:], start.clone())
+    assert calls
+    monkeypatch.delenv("RWKVCTL_STEP")
+    return fast, ref
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_blocks_take_the_split_step(random_model, monkeypatch, bits, gate, batch):
+    """Every block packed: the fused elementwise ops around the block's own projections (never Block.step).
+    With the packed weights' reference matmul (RWKVCTL_QMM=reference) both paths compute the same products, so the
+    split step equals the module path to fp32 summation order, like the fused step."""
+    monkeypatch.setenv("RWKVCTL_QMM", "reference")  # read by each QuantLinear's first prepare()
+    cfg = ModelConfig(n_layer=3, n_embd=128, vocab_size=300, gate=gate)
+    model = _packed_model(random_model, cfg, bits)
+    assert all(cpu_fast.layer_params(b, torch.float32) is None for b in model.blocks)
+    tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch + bits))
+    (fast, fast_state), (ref, ref_state) = _split_and_module_steps(model, tokens, monkeypatch)
+    assert fast.dtype == ref.dtype and fast.shape == ref.shape == (batch, 3, 300)
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    _assert_state_within(fast_state, ref_state, 1e-5)  # 3 packed layers: wkv entries up to ~20
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_split_step_with_the_compiled_packed_matmul(random_model, monkeypatch, gate, batch):
+    """The decode configuration (compiled packed matmul, int16 activations): every path is then within QuantLinear's
+    tolerance of the exact products (RWKVCTL_QMM=reference on the same codes) and fp32-order differences can move
+    an activation's int16 rounding, so the split step is held to the module path's own error, plus 2e-4 of the
+    scale (the tolerance of test_fused_step_with_a_quantized_block); states within 1e-3."""
+    cfg = ModelConfig(n_layer=2, n_embd=128, vocab_size=300, gate=gate)
+    tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(11 + batch))
+    monkeypatch.setenv("RWKVCTL_QMM", "reference")
+    (_, _), (exact, exact_state) = _split_and_module_steps(_packed_model(random_model, cfg, 4), tokens, monkeypatch)
+    monkeypatch.setenv("RWKVCTL_QMM", "compiled")
+    model = _packed_model(random_model, cfg, 4)  # same seed, same codes; prepared for the compiled kernel
+    (fast, fast_state), (ref, ref_state) = _split_and_module_steps(model, tokens, monkeypatch)
+    scale = exact.abs().max()
+    assert (fast - exact).abs().max() <= (ref - exact).abs().max() + 2e-4 * scale
+    _assert_state_within(fast_state, ref_state, 1e-3)
+    _assert_state_within(fast_state, exact_state, 1e-3)
+
+
+def _assert_state_within(a: RecurrentState, b: RecurrentState, rel: float) -> None:
+    """Every state tensor of `a` within `rel` of the largest magnitude of the same tensor of `b`."""
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert (x.float() - y.float()).abs().max() <= rel * y.float().abs().max(), name
+
+
+def test_split_step_leaves_the_input_state_alone(random_model):
+    model = _packed_model(random_model, CONFIGS["gate"], 4)
+    _, state = _steps(model, torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    before = state.clone()
+    with torch.no_grad():
+        model.step(torch.tensor([4, 7]), state)
+    _assert_state_close(state, before, rtol=0, atol=0)
+
+
+def test_split_step_ops_refuse_bad_shapes():
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    C = 8
+    vecs = [torch.ones(C), torch.zeros(C), torch.rand(C), torch.rand(C), torch.rand(C)]
+    with pytest.raises(RuntimeError, match="att_shift must be"):
+        torch.ops.rwkvctl.rnn_step_att_in(torch.randn(2, C), torch.randn(3, C), vecs, False, False)
+    with pytest.raises(RuntimeError, match="expected 6 vectors"):
+        torch.ops.rwkvctl.rnn_step_att_in(torch.randn(2, C), torch.randn(2, C), vecs, False, True)
+    att_vecs = [torch.randn(2, 4), torch.randn(2, 4), torch.ones(C), torch.zeros(C)]
+    r = torch.randn(1, C)
+    with pytest.raises(RuntimeError, match="wkv must be"):
+        torch.ops.rwkvctl.rnn_step_att_out(r, r, r, None, torch.zeros(1, 2, 4, 3), att_vecs, 1.0)
+    with pytest.raises(RuntimeError, match="v must be"):
+        torch.ops.rwkvctl.rnn_step_ffn_residual(torch.randn(2, C), torch.randn(2, C), torch.randn(2, C + 1))
