@@ -89,6 +89,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fast and x.dim() == 2 and x.shape[0] <= FAST_ROWS_MAX and x.device.type == "cpu":
+            # the RNN step's case (rows of a decode batch), called ~100 times a token: no reshapes
+            y = qmm.matmul(x, self._tiles())
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         rows = x.reshape(-1, self.in_features)  # (..., in) -> (n, in)
         if rows.shape[0] <= FAST_ROWS_MAX and rows.device.type == "cpu" and self.prepare():
             return qmm.matmul(rows, self._tiles()).to(x.dtype).view(*x.shape[:-1], self.out_features)

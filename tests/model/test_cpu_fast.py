@@ -125,7 +125,7 @@ def _assert_closer_than_module_path(fast, ref, exact, tol: float = 2e-2) -> None
 
 
 def test_fused_step_with_a_quantized_block(random_model, monkeypatch):
-    """A block whose projections are QuantLinear runs its own step; the other blocks stay fused."""
+    """A block whose projections are QuantLinear takes the split step; the other blocks stay fused."""
     from rwkvctl.quant.linear import use_packed_weights
     from rwkvctl.quant.schemes import encode_with
 
