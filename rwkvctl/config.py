@@ -18,6 +18,7 @@ from rwkvctl.names import INIT_SCHEMES as INIT_SCHEMES  # re-exported: the init 
 
 X052 = "x052"  # the architecture id ModelConfig describes (RWKV-LM's name for RWKV-5.2)
 WORLD_VOCAB_SIZE = 65536
+MAX_DIM = 1 << 31  # any one size of a model config (layers, widths, vocabulary); real ones are far below
 
 
 def default_dim_ffn(n_embd: int) -> int:
@@ -58,14 +59,17 @@ class ModelConfig:
             # the registry (rwkvctl.arch.config_from_dict) picks the config class by id before building one
             raise ConfigError(f"model config: ModelConfig holds the {X052} fields, got architecture "
                               f"{self.architecture!r}")
+        for name in ("n_layer", "n_embd", "vocab_size", "head_size", "head_size_divisor", "dim_att", "dim_ffn"):
+            value = getattr(self, name)
+            zero_ok = name in ("dim_att", "dim_ffn")  # 0: derived from n_embd below
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > MAX_DIM:  # sizes come from files and flags: keep the arithmetic on them finite
+                raise ConfigError(f"model config: {name}={value} is beyond any model (at most {MAX_DIM})")
         if self.dim_att == 0:
             self.dim_att = self.n_embd
         if self.dim_ffn == 0:
             self.dim_ffn = default_dim_ffn(self.n_embd)
-        for name in ("n_layer", "n_embd", "vocab_size", "head_size", "head_size_divisor", "dim_att", "dim_ffn"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.gate, bool):
             raise ConfigError(f"model config: gate must be true or false, got {self.gate!r}")
         for name in ("n_embd", "dim_att", "dim_ffn"):
@@ -94,7 +98,10 @@ class ModelConfig:
         missing = [k for k in ("n_layer", "n_embd") if k not in data]
         if missing:
             raise ConfigError(f"{source}: model config is missing {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as e:  # the checks in __post_init__ know the field, not the file
+            raise ConfigError(f"{source}: {e}") from None
 
 
 PRESETS: dict[str, dict[str, Any]] = {

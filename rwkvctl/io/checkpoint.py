@@ -32,6 +32,7 @@ from rwkvctl.arch import ARCHITECTURES, DEFAULT_ARCH, arch_for_version, arch_of,
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_path, atomic_write_text
+from rwkvctl.io import bounded_json
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 SIDECAR_FORMAT = "rwkvctl-checkpoint"
@@ -86,13 +87,15 @@ class CheckpointMeta:
                 value is not None and (not isinstance(value, kind) or isinstance(value, bool))
             ):
                 raise CheckpointError(f"{source}: sidecar field {name!r} must be {kind.__name__}, got {value!r}")
+            if kind is int and value is not None and value < 0:
+                raise CheckpointError(f"{source}: sidecar field {name!r} must be >= 0, got {value!r}")
         return cls(model=model, **{name: value for name, (value, _, _) in fields.items()})
 
 
 def check_architecture(model: Any, *, source: str) -> None:
     """Refuse a file whose model section names an architecture this version does not know (absent: x052)."""
     arch_id = model.get("architecture", DEFAULT_ARCH) if isinstance(model, dict) else DEFAULT_ARCH
-    if arch_id not in ARCHITECTURES:
+    if not isinstance(arch_id, str) or arch_id not in ARCHITECTURES:
         raise CheckpointError(
             f"{source}: written for architecture {arch_id!r}, which this rwkvctl cannot load "
             f"(known: {', '.join(ARCHITECTURES)})"
@@ -230,17 +233,12 @@ def _read_meta(path: Path, embedded: str | None, shapes: dict[str, tuple[int, ..
     side = sidecar_path(path)
     if side.exists():
         try:
-            data = json.loads(side.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(
-                f"{side}: corrupt sidecar JSON ({e}); delete it to infer the config from shapes"
-            ) from None
+            data = bounded_json.read(side, CheckpointError, what="sidecar", expect=object)
+        except OSError as e:
+            raise CheckpointError(f"{side}: cannot read the sidecar ({e.strerror or e})") from None
         return CheckpointMeta.from_dict(data, source=str(side))
     if embedded:
-        try:
-            data = json.loads(embedded)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: corrupt rwkvctl metadata in the safetensors header ({e})") from None
+        data = bounded_json.loads(embedded, f"{path}", CheckpointError, what="rwkvctl metadata", expect=object)
         return CheckpointMeta.from_dict(data, source=f"{path} (metadata)")
     version = detect_version(shapes)
     if version == "unknown":

@@ -103,7 +103,7 @@ def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
 
 def _check_architecture(path: Path, saved_shape: Any, cfg: ModelConfig) -> None:
     arch_id = saved_shape.get("architecture", DEFAULT_ARCH) if isinstance(saved_shape, dict) else DEFAULT_ARCH
-    if arch_id not in ARCHITECTURES:
+    if not isinstance(arch_id, str) or arch_id not in ARCHITECTURES:
         raise CheckpointError(
             f"{path}: saved for architecture {arch_id!r}, which this rwkvctl cannot load "
             f"(known: {', '.join(ARCHITECTURES)})"
