@@ -92,7 +92,7 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: model config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model config key(s) {unknown}; known: {sorted(known)}")
         missing = [k for k in ("n_layer", "n_embd") if k not in data]

@@ -230,11 +230,13 @@ def train_command(
     from rwkvctl.train.run_dir import RunDir
 
     resuming = resume or resume_step is not None
+    source = ""
     if config is not None:
-        cfg = RunConfig.from_yaml(config)
+        cfg, source = RunConfig.from_yaml(config), f" ({config} has no data.path)"
     elif resuming and run_dir and RunDir(run_dir).config_file.is_file():
         # the run's own config, less the previous invocation's --stop-after-steps (older versions saved it)
         cfg = RunConfig.from_yaml(RunDir(run_dir).config_file).with_overrides({"train.stop_after_steps": 0})
+        source = f" ({RunDir(run_dir).config_file} has no data.path)"
     else:
         cfg = RunConfig()
     flags: dict[str, Any] = {key: given[param] for param, key in CONFIG_FLAGS.items()}
@@ -243,7 +245,7 @@ def train_command(
     overrides.update(_parse_sets(set_ or []))
     cfg = cfg.with_overrides(overrides) if overrides else cfg
     if not cfg.data.path:
-        raise ConfigError("no training data: give --data (prepare's output) or data.path in --config")
+        raise ConfigError(f"no training data: give --data (prepare's output) or data.path in --config{source}")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps}: give at least 1 step (leave it out for one pass over the data, "
                           "or use --max-tokens)")

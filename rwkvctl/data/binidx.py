@@ -106,8 +106,33 @@ class BinIdxReader:
                     f"{self.bin_path}: index says the data ends at byte {end} but the file has {bin_size} B; "
                     "the .bin is truncated or belongs to another .idx"
                 )
-        if n_doc and int(self.doc_idx[0]) != 0:
-            raise DataError(f"{self.idx_path}: doc_idx must start at 0, found {int(self.doc_idx[0])}")
+            self._check_sequences(bin_size)
+        if n_doc:
+            self._check_doc_idx(n_seq)
+
+    def _check_sequences(self, bin_size: int) -> None:
+        """Every size non-negative and every sequence inside the .bin, in order (one pass over the index, in
+        chunks: a reader of a damaged index must not hand out windows past the data)."""
+        item = self.dtype.itemsize
+        for lo in range(0, len(self.sizes), 1 << 20):
+            sizes = np.asarray(self.sizes[lo : lo + (1 << 20)], dtype=np.int64)
+            ptrs = np.asarray(self.pointers[lo : lo + (1 << 20)], dtype=np.int64)
+            bad = (sizes < 0) | (ptrs < 0) | (ptrs % item != 0) | (ptrs > bin_size - sizes * item)
+            if len(ptrs) > 1:
+                bad[1:] |= ptrs[1:] < ptrs[:-1] + sizes[:-1] * item  # overlapping or out of order
+            if bad.any():
+                i = lo + int(np.argmax(bad))
+                raise DataError(f"{self.idx_path}: sequence {i} (size {int(self.sizes[i])}, byte offset "
+                                f"{int(self.pointers[i])}) lies outside the {bin_size}-byte .bin or overlaps the one "
+                                "before; the index is damaged or belongs to another .bin")
+
+    def _check_doc_idx(self, n_seq: int) -> None:
+        doc = np.asarray(self.doc_idx, dtype=np.int64)
+        if int(doc[0]) != 0:
+            raise DataError(f"{self.idx_path}: doc_idx must start at 0, found {int(doc[0])}")
+        if (np.diff(doc) < 0).any() or int(doc[-1]) > n_seq:
+            raise DataError(f"{self.idx_path}: doc_idx must rise from 0 to at most the {n_seq} sequences; the index "
+                            "is damaged")
 
     @property
     def num_docs(self) -> int:

@@ -178,7 +178,11 @@ class ValWindows(TrainWindows):
 
 
 def open_train(path: str | Path, ctx_len: int, *, mode: str, seed: int, vocab_size: int | None) -> TrainWindows:
-    return TrainWindows(TokenStream.from_path(path, "train"), ctx_len, mode=mode, seed=seed, vocab_size=vocab_size)
+    stream = TokenStream.from_path(path, "train")
+    try:
+        return TrainWindows(stream, ctx_len, mode=mode, seed=seed, vocab_size=vocab_size)
+    except DataError as e:  # too little data for a window: say which data
+        raise DataError(f"{path}: {e}") from None
 
 
 def open_val(
@@ -194,7 +198,10 @@ def open_val(
         if not prefixes:
             return None
         stream = TokenStream.from_prefixes(prefixes)
-    return ValWindows(stream, ctx_len, max_windows=max_windows, vocab_size=vocab_size)
+    try:
+        return ValWindows(stream, ctx_len, max_windows=max_windows, vocab_size=vocab_size)
+    except DataError as e:
+        raise DataError(f"{val_path or path}: {e}") from None
 
 
 def dataset_tokenizer(path: str | Path) -> str:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from rwkvctl.data.binidx import split_prefix
+from rwkvctl.data.binidx import BinIdxReader, split_prefix
 from rwkvctl.errors import DataError
 from rwkvctl.fs import atomic_write_text
+from rwkvctl.io import bounded_json
+from rwkvctl.io.bounded_json import field as field_of
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rwkvctl-binidx-manifest"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+MAX_COUNT = 1 << 62  # docs/tokens/bytes: far above any dataset, and an int64 in every reader
 
 
 @dataclass
@@ -30,6 +33,11 @@ class SourceCounts:
     docs: int = 0
     tokens: int = 0
     bytes: int = 0
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> SourceCounts:
+        d = _obj(d, where)
+        return cls(**{k: _count(d, k, where, default=0) for k in ("docs", "tokens", "bytes")})
 
     def add(self, other: SourceCounts) -> None:
         self.docs += other.docs
@@ -48,6 +56,12 @@ class BadInput:
     first_line: int
     detail: str = ""
 
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> BadInput:
+        d = _obj(d, where)
+        return cls(input=_str(d, "input", where), kind=_str(d, "kind", where), count=_count(d, "count", where),
+                   first_line=_count(d, "first_line", where), detail=_str(d, "detail", where, default=""))
+
 
 @dataclass
 class Shard:
@@ -57,6 +71,23 @@ class Shard:
     docs: int
     tokens: int
     sources: dict[str, SourceCounts] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> Shard:
+        """A shard record (of a manifest or of prepare's per-input record): every field checked, the prefix kept
+        inside the dataset directory."""
+        d = _obj(d, where)
+        prefix = _str(d, "prefix", where)
+        parts = PurePosixPath(prefix).parts
+        if not parts or PurePosixPath(prefix).is_absolute() or ".." in parts or "\\" in prefix or "\0" in prefix:
+            raise DataError(f"{where}: shard prefix {prefix!r} must be a relative path inside the dataset directory")
+        split = _str(d, "split", where)
+        if split not in SPLITS:
+            raise DataError(f"{where}: shard field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
+        sources = field_of(d, "sources", dict, where, DataError, default={}, where="shard field")
+        return cls(prefix=prefix, split=split, input=_str(d, "input", where), docs=_count(d, "docs", where),
+                   tokens=_count(d, "tokens", where),
+                   sources={str(k): SourceCounts.from_json(v, f"{where} source {k!r}") for k, v in sources.items()})
 
 
 @dataclass
@@ -111,27 +142,31 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        """The manifest a JSON object describes; any field of the wrong type or range is one DataError naming it."""
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: malformed manifest (not a JSON object)")
         if d.get("format") != FORMAT:
-            raise DataError(f"{where}: not an rwkvctl dataset manifest (format={d.get('format')!r})")
-        if d.get("version") != FORMAT_VERSION:
-            raise DataError(f"{where}: unsupported manifest version {d.get('version')!r} (expected {FORMAT_VERSION})")
-        try:
-            shards = [
-                Shard(**{**s, "sources": {k: SourceCounts(**v) for k, v in s.get("sources", {}).items()}})
-                for s in d["shards"]
-            ]
-            return cls(
-                tokenizer=dict(d["tokenizer"]),
-                dtype=str(d["dtype"]),
-                shards=shards,
-                inputs_done=list(d.get("inputs_done", [])),
-                bad_inputs=[BadInput(**b) for b in d.get("bad_inputs", [])],
-                options=dict(d.get("options", {})),
-                rwkv_lm=dict(d.get("rwkv_lm", {})),
-                encoder=dict(d.get("encoder", {})),
-            )
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+            raise DataError(f"{where}: not an rwkvctl dataset manifest (format={_short(d.get('format'))})")
+        version = d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+            raise DataError(f"{where}: unsupported manifest version {_short(version)} (expected {FORMAT_VERSION})")
+        if "shards" not in d or "tokenizer" not in d or "dtype" not in d:
+            missing = [k for k in ("shards", "tokenizer", "dtype") if k not in d]
+            raise DataError(f"{where}: malformed manifest (no {', '.join(missing)})")
+        shards = field_of(d, "shards", list, where, DataError, where="malformed manifest: field")
+        bad = field_of(d, "bad_inputs", list, where, DataError, default=[], where="malformed manifest: field")
+        done = field_of(d, "inputs_done", list, where, DataError, default=[], where="malformed manifest: field")
+        if not all(isinstance(x, str) for x in done):
+            raise DataError(f"{where}: malformed manifest: 'inputs_done' must be a list of strings")
+        return cls(
+            tokenizer=field_of(d, "tokenizer", dict, where, DataError, where="malformed manifest: field"),
+            dtype=_str(d, "dtype", where),
+            shards=[Shard.from_json(s, f"{where}: shard {i}") for i, s in enumerate(shards)],
+            inputs_done=list(done),
+            bad_inputs=[BadInput.from_json(b, f"{where}: bad_inputs[{i}]") for i, b in enumerate(bad)],
+            **{k: field_of(d, k, dict, where, DataError, default={}, where="malformed manifest: field")
+               for k in ("options", "rwkv_lm", "encoder")},
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
@@ -139,14 +174,44 @@ class Manifest:
         if path.is_dir():
             path = path / MANIFEST_NAME
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = bounded_json.read(path, DataError, what="manifest", expect=object)
         except FileNotFoundError:
             raise DataError(f"{path}: no such manifest") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: manifest is not valid JSON ({e})") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
         if not isinstance(d, dict):
             raise DataError(f"{path}: manifest must be a JSON object")
         return cls.from_dict(d, where=str(path))
+
+
+def _obj(d: Any, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: malformed manifest entry (expected a JSON object, got {_short(d)})")
+    return d
+
+
+def _str(d: dict[str, Any], key: str, where: str, **kw: Any) -> str:
+    return field_of(d, key, str, where, DataError, where="field", **kw)
+
+
+def _count(d: dict[str, Any], key: str, where: str, **kw: Any) -> int:
+    return field_of(d, key, int, where, DataError, minimum=0, maximum=MAX_COUNT, where="field", **kw)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def checked_shard(mpath: Path, shard: Shard) -> Path:
+    """The prefix of a manifest's shard, after checking that its files hold what the manifest says (a shard
+    replaced or damaged since prepare wrote the manifest is refused by name, not trained on)."""
+    reader = BinIdxReader(mpath.parent / shard.prefix)
+    if reader.num_tokens != shard.tokens or len(reader) != shard.docs:
+        raise DataError(f"{mpath}: shard {shard.prefix!r} holds {reader.num_tokens} tokens in {len(reader)} documents "
+                        f"but the manifest says {shard.tokens} in {shard.docs}; the data changed after prepare wrote "
+                        "the manifest (rerun prepare)")
+    return reader.prefix
 
 
 def find_manifest(path: str | Path) -> Path | None:
@@ -170,7 +235,7 @@ def resolve_prefixes(path: str | Path, split: str = "train") -> list[Path]:
     mpath = find_manifest(path)
     if mpath is not None:
         m = Manifest.load(mpath)
-        return [mpath.parent / s.prefix for s in m.shards_for(split)]
+        return [checked_shard(mpath, s) for s in m.shards_for(split)]
     prefix = split_prefix(path)
     if prefix.with_name(prefix.name + ".idx").is_file() and prefix.with_name(prefix.name + ".bin").is_file():
         return [prefix]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rwkvctl.data.tokenizer import load_tokenizer
-from rwkvctl.errors import CheckpointError
+from rwkvctl.errors import CheckpointError, RwkvctlError
 from rwkvctl.generate.engine import InferenceEngine
 from rwkvctl.io.checkpoint import CheckpointMeta
 from rwkvctl.lifecycle.models import load_model
@@ -27,7 +27,12 @@ def open_engine(
     checkpoint records (its sidecar; World for a bare RWKV-LM file)."""
     model, meta = load_model(path, dtype=dtype, device=device, keep_quantized=keep_quantized)
     spec = tokenizer or meta.tokenizer or "world"
-    tok = load_tokenizer(spec)
+    try:
+        tok = load_tokenizer(spec)
+    except RwkvctlError as e:
+        if tokenizer:  # the user's --tokenizer: its own message says what is wrong with it
+            raise
+        raise CheckpointError(f"{path}: the tokenizer it records cannot be loaded ({e}); pass --tokenizer") from None
     if tok.vocab_size > model.cfg.vocab_size:
         raise CheckpointError(
             f"{path}: the model has {model.cfg.vocab_size} vocabulary rows but the {spec!r} tokenizer has "

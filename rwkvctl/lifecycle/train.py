@@ -114,6 +114,10 @@ def _build_model(cfg: RunConfig) -> tuple[RWKV5, str | None]:
     # the fp32 weights alone, before the optimizer state: a lower bound, checked before anything is allocated
     check_fits_in_memory(4 * arch_of(cfg.model).param_count(cfg.model), f"a model of n_layer={cfg.model.n_layer}, "
                          f"n_embd={cfg.model.n_embd}", "check the model section / --set model.* values")
+    # one micro-batch's logits (fp32) alone, also a lower bound: a huge micro_bsz or ctx_len from a file or flag
+    batch_tokens = cfg.train.micro_bsz * (cfg.data.ctx_len + 1)
+    check_fits_in_memory(4 * batch_tokens * cfg.model.vocab_size, f"a micro-batch of {cfg.train.micro_bsz} x "
+                         f"{cfg.data.ctx_len} tokens", "check train.micro_bsz and data.ctx_len")
     model = build_model(cfg.model)
     if cfg.train.init_from:
         state_dict, meta = load_checkpoint_expanded(cfg.train.init_from)

@@ -29,6 +29,7 @@ STRATEGIES = ("single", "deepspeed")
 PRECISIONS = ("fp32", "bf16")
 EXPORT_DTYPES = ("auto", "fp32", "bf16")
 NAN_POLICIES = ("skip", "stop")
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -223,7 +224,7 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a run config must be a mapping, got {type(data).__name__}")
         known = {"run_dir", "model", "data", "optim", "train"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = {}
@@ -240,9 +241,20 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> RunConfig:
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            with open(p, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"{p}: run config not found") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the run config ({e.strerror or e})") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: over {MAX_CONFIG_BYTES >> 20} MiB, which no run config is; is it the right file?")
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); a run config is a UTF-8 YAML file") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: not a run config (nested too deeply)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
@@ -300,7 +312,7 @@ def _section(klass: type, data: Any, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(klass)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}")
     out = {}

@@ -21,7 +21,12 @@ import torch
 
 from rwkvctl import fs
 from rwkvctl.errors import CheckpointError
+from rwkvctl.io import bounded_json
+from rwkvctl.io.bounded_json import field as checked_field
 from rwkvctl.train.run_dir import CheckpointDir, RunDir
+
+
+MAX_COUNT = 1 << 62  # steps, samples, tokens: far above any run, and an int64 everywhere they go
 
 
 @dataclass
@@ -42,17 +47,44 @@ class TrainerState:
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+    def from_dict(cls, data: Any, *, source: str = "trainer state") -> TrainerState:
+        """The state a JSON object describes, every field checked (type and range): a state of the wrong shape must
+        be refused by name, never read as a fresh start at step 0. Absent fields (older files) take the defaults,
+        except `step`."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: trainer state must be a JSON object, found {type(data).__name__}")
+
+        def get(key: str, kind: type | tuple[type, ...], **kw: Any) -> Any:
+            return checked_field(data, key, kind, source, CheckpointError, where="trainer state field", **kw)
+
+        config = get("config", dict, default={})
+        for section in ("model", "data", "optim", "train"):
+            if section in config and not isinstance(config[section], dict):
+                raise CheckpointError(f"{source}: trainer state field 'config.{section}' must be an object, got "
+                                      f"{type(config[section]).__name__}")
+        if "path" in config.get("data", {}) and not isinstance(config["data"]["path"], str):
+            raise CheckpointError(f"{source}: trainer state field 'config.data.path' must be a string")
+        return cls(step=get("step", int, minimum=0, maximum=MAX_COUNT),
+                   samples_seen=get("samples_seen", int, minimum=0, maximum=MAX_COUNT, default=0),
+                   tokens=get("tokens", int, minimum=0, maximum=MAX_COUNT, default=0),
+                   elapsed_s=get("elapsed_s", float, minimum=0.0, default=0.0),
+                   nan_skips=get("nan_skips", int, minimum=0, maximum=MAX_COUNT, default=0),
+                   world_size=get("world_size", int, minimum=1, maximum=1 << 24, default=1),
+                   engine=get("engine", str, default="single"), config=config)
 
 
 def read_state(ckpt: CheckpointDir) -> TrainerState:
+    """A checkpoint's trainer state, checked: well-formed, and for the step its directory is named after."""
     path = ckpt.trainer_state
     try:
-        return TrainerState.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
+        data = bounded_json.read(path, CheckpointError, what="trainer state", expect=object)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable trainer state ({e.strerror or e})") from None
+    state = TrainerState.from_dict(data, source=str(path))
+    if state.step != ckpt.step:
+        raise CheckpointError(f"{path}: says step {state.step} but belongs to the checkpoint of step {ckpt.step}; "
+                              "the file is damaged or was copied from another checkpoint")
+    return state
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
