@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 from rwkvctl.arch import ARCHITECTURES, DEFAULT_ARCH, arch_of
-from rwkvctl.config import ModelConfig
+from rwkvctl.config import MAX_DIM, ModelConfig
 from rwkvctl.errors import CheckpointError
 from rwkvctl.fs import atomic_path
+from rwkvctl.io import bounded_json
+from rwkvctl.io.bounded_json import field as checked_field
 
 META_KEY = "rwkvctl-state"
 FORMAT_VERSION = 1
@@ -33,6 +35,48 @@ class SavedState:
     wkv: Tensor  # (L, H, N, N) fp32
     logits: Tensor  # (V,) fp32: what the model predicts after the saved text
     info: dict[str, Any] = field(default_factory=dict)  # tokenizer, transcript, ...
+
+
+_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "head_size", "vocab_size")
+_INFO_KINDS: dict[str, type] = {"tokenizer": str, "user": str, "bot": str, "tokens_seen": int, "transcript": list}
+
+
+@dataclass
+class StateMeta:
+    """The JSON under META_KEY: one definition for the writer and the reader. `model`: the architecture id and
+    the shape the state belongs to; `info`: what the caller records (chat: tokenizer, role names, tokens seen,
+    transcript as [role, text] pairs; other keys are kept as they are)."""
+
+    model: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({"format": self.format, "model": self.model, "info": self.info})
+
+    @classmethod
+    def from_json(cls, raw: str | None, path: Path) -> StateMeta:
+        """Checked field by field: one CheckpointError naming the file, the field and what was expected."""
+        if raw is None:
+            raise CheckpointError(f"{path}: not an rwkvctl state file (no {META_KEY!r} metadata)")
+        data = bounded_json.loads(raw, str(path), CheckpointError, what="state metadata")
+
+        def get(d: dict[str, Any], key: str, kind: type, where: str, **kw: Any) -> Any:
+            return checked_field(d, key, kind, str(path), CheckpointError, where=where, **kw)
+
+        version = get(data, "format", int, "state metadata field", minimum=1, maximum=FORMAT_VERSION)
+        model = get(data, "model", dict, "state metadata field")
+        get(model, "architecture", str, "state metadata field model.", default=DEFAULT_ARCH)
+        for key in _SHAPE_KEYS:
+            get(model, key, int, "state metadata field model.", minimum=1, maximum=MAX_DIM, default=None)
+        info = get(data, "info", dict, "state metadata field", default={})
+        for key, kind in _INFO_KINDS.items():
+            get(info, key, kind, "state metadata field info.", default=None, **({"minimum": 0} if kind is int else {}))
+        for entry in info.get("transcript", []):
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+                raise CheckpointError(f"{path}: state metadata field info.transcript must hold [role, text] pairs of "
+                                      f"strings, found {str(entry)[:40]!r}")
+        return cls(model=model, info=info, format=version)
 
 
 def _model_shape(cfg: ModelConfig) -> dict[str, int | str]:
@@ -52,12 +96,12 @@ def save_state(path: str | Path, saved: SavedState, cfg: ModelConfig) -> Path:
     path = Path(path)
     tensors = {k: getattr(saved, k).detach().float().cpu().contiguous() for k in _expected_shapes(cfg)}
     _check_shapes(path, tensors, cfg)
-    meta = {"format": FORMAT_VERSION, "model": _model_shape(cfg), "info": saved.info}
+    meta = StateMeta(model=_model_shape(cfg), info=saved.info).to_json()
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; give a file name such as {path / 'chat.safetensors'}")
     try:
         with atomic_path(path, private=True) as tmp:  # a conversation: readable by its owner only
-            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={META_KEY: meta})
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write the state file ({e.strerror or e})") from None
     except Exception as e:  # safetensors reports I/O failures as its own error type
@@ -80,13 +124,8 @@ def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable state file (truncated or corrupt: {str(e)[:120]})") from None
-    if raw_meta is None:
-        raise CheckpointError(f"{path}: not an rwkvctl state file (no {META_KEY!r} metadata)")
-    try:
-        meta = json.loads(raw_meta)
-        saved_shape = meta["model"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path}: damaged state metadata") from None
+    meta = StateMeta.from_json(raw_meta, path)
+    saved_shape = meta.model
     _check_architecture(path, saved_shape, cfg)
     want = _model_shape(cfg)
     del want["architecture"]  # checked above, where an old file's missing id means x052
@@ -97,8 +136,7 @@ def load_state(path: str | Path, cfg: ModelConfig) -> SavedState:
                 "use the model the state was saved with"
             )
     _check_shapes(path, tensors, cfg)
-    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
-    return SavedState(*(tensors[k].float() for k in _expected_shapes(cfg)), info=info)
+    return SavedState(*(tensors[k].float() for k in _expected_shapes(cfg)), info=meta.info)
 
 
 def _check_architecture(path: Path, saved_shape: Any, cfg: ModelConfig) -> None:
@@ -150,11 +188,10 @@ def describe_state_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
+            raw = (f.metadata() or {}).get(META_KEY)
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable state file ({str(e)[:120]})") from None
-    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
-    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    model = {"architecture": DEFAULT_ARCH, **model}  # files saved before architectures were recorded are x052
-    return {"model": model, "info": info, "shapes": shapes, "bytes": path.stat().st_size}
+    meta = StateMeta.from_json(raw, path)
+    model = {"architecture": DEFAULT_ARCH, **meta.model}  # files saved before architectures were recorded are x052
+    return {"model": model, "info": meta.info, "shapes": shapes, "bytes": path.stat().st_size}

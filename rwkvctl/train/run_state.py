@@ -25,7 +25,6 @@ from rwkvctl.io import bounded_json
 from rwkvctl.io.bounded_json import field as checked_field
 from rwkvctl.train.run_dir import CheckpointDir, RunDir
 
-
 MAX_COUNT = 1 << 62  # steps, samples, tokens: far above any run, and an int64 everywhere they go
 
 
