@@ -112,7 +112,7 @@ def merge_cmd(
     if ctx_len is not None and ctx_len < 1:
         raise DataError(f"--ctx-len must be at least 1, got {ctx_len}")
 
-    prefixes = resolve_prefixes(data, split)
+    prefixes = resolve_prefixes(data, split, check_counts=True)
     info = merge_binidx(prefixes, out_prefix, overwrite=force)
     console.print(
         f"merged {len(prefixes)} shards -> [bold]{shown(str(out_prefix))}.bin/.idx[/] "

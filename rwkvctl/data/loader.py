@@ -58,7 +58,7 @@ class TokenStream:
 
     @classmethod
     def from_path(cls, path: str | Path, split: str = "train") -> TokenStream:
-        return cls.from_prefixes(resolve_prefixes(path, split))
+        return cls.from_prefixes(resolve_prefixes(path, split, check_counts=True))
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -194,7 +194,7 @@ def open_val(
     else:
         if find_manifest(path) is None:
             return None
-        prefixes = resolve_prefixes(path, "val")
+        prefixes = resolve_prefixes(path, "val", check_counts=True)
         if not prefixes:
             return None
         stream = TokenStream.from_prefixes(prefixes)

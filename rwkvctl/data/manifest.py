@@ -224,18 +224,21 @@ def find_manifest(path: str | Path) -> Path | None:
     return None
 
 
-def resolve_prefixes(path: str | Path, split: str = "train") -> list[Path]:
+def resolve_prefixes(path: str | Path, split: str = "train", *, check_counts: bool = False) -> list[Path]:
     """Binidx prefixes for `split`, from a manifest file, a directory holding manifest.json, or one bare prefix.
 
     A bare prefix (`data/x`, `data/x.bin` or `data/x.idx`, e.g. made by RWKV-LM's make_data.py) is returned
     as-is whatever the split, since the caller named it explicitly. Raises DataError if nothing is found.
+    `check_counts`: also check that each shard's files hold the tokens and documents the manifest says (readers
+    of the data ask for it; listing the shards does not need the files).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     mpath = find_manifest(path)
     if mpath is not None:
         m = Manifest.load(mpath)
-        return [checked_shard(mpath, s) for s in m.shards_for(split)]
+        shards = m.shards_for(split)
+        return [checked_shard(mpath, s) if check_counts else mpath.parent / s.prefix for s in shards]
     prefix = split_prefix(path)
     if prefix.with_name(prefix.name + ".idx").is_file() and prefix.with_name(prefix.name + ".bin").is_file():
         return [prefix]

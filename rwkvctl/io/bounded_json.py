@@ -83,9 +83,9 @@ def field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source:
         return default
     value = data[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
         value = float(value)  # JSON writes 3.0 as 3 sometimes
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False
     if ok and minimum is not None and value < minimum:

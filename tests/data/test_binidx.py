@@ -133,3 +133,27 @@ def test_merge_keeps_pointers_past_unindexed_tail(tmp_path: Path) -> None:
     r = BinIdxReader(tmp_path / "m")
     assert [r[i].tolist() for i in range(len(r))] == [[1, 2, 3], [4, 5], [6]]
     assert r.doc_idx.tolist() == [0, 1, 2, 3] and info["docs"] == 3 and info["tokens"] == 8
+
+
+def _patch(path: Path, offset: int, fmt: str, value: int) -> None:
+    import struct
+
+    buf = bytearray(path.read_bytes())
+    struct.pack_into(fmt, buf, offset, value)
+    path.write_bytes(bytes(buf))
+
+
+@pytest.mark.parametrize("where, fmt, value, msg", [
+    (34 + 0, "<i", -5, "sequence 0 .* lies outside"),  # a negative size
+    (34 + 4 * 3 + 8, "<q", 10**12, "sequence 1 .* lies outside"),  # a pointer past the .bin
+    (34 + 4 * 3 + 8, "<q", 2, "sequence 1 .* overlaps"),  # a pointer back into sequence 0
+    (34 + 12 * 3 + 8, "<q", 9, "doc_idx must rise from 0 to at most the 3 sequences"),
+])
+def test_sizes_pointers_and_doc_idx_are_checked(tmp_path: Path, where: int, fmt: str, value: int, msg: str) -> None:
+    with BinIdxWriter(tmp_path / "d") as w:
+        for n in (4, 3, 2):
+            w.add_document(np.arange(1, n + 1, dtype=np.uint16))
+    _patch(tmp_path / "d.idx", where, fmt, value)
+    with pytest.raises(DataError, match=msg) as e:
+        BinIdxReader(tmp_path / "d")
+    assert "d.idx" in str(e.value) and "\n" not in str(e.value)

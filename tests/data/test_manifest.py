@@ -52,7 +52,7 @@ def test_resolve_prefixes(tmp_path: Path) -> None:
     for p in ("plain", "plain.bin", "plain.idx"):
         assert resolve_prefixes(tmp_path / p) == [tmp_path / "plain"]
     with pytest.raises(DataError, match="no manifest.json"):
-        resolve_prefixes(tmp_path)
+        resolve_prefixes(tmp_path, check_counts=True)
     with pytest.raises(DataError, match="not a dataset"):
         resolve_prefixes(tmp_path / "nothing")
     with pytest.raises(DataError, match="unknown split"):
@@ -69,3 +69,39 @@ def test_bad_manifest_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "rwkvctl-binidx-manifest", "version": 1}))
     with pytest.raises(DataError, match="malformed manifest"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["../outside", "/etc/passwd", "a/../../b", "", "a\\..\\b"])
+def test_a_shard_path_outside_the_dataset_is_refused(tmp_path: Path, prefix: str) -> None:
+    d = _manifest().to_dict()
+    d["shards"][0]["prefix"] = prefix
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match=r"manifest\.json: shard 0: shard prefix .* inside the dataset directory"):
+        Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("docs", -3, "field 'docs' must be integer in \\[0, "),
+    ("tokens", "10", "field 'tokens' must be integer"),
+    ("split", "test", "'split' must be one of train, val"),
+    ("sources", [], "field 'sources' must be object"),
+])
+def test_shard_fields_are_checked_by_name(tmp_path: Path, key: str, value, message: str) -> None:
+    d = _manifest().to_dict()
+    d["shards"][1][key] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match=f"manifest.json: shard 1.*{message}"):
+        Manifest.load(tmp_path)
+
+
+def test_manifest_counts_are_checked_against_the_shards(tmp_path: Path) -> None:
+    with BinIdxWriter(tmp_path / "s") as w:
+        w.add_document(np.arange(1, 6, dtype=np.uint16))
+    m = Manifest(tokenizer={"name": "world"}, dtype="uint16",
+                 shards=[Shard("s", "train", "in.jsonl", docs=1, tokens=5)])
+    m.save(tmp_path)
+    assert resolve_prefixes(tmp_path, check_counts=True) == [tmp_path / "s"]
+    m.shards[0].tokens = 500  # the manifest promises more than the shard holds
+    m.save(tmp_path)
+    with pytest.raises(DataError, match="shard 's' holds 5 tokens in 1 documents but the manifest says 500 in 1"):
+        resolve_prefixes(tmp_path, check_counts=True)
