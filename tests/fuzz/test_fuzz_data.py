@@ -57,7 +57,7 @@ def test_fuzz_manifest_json(fuzz, dataset, scratch) -> None:
     """manifest.json retyped, deleted, extended, nested, with huge/negative counts and shard paths anywhere."""
     doc = json.loads((dataset / "manifest.json").read_text())
 
-    @fuzz.given(20, fuzz.json_mutation(doc), DATA_COMMANDS)
+    @fuzz.given(15, fuzz.json_mutation(doc), DATA_COMMANDS)
     def run(mutation, command: str) -> None:
         work = scratch()
         data = _copy_dataset(dataset, work)
@@ -112,7 +112,7 @@ def test_fuzz_binidx_header_and_pointers(fuzz, dataset, scratch) -> None:
     slots = st.one_of(HEADER_FIELDS, st.integers(0, n_seq - 1).map(lambda i: (34 + 4 * i, "<i")),
                       st.integers(0, n_seq - 1).map(lambda i: (34 + 4 * n_seq + 8 * i, "<q")))
 
-    @fuzz.given(15, st.lists(st.tuples(slots, HUGE, st.booleans()), min_size=1, max_size=3), DATA_COMMANDS)
+    @fuzz.given(10, st.lists(st.tuples(slots, HUGE, st.booleans()), min_size=1, max_size=3), DATA_COMMANDS)
     def run(edits, command: str) -> None:
         work = scratch()
         data = _copy_dataset(dataset, work)

@@ -55,7 +55,7 @@ def test_fuzz_trainer_state_json(fuzz, stopped_run, scratch) -> None:
     state = RunDir(stopped_run).checkpoint(1).trainer_state
     doc = json.loads(state.read_text())
 
-    @fuzz.given(10, fuzz.json_mutation(doc))
+    @fuzz.given(8, fuzz.json_mutation(doc))
     def run(mutation) -> None:
         def edit(r: Path) -> None:
             (r / state.relative_to(stopped_run)).write_text(fuzz.dumps_hostile(fuzz.apply_json_mutation(doc, mutation)))
