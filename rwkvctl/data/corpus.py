@@ -34,6 +34,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.zst", ".json.gz", 
 TABLE_SUFFIXES = (".parquet",)
 UNKNOWN_SOURCE = "unknown"
 READ_CHUNK = 1 << 16  # small reads keep decompressed buffers out of fresh mmap pages (~30% faster)
+ZSTD_STEP = 1 << 11  # compressed bytes per zstd call: at most ~64 MiB out (gzip's ratio tops out near 1000:1)
+MAX_LINE_BYTES = 64 << 20  # a JSONL line longer than this is a bad document (line_too_long), never read whole
 
 
 class Doc(NamedTuple):  # a NamedTuple, not a dataclass: one is built per document on the hot path
@@ -125,13 +127,16 @@ class _Counting:
 
 
 def _member_chunks(
-    raw: _Counting, new: Callable[[], Any], errors: type[Exception] | tuple, fmt: str, truncated: str
+    raw: _Counting, new: Callable[[], Any], errors: type[Exception] | tuple, fmt: str, truncated: str,
+    step: int = READ_CHUNK,
 ) -> Iterator[bytes]:
     """Decompress back-to-back frames (zstd) or members (gzip) with `new()` decompressor objects. Data before
-    damage is still yielded, and a last frame cut short at end of file is reported (unlike stream readers)."""
+    damage is still yielded, and a last frame cut short at end of file is reported (unlike stream readers).
+    `step`: compressed bytes per call, which bounds what one call can return (its input x the format's largest
+    ratio)."""
     obj = new()
     in_frame = False
-    while chunk := raw.read(READ_CHUNK):
+    while chunk := raw.read(step):
         while chunk:
             try:
                 out = obj.decompress(chunk)
@@ -152,8 +157,10 @@ def _zstd_chunks(raw: _Counting) -> Iterator[bytes]:
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
+    # zstd's decompressobj has no output limit and 4 bytes can expand to a 128 KiB block (a 49 KB file to 1.5 GiB):
+    # small input steps keep one call's output under ~64 MiB, at no measurable cost on ordinary data
     yield from _member_chunks(
-        raw, dctx.decompressobj, zstandard.ZstdError, "zstd", "zstd frame cut short at end of file"
+        raw, dctx.decompressobj, zstandard.ZstdError, "zstd", "zstd frame cut short at end of file", ZSTD_STEP
     )
 
 
@@ -182,9 +189,17 @@ class Block(NamedTuple):
     end: int
 
 
-def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, int]]:
+class _LongLine(NamedTuple):
+    """One line over the limit, dropped without being kept in memory: its length, newline included."""
+
+    size: int
+
+
+def _blocks(path: Path, raw: _Counting, target: int,
+            max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes, int] | _LongLine]:
     """Decompressed data as (data, end) with `data[:end]` whole lines of about `target` bytes; a last line without
-    a newline gets one. Damaged compression raises after the whole lines read before it."""
+    a newline gets one. A line longer than `max_line` comes as a `_LongLine` in its place (memory stays within
+    about max_line + one decompressed chunk). Damaged compression raises after the whole lines read before it."""
     name = path.name
     if name.endswith((".zst", ".zstd")):
         chunks = _zstd_chunks(raw)
@@ -195,6 +210,7 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
     parts: list[bytes] = []
     size = 0
     in_long_line = False
+    skipping = 0  # > 0: bytes dropped so far of a line over the limit, until its newline
     it = iter(chunks)
     while True:
         try:
@@ -205,8 +221,28 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
             if parts:
                 buf = b"".join(parts)
                 if (cut := buf.rfind(b"\n") + 1) > 0:
-                    yield buf, cut
+                    yield from _limited(buf, cut, max_line)
             raise
+        if skipping:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                skipping += len(chunk)
+                continue
+            yield _LongLine(skipping + nl + 1)
+            skipping, chunk = 0, chunk[nl + 1 :]
+            if not chunk:
+                continue
+        if in_long_line:  # `parts` holds the start of one line: is it over the limit with this chunk?
+            nl = chunk.find(b"\n")
+            if size + (nl + 1 if nl >= 0 else len(chunk)) > max_line:
+                parts, in_long_line = [], False
+                if nl < 0:
+                    skipping, size = size + len(chunk), 0
+                    continue
+                yield _LongLine(size + nl + 1)
+                chunk, size = chunk[nl + 1 :], 0
+                if not chunk:
+                    continue
         parts.append(chunk)
         size += len(chunk)
         if size < target or (in_long_line and b"\n" not in chunk):
@@ -214,11 +250,17 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         cut = buf.rfind(b"\n") + 1
         in_long_line = cut == 0
-        if in_long_line:  # no line end yet: keep reading
-            parts = [buf]
+        if in_long_line:  # no line end yet: keep reading, unless this line alone is already over the limit
+            if len(buf) > max_line:
+                parts, size, skipping, in_long_line = [], 0, len(buf), False
+            else:
+                parts = [buf]
             continue
         parts = [buf[cut:]] if cut < len(buf) else []
         size = len(buf) - cut
+        if cut > max_line:  # only a buffer over the limit can hold a line over it (rare: a huge decompressed chunk)
+            yield from _limited(buf, cut, max_line)
+            continue
         start = 0
         while cut - start > 2 * target:  # far too big (a small target): cut after a line near the target
             piece = buf.rfind(b"\n", start, start + target) + 1
@@ -232,11 +274,32 @@ def _blocks(path: Path, raw: _Counting, target: int) -> Iterator[tuple[bytes, in
             yield buf[start:cut], cut - start
         else:
             yield buf, cut
-    if parts:
+    if skipping:
+        yield _LongLine(skipping)
+    elif parts:
         buf = b"".join(parts)
         if not buf.endswith(b"\n"):
             buf += b"\n"
-        yield buf, len(buf)
+        yield from _limited(buf, len(buf), max_line)
+
+
+def _limited(buf: bytes, cut: int, max_line: int) -> Iterator[tuple[bytes, int] | _LongLine]:
+    """`buf[:cut]` (whole lines) as one block, or, when it is longer than the limit, as the blocks between its
+    over-long lines and a `_LongLine` for each of those."""
+    if cut <= max_line:
+        yield buf, cut
+        return
+    seg = start = 0
+    while start < cut:
+        nl = buf.index(b"\n", start)
+        if nl + 1 - start > max_line:
+            if seg < start:
+                yield buf[seg:start], start - seg
+            yield _LongLine(nl + 1 - start)
+            seg = nl + 1
+        start = nl + 1
+    if seg < cut:
+        yield buf[seg:cut], cut - seg
 
 
 def _count_lines(data: bytes, end: int) -> int:
@@ -322,10 +385,12 @@ def _reraise_system_error(e: Exception) -> None:
 class DocumentStream:
     """Iterate one input's documents; `consumed` is on-disk bytes read so far (for progress)."""
 
-    def __init__(self, spec: str, text_key: str = "text", source_key: str = "meta.redpajama_set_name") -> None:
+    def __init__(self, spec: str, text_key: str = "text", source_key: str = "meta.redpajama_set_name",
+                 max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.spec = spec
         self.text_key = text_key
         self.source_key = source_key
+        self.max_line_bytes = max_line_bytes  # a longer JSONL line is a `line_too_long` problem, never read whole
         self.consumed = 0
 
     def __iter__(self) -> Iterator[Doc | Problem]:
@@ -352,8 +417,14 @@ class DocumentStream:
         raw = _Counting(f)
         last = 0
         try:
-            for data, end in _blocks(p, raw, block_bytes):
+            for item in _blocks(p, raw, block_bytes, self.max_line_bytes):
                 self.consumed = raw.pos
+                if isinstance(item, _LongLine):
+                    last += 1
+                    yield Problem(last, "line_too_long", f"{item.size} bytes, over the {self.max_line_bytes}-byte "
+                                  "line limit")
+                    continue
+                data, end = item
                 n = _count_lines(data, end)
                 yield Block(last, n, data, end)
                 last += n

@@ -51,7 +51,7 @@ class BadInput:
 
     input: str
     kind: str  # corrupt_compression | truncated_compression | malformed_json | missing_text | non_string_text |
-    # empty_text | invalid_utf8 | roundtrip_mismatch | unreadable
+    # empty_text | invalid_utf8 | roundtrip_mismatch | unreadable | line_too_long
     count: int
     first_line: int
     detail: str = ""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkvctl.data.binidx import dtype_for_vocab
-from rwkvctl.data.corpus import Doc, DocumentStream, Problem
+from rwkvctl.data.corpus import MAX_LINE_BYTES, Doc, DocumentStream, Problem
 from rwkvctl.errors import DataError
 from rwkvctl.fs import atomic_write_text, remove_temps
 from rwkvctl.lifecycle.prepare_shards import ShardFiles, SplitPolicy, UnitSink
@@ -49,6 +49,9 @@ class PrepareOptions:
     # than workers (otherwise the thread competes with the other workers and the speed-up from workers drops).
     encode_thread: bool | None = None
     native_jsonl: bool = True  # the block path for JSONL inputs (off: every record goes through Python's parser)
+    # A JSONL line longer than this is counted as a bad document (line_too_long) without being read whole, so memory
+    # stays bounded whatever one line holds. Not part of the output fingerprint: ordinary inputs never reach it.
+    max_line_bytes: int = MAX_LINE_BYTES
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class _UnitReader:
 
     def run(self) -> dict[str, Any]:
         """-> the unit's completion record (its shards and bad inputs)."""
-        stream = DocumentStream(self.unit.input, self.opts.text_key, self.opts.source_key)
+        stream = DocumentStream(self.unit.input, self.opts.text_key, self.opts.source_key, self.opts.max_line_bytes)
         self.pipeline = EncodePipeline(_use_thread(self.opts))
         # Only the World tokenizer's C++ encoder has the block path (spm and world-python read documents).
         native = hasattr(self.tok, "encode_jsonl") and getattr(self.tok, "backend", "") == "native"
