@@ -191,4 +191,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, source: str = "checkpoin
         raise ConfigError(f"{source}: blocks are numbered up to {max(layers)} but only {len(layers)} are present "
                           f"(missing {missing}...); a stray or damaged tensor name?")
     gate = "blocks.0.att.gate.weight" in shapes
-    return ModelConfig(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N, dim_att=A, dim_ffn=F, gate=gate)
+    try:
+        return ModelConfig(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N, dim_att=A, dim_ffn=F,
+                           gate=gate)
+    except ConfigError as e:  # shapes no RWKV-5.2 model has: say which file they came from
+        raise ConfigError(f"{source}: tensor shapes give an invalid {str(e).removeprefix('model config: ')}") from None

@@ -339,6 +339,8 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
         if kind is float:
             return float(value)
         if kind is str:
+            if isinstance(value, (bool, list, dict)):  # YAML's `yes`, a list or a mapping: never meant as text
+                raise TypeError(value)
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
