@@ -64,7 +64,7 @@ def applies(model: nn.Module) -> bool:
     notice (it is the right path there); a CPU model the fast path cannot take gets one notice per reason."""
     mode = step_mode()
     weight = model.emb.weight
-    if mode == "reference" or weight.device.type != "cpu":
+    if mode == "reference" or weight.device.type != "cpu" or _partitioned(weight):
         return False
     if torch.is_grad_enabled() and weight.requires_grad:
         return False  # the C++ ops have no backward; training and gradient checks use the module path
@@ -72,6 +72,12 @@ def applies(model: nn.Module) -> bool:
         return _unavailable(f"the model dtype is {weight.dtype}, not float32 or bfloat16", mode)
     reason = _extension_ready()
     return True if reason is None else _unavailable(reason, mode)
+
+
+def _partitioned(weight: torch.Tensor) -> bool:
+    """A parameter sharded by DeepSpeed ZeRO-3 (validation inside a ZeRO-3 run): only the module path gathers it,
+    through the hooks DeepSpeed puts on every module."""
+    return hasattr(weight, "ds_id")
 
 
 def _plain(linear: nn.Module, dtype: torch.dtype) -> bool:
@@ -177,6 +183,8 @@ def upcast_applies(model: nn.Module) -> bool:
     if model.emb.weight.dtype != torch.bfloat16 or step_mode() == "reference":
         return False
     if model.emb.weight.device.type != "cpu" or (torch.is_grad_enabled() and model.emb.weight.requires_grad):
+        return False
+    if _partitioned(model.emb.weight):
         return False
     has_bf16_math = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
     return not has_bf16_math

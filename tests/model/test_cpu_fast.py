@@ -361,3 +361,13 @@ def test_split_step_ops_refuse_bad_shapes():
         torch.ops.rwkvctl.rnn_step_att_out(r, r, r, None, torch.zeros(1, 2, 4, 3), att_vecs, 1.0)
     with pytest.raises(RuntimeError, match="v must be"):
         torch.ops.rwkvctl.rnn_step_ffn_residual(torch.randn(2, C), torch.randn(2, C), torch.randn(2, C + 1))
+
+
+def test_zero3_partitioned_parameters_keep_the_module_path(random_model):
+    """Validation inside a DeepSpeed ZeRO-3 run: its parameters are shards gathered by module hooks, which only the
+    module path runs (the fast path read the empty shards)."""
+    model = random_model(CONFIGS["gate"]).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert cpu_fast.applies(model)
+        model.emb.weight.ds_id = 0  # what ZeRO-3 sets on every parameter it partitions
+        assert not cpu_fast.applies(model) and not cpu_fast.upcast_applies(model)
