@@ -204,11 +204,7 @@ class RWKV5(nn.Module):
             att_shifts.append(a)
             ffn_shifts.append(f)
             wkvs.append(s)
-        new_state = RecurrentState(
-            torch.stack(att_shifts).to(state.att_shift.dtype),  # (L, B, C)
-            torch.stack(ffn_shifts).to(state.ffn_shift.dtype),  # (L, B, C)
-            torch.stack(wkvs),  # (L, B, H, N, N)
-        )
+        new_state = RecurrentState.from_layers(att_shifts, ffn_shifts, wkvs, like=state)
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): a prompt only needs the next token's logits
         return self.head(self.ln_out(x)), new_state

@@ -54,6 +54,12 @@ class RecurrentState:
             torch.cat([s.wkv for s in states], dim=1),
         )
 
+    @staticmethod
+    def from_layers(att: list[Tensor], ffn: list[Tensor], wkv: list[Tensor], like: RecurrentState) -> RecurrentState:
+        """Per-layer results stacked into one state, (B, ...) x L -> (L, B, ...), the shifts in `like`'s dtype."""
+        return RecurrentState(torch.stack(att).to(like.att_shift.dtype), torch.stack(ffn).to(like.ffn_shift.dtype),
+                              torch.stack(wkv))
+
     @property
     def batch(self) -> int:
         return int(self.wkv.shape[1])
