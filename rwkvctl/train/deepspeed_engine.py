@@ -13,6 +13,7 @@ tested here with two processes (the first start JIT-builds a small comm op, cach
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
@@ -38,9 +39,8 @@ from rwkvctl.train.run_dir import CheckpointDir
 from rwkvctl.train.segmented import segmented_backward, segmented_loss
 
 
-def _checkpoint_types() -> list[type]:
-    """The DeepSpeed types inside its checkpoint files. Allowlisted for torch.load(weights_only=True), they let us
-    read ZeRO files without running any other pickled code."""
+def _checkpoint_records() -> list[type]:
+    """The DeepSpeed types inside its checkpoint files."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -48,8 +48,26 @@ def _checkpoint_types() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def enum_member(cls: object, name: object) -> enum.Enum:
+    """Stands in for `builtins.getattr` while unpickling a DeepSpeed checkpoint. Python 3.11.0-3.11.4 pickle an enum
+    member as `getattr(EnumClass, "NAME")`, so DeepSpeed's ZeroStageEnum records reach the unpickler that way; this
+    answers only for an allowlisted Enum class and one of its member names, so `getattr` cannot fetch anything else."""
+    allowed = [t for t in _checkpoint_records() if issubclass(t, enum.Enum)]
+    if cls not in allowed or not isinstance(name, str) or name not in cls.__members__:  # type: ignore[attr-defined]
+        raise pickle.UnpicklingError(f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r}) is not "
+                                     "a DeepSpeed enum member")  # fmt: skip
+    return cls[name]  # type: ignore[index]
+
+
+def _checkpoint_types() -> list[Any]:
+    """What torch.load(weights_only=True) may build from a DeepSpeed checkpoint: the record types, and the guarded
+    getattr that older Pythons write for enum members. Allowlisted, they let us read ZeRO files without running any
+    other pickled code."""
+    return [*_checkpoint_records(), (enum_member, "builtins.getattr")]
+
+
 def _allowlisted_names() -> set[str]:
-    return {f"{t.__module__}.{t.__qualname__}" for t in _checkpoint_types()}
+    return {f"{t.__module__}.{t.__qualname__}" for t in _checkpoint_records()} | {"builtins.getattr"}
 
 
 def check_no_pickled_code(state_dir: Path) -> None:
@@ -72,6 +90,21 @@ def check_no_pickled_code(state_dir: Path) -> None:
             raise CheckpointError(f"{f}: holds pickled objects other than tensors and DeepSpeed's own records "
                                   f"({', '.join(unsafe[:3])}); it was not written by DeepSpeed for this run, so it "
                                   "is not loaded: resume from an earlier checkpoint")  # fmt: skip
+        if "builtins.getattr" in found:
+            _check_enum_lookups(f)
+
+
+def _check_enum_lookups(f: Path) -> None:
+    """A file that calls getattr (an enum member pickled by Python 3.11.0-3.11.4) is unpickled once, weights-only
+    and memory-mapped (its tensor bytes are not read), so a getattr on anything but a DeepSpeed enum member is
+    refused here, on every rank, before DeepSpeed reads the file."""
+    try:
+        with torch.serialization.safe_globals(_checkpoint_types()):
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{f}: holds a pickled lookup that is not a DeepSpeed enum member "
+                              f"({str(e).splitlines()[0][:160]}); it is not loaded: resume from an earlier "
+                              "checkpoint") from None  # fmt: skip
 
 
 @contextlib.contextmanager

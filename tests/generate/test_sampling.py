@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from rwkvctl.config import ModelConfig
+from rwkvctl.errors import NumericsError
 from rwkvctl.generate import Penalties, PenaltyTracker, SamplingConfig, TextStream, generate, sample
+from rwkvctl.generate.sampling import nucleus_cutoff
 
 
 def test_greedy_and_top_k_top_p():
@@ -61,3 +64,50 @@ def test_temperature_reshapes_only_what_top_p_kept():
     assert set(draws) == {0, 1}  # 0.5 + 0.3 reach 0.7: token 2 and 3 never, however hot
     share = draws.count(1) / len(draws)  # flattened within the nucleus: (0.3/0.5)^(1/5) -> ~0.475 of the mass
     assert 0.4 < share < 0.55
+
+
+def _sorted_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference: sort everything, take the token at which the running mass first reaches top_p."""
+    ordered = torch.sort(probs.double(), descending=True).values
+    running = torch.cumsum(ordered, dim=0)
+    position = int(torch.searchsorted(running, (running[-1] * top_p).reshape(1))[0])
+    return ordered[min(position, ordered.numel() - 1)].float()
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 0.05, 1.0, 4.0, 30.0])
+@pytest.mark.parametrize("top_p", [0.01, 0.3, 0.85, 0.99])
+def test_nucleus_cutoff_equals_the_sorted_reference(scale: float, top_p: float) -> None:
+    g = torch.Generator().manual_seed(int(scale * 100) + int(top_p * 1000))
+    for size in (1, 7, 65536):
+        logits = torch.randn(size, generator=g) * scale
+        logits[: size // 3] = float("-inf")  # banned tokens: probability 0
+        if size > 1:
+            logits[-2:] = logits[-1]  # a tie at the top survives together
+        probs = torch.softmax(logits, dim=-1)
+        assert nucleus_cutoff(probs, top_p) == _sorted_cutoff(probs, top_p)
+
+
+def test_draws_follow_the_kept_distribution() -> None:
+    """The inverse-CDF draw is the categorical distribution over what top-p/top-k kept, reshaped by temperature."""
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    logits = torch.log(probs)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    for cfg, expected in [
+        (SamplingConfig(top_p=1.0), [0.4, 0.3, 0.2, 0.1, 0.0]),
+        (SamplingConfig(top_p=0.65), [0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0, 0.0]),  # 0.4 + 0.3 first reach 0.65
+        (SamplingConfig(top_p=1.0, top_k=2, temperature=0.5), [16 / 25, 9 / 25, 0.0, 0.0, 0.0]),
+    ]:
+        counts = torch.bincount(torch.tensor([sample(logits, cfg, g) for _ in range(n)]), minlength=5) / n
+        assert torch.allclose(counts, torch.tensor(expected), atol=0.015), (cfg, counts)
+    seeded = [sample(logits, SamplingConfig(), torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(seeded)) == 1  # a seed fixes the draw
+
+
+def test_non_finite_logits_are_refused_by_one_check() -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NumericsError):
+            sample(torch.tensor([0.0, bad, 1.0]), SamplingConfig())
+    with pytest.raises(NumericsError):
+        sample(torch.full((4,), float("-inf")), SamplingConfig())
+    assert sample(torch.tensor([float("-inf"), 2.0, float("-inf")]), SamplingConfig()) == 1

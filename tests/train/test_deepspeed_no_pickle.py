@@ -64,6 +64,44 @@ def test_a_planted_global_is_named_and_deepspeed_records_pass(tmp_path: Path) ->
         check_no_pickled_code(tmp_path)
 
 
+class _EnumAsOldPythonsPickleIt:
+    """Pickles as Python 3.11.0-3.11.4 pickle an enum member: `builtins.getattr(EnumClass, "NAME")`."""
+
+    def __init__(self, cls: type, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_members_pickled_by_older_pythons_load_and_other_lookups_are_refused(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from rwkvctl.train.deepspeed_engine import _checkpoint_types
+
+    good = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"w": torch.ones(2), "stage": _EnumAsOldPythonsPickleIt(ZeroStageEnum, "optimizer_states")}, good)
+    assert "builtins.getattr" in torch.serialization.get_unsafe_globals_in_checkpoint(good)
+    check_no_pickled_code(tmp_path)  # DeepSpeed's checkpoints from Debian 12's Python 3.11.2 look like this
+    with weights_only_loads():
+        assert torch.load(good, weights_only=False)["stage"] is ZeroStageEnum.optimizer_states
+    with torch.serialization.safe_globals(_checkpoint_types()):  # add-gate's reader
+        assert torch.load(good, weights_only=True, mmap=True)["stage"] is ZeroStageEnum.optimizer_states
+
+    for cls, name in [(ZeroStageEnum, "__init__"), (ZeroStageEnum, "_member_map_"), (LossScaler, "__init__"),
+                      (OrderedDict, "fromkeys")]:
+        bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        torch.save({"w": torch.ones(2), "stage": _EnumAsOldPythonsPickleIt(cls, name)}, bad)
+        with pytest.raises(CheckpointError, match=r"optim_states\.pt: holds a pickled lookup that is not a "
+                                                  r"DeepSpeed enum member"):
+            check_no_pickled_code(tmp_path)
+        with weights_only_loads(), pytest.raises(Exception, match="not a DeepSpeed enum member"):
+            torch.load(bad, weights_only=False)
+
+
 def test_the_backstop_forces_weights_only_even_when_asked_not_to(tmp_path: Path) -> None:
     planted = tmp_path / "f.pt"
     torch.save({"w": torch.ones(2)}, planted)
