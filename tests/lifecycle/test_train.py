@@ -27,7 +27,9 @@ def test_loss_goes_down_on_the_sample_corpus(tmp_path, sample_dataset, make_conf
     assert len(losses) == 20 and len(vals) == 2
     assert losses[0] == pytest.approx(math.log(65536), abs=0.3)  # uniform at init
     assert sum(losses[-5:]) / 5 < losses[0] - 2.0
-    assert vals[1] < vals[0] - 0.5 and vals[1] < losses[0] - 2.0
+    # held-out loss ends 3 nats below uniform and still falls between the two checks; the size of that last fall
+    # depends on the corpus, which comes from the interpreter's standard library (0.51 on 3.11.7, 0.48 on 3.11.2)
+    assert vals[1] < losses[0] - 3.0 and vals[1] < vals[0] - 0.2
     assert result.val_loss == vals[-1] and result.step == 20 and not result.interrupted
     assert {e.kind for e in events} >= {"message", "step", "val", "checkpoint"}
     assert result.tokens_per_s > 0 and result.peak_memory_bytes > 0
