@@ -90,6 +90,30 @@ def choice(part: str, choices: tuple[str, ...], error: type[RwkvctlError]) -> st
     return mode
 
 
+class Switch:
+    """An `RWKVCTL_<part>` setting choosing between a compiled path and its pure-PyTorch reference. Its modes are
+    (auto, strict, reference): auto takes the compiled path where it runs, else the reference with one notice per
+    reason (a logging warning); strict fails with the part's error instead; reference always takes the reference."""
+
+    def __init__(self, part: str, modes: tuple[str, str, str], error: type[RwkvctlError], logger: logging.Logger,
+                 notice: str) -> None:  # fmt: skip
+        self.part, self.modes, self.error, self.logger = part, modes, error, logger
+        self.notice = notice  # a %-format with one %s: the reason
+        self.warned: set[str] = set()
+
+    def mode(self) -> str:
+        return choice(self.part, self.modes, self.error)
+
+    def fallback(self, reason: str, mode: str) -> bool:
+        """False (take the reference), after one notice per reason; raises in the strict mode."""
+        if mode == self.modes[1]:
+            raise self.error(f"RWKVCTL_{self.part}={mode} but {reason}")
+        if reason not in self.warned:
+            self.warned.add(reason)
+            self.logger.warning(self.notice, reason)
+        return False
+
+
 def cache_root() -> Path:
     """`$RWKVCTL_CACHE_DIR`, default ~/.cache/rwkvctl: every compiled part is cached below it."""
     env = os.environ.get("RWKVCTL_CACHE_DIR", "").strip()

@@ -20,23 +20,14 @@ from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
 __all__ = ["SUPPORTED_HEAD_SIZES", "backend_mode", "uses_compiled", "wkv5", "wkv5_chunked", "wkv5_loop"]
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)  # the specialisations compiled in csrc/static_switch.h
-_MODES = ("auto", "compiled", "reference")
 log = logging.getLogger("rwkvctl.kernels")
-_warned: set[str] = set()
+SWITCH = native_build.Switch("WKV", ("auto", "compiled", "reference"), KernelUnavailable, log,
+                             "WKV5: using the pure-PyTorch reference kernel because %s")  # fmt: skip
 
 
 def backend_mode() -> str:
     """The RWKVCTL_WKV setting: auto, compiled or reference."""
-    return native_build.choice("WKV", _MODES, KernelUnavailable)
-
-
-def _fallback(reason: str, mode: str) -> bool:
-    if mode == "compiled":
-        raise KernelUnavailable(f"RWKVCTL_WKV=compiled but {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("WKV5: using the pure-PyTorch reference kernel because %s", reason)
-    return False
+    return SWITCH.mode()
 
 
 @torch.compiler.disable
@@ -55,9 +46,9 @@ def uses_compiled(r: Tensor) -> bool:
     if mode == "reference":
         return False
     if r.shape[-1] not in SUPPORTED_HEAD_SIZES:  # before any build: a minute of compiling would be wasted
-        return _fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
+        return SWITCH.fallback(f"head size {r.shape[-1]} is not one of {SUPPORTED_HEAD_SIZES}", mode)
     if r.device.type not in ("cpu", "cuda"):
-        return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
+        return SWITCH.fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
     from rwkvctl.kernels import build
 
     # Plain reads of module state once loaded, so torch.compile traces straight through this function;
@@ -66,14 +57,15 @@ def uses_compiled(r: Tensor) -> bool:
     if info is None:
         failed = build.failure() or _load_or_failure()
         if isinstance(failed, KernelUnavailable):
-            return _fallback(str(failed), mode)
+            return SWITCH.fallback(str(failed), mode)
         info = failed
     if r.device.type == "cuda" and not info.with_cuda:
-        return _fallback("the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_WKV_SKIP_CUDA)", mode)
+        why = "the extension was built without CUDA (no CUDA_HOME/nvcc, or RWKVCTL_WKV_SKIP_CUDA)"
+        return SWITCH.fallback(why, mode)
     if r.device.type == "cuda" and r.dtype == torch.float64:
-        return _fallback("the CUDA kernel takes fp32/fp16/bf16 inputs, not float64", mode)
+        return SWITCH.fallback("the CUDA kernel takes fp32/fp16/bf16 inputs, not float64", mode)
     if r.device.type not in ("cpu", "cuda"):
-        return _fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
+        return SWITCH.fallback(f"there is no WKV5 kernel for device type {r.device.type!r}", mode)
     return True
 
 

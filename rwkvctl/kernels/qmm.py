@@ -114,23 +114,14 @@ def level() -> str:
     return LEVELS[torch.ops.rwkvctl.group_affine_level()]
 
 
-_MODES = ("auto", "compiled", "reference")
-_warned: set[str] = set()
+SWITCH = native_build.Switch("QMM", ("auto", "compiled", "reference"), KernelUnavailable, log,
+                             "packed weights: using the slower reference matmul because %s")  # fmt: skip
 
 
 def backend_mode() -> str:
     """The RWKVCTL_QMM setting: auto (the kernel where it runs, else the reference with one notice), compiled (fail
     instead of falling back) or reference (always the scheme's own matmul)."""
-    return native_build.choice("QMM", _MODES, KernelUnavailable)
-
-
-def _fallback(reason: str, mode: str) -> bool:
-    if mode == "compiled":
-        raise KernelUnavailable(f"RWKVCTL_QMM=compiled but {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("packed weights: using the slower reference matmul because %s", reason)
-    return False
+    return SWITCH.mode()
 
 
 def usable(bits: int, group: int, in_features: int, device: torch.device) -> bool:
@@ -140,15 +131,15 @@ def usable(bits: int, group: int, in_features: int, device: torch.device) -> boo
     if mode == "reference":
         return False
     if device.type != "cpu":
-        return _fallback(f"there is no packed-weight kernel for device type {device.type!r}", mode)
+        return SWITCH.fallback(f"there is no packed-weight kernel for device type {device.type!r}", mode)
     if (why := supports(bits, group, in_features)) is not None:
-        return _fallback(f"the kernel does not take {why}", mode)
+        return SWITCH.fallback(f"the kernel does not take {why}", mode)
     from rwkvctl.kernels.build import load_extension
 
     try:
         load_extension()
     except KernelUnavailable as e:
-        return _fallback(str(e), mode)
+        return SWITCH.fallback(str(e), mode)
     if level() == "portable" and mode == "auto":
-        return _fallback("this CPU has no AVX2 (or RWKVCTL_CPU_ISA=default)", mode)
+        return SWITCH.fallback("this CPU has no AVX2 (or RWKVCTL_CPU_ISA=default)", mode)
     return True

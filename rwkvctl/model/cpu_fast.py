@@ -26,24 +26,15 @@ from rwkvctl.errors import KernelUnavailable
 from rwkvctl.model.state import RecurrentState
 
 log = logging.getLogger("rwkvctl.model")
-_MODES = ("auto", "fused", "reference")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _HEAD_ROWS = 8192  # head rows upcast at once when full bf16 logits are asked for (~25 MB fp32 at C=768)
-_warned: set[str] = set()
+SWITCH = native_build.Switch("STEP", ("auto", "fused", "reference"), KernelUnavailable, log,
+                             "RNN step: using the PyTorch module path (slower) because %s")  # fmt: skip
 
 
 def step_mode() -> str:
     """The RWKVCTL_STEP setting: auto, fused or reference."""
-    return native_build.choice("STEP", _MODES, KernelUnavailable)
-
-
-def _unavailable(reason: str, mode: str) -> bool:
-    if mode == "fused":
-        raise KernelUnavailable(f"RWKVCTL_STEP=fused but {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("RNN step: using the PyTorch module path (slower) because %s", reason)
-    return False
+    return SWITCH.mode()
 
 
 def _extension_ready() -> str | None:
@@ -69,9 +60,9 @@ def applies(model: nn.Module) -> bool:
     if torch.is_grad_enabled() and weight.requires_grad:
         return False  # the C++ ops have no backward; training and gradient checks use the module path
     if weight.dtype not in _FAST_DTYPES:
-        return _unavailable(f"the model dtype is {weight.dtype}, not float32 or bfloat16", mode)
+        return SWITCH.fallback(f"the model dtype is {weight.dtype}, not float32 or bfloat16", mode)
     reason = _extension_ready()
-    return True if reason is None else _unavailable(reason, mode)
+    return True if reason is None else SWITCH.fallback(reason, mode)
 
 
 def _partitioned(weight: torch.Tensor) -> bool:

@@ -78,7 +78,7 @@ def fresh_build_state(monkeypatch, tmp_path):
     """A process state where nothing was loaded yet, building into an empty cache."""
     monkeypatch.setattr(build, "_loaded", None)
     monkeypatch.setattr(build, "_failure", None)
-    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(kernels.SWITCH, "warned", set())
     monkeypatch.delenv("RWKVCTL_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("RWKVCTL_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -137,7 +137,7 @@ def test_flat_channel_layout(monkeypatch):
 @has_compiler
 def test_unsupported_head_size_falls_back(monkeypatch, caplog):
     monkeypatch.delenv("RWKVCTL_WKV", raising=False)
-    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(kernels.SWITCH, "warned", set())
     args = small_inputs(N=8)
     with caplog.at_level(logging.WARNING, logger="rwkvctl.kernels"):
         y, _ = kernels.wkv5(*args)

@@ -204,7 +204,7 @@ def test_autograd_keeps_the_module_path(random_model, monkeypatch):
 
 def test_one_notice_when_unavailable(random_model, monkeypatch, caplog):
     model = random_model(CONFIGS["gate"]).double()
-    monkeypatch.setattr(cpu_fast, "_warned", set())
+    monkeypatch.setattr(cpu_fast.SWITCH, "warned", set())
     with caplog.at_level(logging.WARNING, logger="rwkvctl.model"):
         fast, _ = _steps(model, torch.tensor([[1, 2, 3]]))
     notices = [r for r in caplog.records if "module path" in r.getMessage()]
@@ -217,7 +217,7 @@ def test_one_notice_when_unavailable(random_model, monkeypatch, caplog):
 
 def test_notice_when_the_extension_cannot_load(random_model, monkeypatch, caplog):
     model = random_model(CONFIGS["gate"])
-    monkeypatch.setattr(cpu_fast, "_warned", set())
+    monkeypatch.setattr(cpu_fast.SWITCH, "warned", set())
     monkeypatch.setattr(cpu_fast, "_extension_ready", lambda: "no C++ compiler")
     with caplog.at_level(logging.WARNING, logger="rwkvctl.model"):
         (fast, _), (ref, _) = _both_auto(model, monkeypatch)

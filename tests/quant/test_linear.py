@@ -80,7 +80,7 @@ def _layer(bits: int, group: int, cols: int = 48) -> QuantLinear:
 
 
 def test_unsupported_weight_falls_back_with_one_notice(caplog, monkeypatch) -> None:
-    monkeypatch.setattr(qmm, "_warned", set())
+    monkeypatch.setattr(qmm.SWITCH, "warned", set())
     layer = _layer(4, 6)  # groups of 6: not a multiple of 4
     x = torch.randn(2, 48)
     with caplog.at_level(logging.WARNING, logger="rwkvctl.kernels"):
@@ -96,7 +96,7 @@ def test_extension_failure_falls_back_with_one_notice(caplog, monkeypatch) -> No
     def broken(verbose: bool = False):
         raise KernelUnavailable("no C++ compiler ('c++') on PATH")
 
-    monkeypatch.setattr(qmm, "_warned", set())
+    monkeypatch.setattr(qmm.SWITCH, "warned", set())
     monkeypatch.setattr(build, "load_extension", broken)
     x = torch.randn(3, 64)
     with caplog.at_level(logging.WARNING, logger="rwkvctl.kernels"):
