@@ -13,7 +13,7 @@
 namespace rwkvctl {
 
 // 0 = baseline, 1 = AVX2+FMA(+F16C), 2 = AVX-512 (F+VL). RWKVCTL_CPU_ISA=default|avx2|avx512 caps it (tests,
-// debugging).
+// debugging); avx512bw is avx512 without the VNNI instructions (see cpu_isa_allows_vnni).
 inline int cpu_isa_level() {
   int hw = 0;
 #ifdef RWKVCTL_X86_VARIANTS
@@ -25,8 +25,15 @@ inline int cpu_isa_level() {
   if (env == nullptr || *env == '\0') return hw;
   if (std::strcmp(env, "default") == 0) return 0;
   if (std::strcmp(env, "avx2") == 0) return hw < 1 ? hw : 1;
-  if (std::strcmp(env, "avx512") == 0) return hw;
-  TORCH_CHECK(false, "RWKVCTL_CPU_ISA must be default, avx2 or avx512, got '", env, "'");
+  if (std::strcmp(env, "avx512") == 0 || std::strcmp(env, "avx512bw") == 0) return hw;
+  TORCH_CHECK(false, "RWKVCTL_CPU_ISA must be default, avx2, avx512 or avx512bw, got '", env, "'");
+}
+
+// False when RWKVCTL_CPU_ISA=avx512bw: kernels with a VNNI variant take their plain AVX-512BW one (so that variant
+// is tested on CPUs that have VNNI).
+inline bool cpu_isa_allows_vnni() {
+  const char* env = std::getenv("RWKVCTL_CPU_ISA");
+  return env == nullptr || std::strcmp(env, "avx512bw") != 0;
 }
 
 }  // namespace rwkvctl

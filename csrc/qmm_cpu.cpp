@@ -93,49 +93,77 @@ inline int32_t pair_at(const int16_t* x) {
   return v;
 }
 
-// AVX-512BW: 16 output rows per zmm. NR input rows share each widened code vector (2 NR + 6 registers).
+// AVX-512BW: 16 output rows per zmm. NR input rows share each widened code vector.
+//
+// With VNNI each vpdpwssd waits for the previous one on the same accumulator (~5 cycles), so one chain of sums per
+// row would bound a lone decode row (NR = 1) at a fifth of what the multiply unit can do. Each row therefore keeps
+// independent int32 sums: one per nibble term (4 bits) and, for NR <= 2, one per chunk parity; they are added at
+// the end of the group. Integer addition is exact, so the result does not depend on the split.
+#define RWKVCTL_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+template <bool VNNI>
+RWKVCTL_AVX512_TARGET inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+  return VNNI ? _mm512_dpwssd_epi32(acc, a, b) : _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+}
+
+// One 32-byte chunk of a tile's codes (2 inputs at 8 bits, 4 at 4 bits, for 16 rows) into the sums of parity C.
+template <int BITS, int NR, bool VNNI, int C, int kTerms, int kParity>
+RWKVCTL_AVX512_TARGET inline void chunk_avx512(__m512i (&acc)[NR][kTerms][kParity], const uint8_t* codes_at,
+                                               const int16_t* x_at, int64_t row_stride) {
+  const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_at)));
+  if constexpr (BITS == 8) {
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0][C] = dot_pairs<VNNI>(acc[r][0][C], codes, _mm512_set1_epi32(pair_at(x_at + r * row_stride)));
+    }
+  } else {
+    const __m512i lo = _mm512_and_si512(codes, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(codes, 4);
+    for (int r = 0; r < NR; ++r) {
+      const int16_t* x = x_at + r * row_stride;
+      acc[r][0][C] = dot_pairs<VNNI>(acc[r][0][C], lo, _mm512_set1_epi32(pair_at(x)));
+      acc[r][kTerms - 1][C] = dot_pairs<VNNI>(acc[r][kTerms - 1][C], hi, _mm512_set1_epi32(pair_at(x + 2)));
+    }
+  }
+}
+
 template <int BITS, int NR, bool VNNI>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void tiles_avx512(
-    const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+RWKVCTL_AVX512_TARGET void tiles_avx512(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+  constexpr int kTerms = BITS == 4 ? 2 : 1;  // low and high nibble sums kept apart
+  constexpr int kParity = NR <= 2 ? 2 : 1;   // even and odd 32-byte chunks kept apart
   const int64_t gbytes = kTile * p.group * BITS / 8;
-  const __m512i low4 = _mm512_set1_epi16(15);
+  const int64_t per_chunk = BITS == 8 ? 2 : 4;  // inputs per 32-byte chunk
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* qt = p.q + t * p.tile_bytes();
     __m512 total[NR];
     for (int r = 0; r < NR; ++r) total[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.groups; ++g) {
-      __m512i acc[NR];
-      for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+      __m512i acc[NR][kTerms][kParity];
+      for (int r = 0; r < NR; ++r)
+        for (int u = 0; u < kTerms; ++u)
+          for (int c = 0; c < kParity; ++c) acc[r][u][c] = _mm512_setzero_si512();
       const uint8_t* qg = qt + g * gbytes;
       const int16_t* xg = p.xq + r0 * p.in + g * p.group;
-      for (int64_t b = 0; b < gbytes; b += 32) {
-        const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b)));
-        if constexpr (BITS == 8) {
-          for (int r = 0; r < NR; ++r) {
-            const __m512i xv = _mm512_set1_epi32(pair_at(xg + r * p.in + b / 16));
-            acc[r] = VNNI ? _mm512_dpwssd_epi32(acc[r], codes, xv)
-                          : _mm512_add_epi32(acc[r], _mm512_madd_epi16(codes, xv));
-          }
-        } else {
-          const __m512i lo = _mm512_and_si512(codes, low4), hi = _mm512_srli_epi16(codes, 4);
-          for (int r = 0; r < NR; ++r) {
-            const int16_t* x = xg + r * p.in + b / 8;
-            const __m512i xl = _mm512_set1_epi32(pair_at(x)), xh = _mm512_set1_epi32(pair_at(x + 2));
-            if constexpr (VNNI) {
-              acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[r], lo, xl), hi, xh);
-            } else {
-              acc[r] = _mm512_add_epi32(acc[r], _mm512_add_epi32(_mm512_madd_epi16(lo, xl), _mm512_madd_epi16(hi, xh)));
-            }
-          }
+      int64_t b = 0;
+      if constexpr (kParity == 2) {
+        for (; b + 64 <= gbytes; b += 64) {
+          chunk_avx512<BITS, NR, VNNI, 0, kTerms, kParity>(acc, qg + b, xg + b / 32 * per_chunk, p.in);
+          chunk_avx512<BITS, NR, VNNI, kParity - 1, kTerms, kParity>(acc, qg + b + 32, xg + (b / 32 + 1) * per_chunk,
+                                                                     p.in);
         }
+      }
+      for (; b < gbytes; b += 32) {
+        chunk_avx512<BITS, NR, VNNI, 0, kTerms, kParity>(acc, qg + b, xg + b / 32 * per_chunk, p.in);
       }
       const int64_t sg = (t * p.groups + g) * kTile;
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + sg)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimum + sg)));
       for (int r = 0; r < NR; ++r) {
+        __m512i sum = acc[r][0][0];
+        for (int u = 0; u < kTerms; ++u)
+          for (int c = 0; c < kParity; ++c)
+            if (u + c > 0) sum = _mm512_add_epi32(sum, acc[r][u][c]);
         const int64_t rg = (r0 + r) * p.groups + g;
         const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(p.xscale[rg]));
-        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), sx, total[r]);
+        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sx, total[r]);
         total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsum[rg]), total[r]);
       }
     }
@@ -204,7 +232,7 @@ int qmm_level() {
   const int level = cpu_isa_level();
   if (level < 2) return level;
   if (!__builtin_cpu_supports("avx512bw")) return 1;
-  return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+  return __builtin_cpu_supports("avx512vnni") && cpu_isa_allows_vnni() ? 3 : 2;
 }
 
 template <int BITS, int NR>

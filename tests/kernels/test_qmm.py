@@ -46,11 +46,13 @@ def test_pack_and_unpack_are_inverse(bits: int, out: int, cols: int, group: int)
     assert all(torch.equal(a, b) for a, b in zip(back, (q, s, m), strict=True))
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512bw", "avx512"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("out,cols,group", SHAPES)
 def test_kernel_matches_the_expanded_weight(extension, monkeypatch, isa, bits, out, cols, group) -> None:
     monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)  # caps the level: every variant runs on this CPU's capabilities
+    if isa == "avx512bw":
+        assert qmm.level() != "avx512vnni"  # the plain AVX-512BW variant runs even where VNNI exists
     q, s, m, w = _weight(out, cols, group, bits)
     tiles = qmm.pack(q, s, m, bits, group)
     gen = torch.Generator().manual_seed(1)
