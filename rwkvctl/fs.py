@@ -2,8 +2,10 @@
 
 Files: written under a temp name next to the final one (`.NAME.tmp-PID`), fsynced, renamed over NAME, and the
 directory fsynced. A reader (or a resumed run) therefore sees either the old complete file or the new complete file,
-never a half-written one, even after kill -9 or a full disk. Files that belong together (a `.bin` and its `.idx`) are
-renamed one after the other in the order given, so the presence of the last one means all of them are complete.
+never a half-written one, even after kill -9 or a full disk. Files that belong together (a `.bin` and its `.idx`,
+weights and their sidecar) are renamed one after the other in the order given, so the presence of the last one means
+all of them are complete; when they replace an older set, the older companions of the first file are deleted before
+it is renamed in, so a kill between the renames never pairs a new file with an old companion that describes another.
 
 Directories (a checkpoint): filled under `.tmp-NAME`, every file fsynced, renamed to NAME. A complete directory that
 is replaced or deleted is first renamed aside (`.old-NAME-NS`, `.deleting-NAME-NS`), so NAME is never half there.
@@ -111,11 +113,19 @@ def default_file_mode() -> int:
 def publish(pairs: Sequence[tuple[Path, Path]], *, private: bool = False) -> None:
     """Make complete files visible under their final names: give each the mode of an ordinary new file (0o600 if
     `private`; some writers, e.g. safetensors, create 0o600 files), fsync it, rename each over its destination in
-    the order given (the last pair last), then fsync the destination directories."""
+    the order given (the last pair last), then fsync the destination directories.
+
+    The existing destinations after the first are deleted (durably) before the first rename: the companions of a
+    replaced file describe it, not the new one, and the first file is read alone when they are missing."""
     mode = 0o600 if private else default_file_mode()
     for src, _ in pairs:
         os.chmod(src, mode)
         fsync_file(src)
+    stale = [dst for _, dst in pairs[1:] if dst.exists()]
+    for dst in stale:
+        dst.unlink()
+    for parent in dict.fromkeys(dst.parent for dst in stale):
+        fsync_dir(parent)
     for src, dst in pairs:
         os.replace(src, dst)
     for parent in dict.fromkeys(dst.parent for _, dst in pairs):
