@@ -225,7 +225,7 @@ def remove_tree(path: Path) -> None:
 
 def remove_leftovers(parent: Path) -> None:
     """Delete what `remove_tree` left in `parent` when killed after renaming aside (`.old-*` of `commit_dir` is
-    kept: killed between its two renames, it is the only complete copy)."""
+    kept: killed between its two renames, it may be the only complete copy; `remove_dir_temps` settles it)."""
     for d in parent.glob(".deleting-*"):
         shutil.rmtree(d, ignore_errors=True)
 
@@ -233,6 +233,25 @@ def remove_leftovers(parent: Path) -> None:
 def dir_temp(final: Path) -> Path:
     """Where the directory `final` is filled before `commit_dir`: `.tmp-NAME` next to it."""
     return final.with_name(f".tmp-{final.name}")
+
+
+def remove_dir_temps(parent: Path) -> None:
+    """Finish what a killed `commit_dir` left in `parent`, then delete every other `dir_temp` (directories a killed
+    writer never committed). Temp directories record no pid: only for a caller that holds `parent` as its one
+    writer.
+
+    Killed between its two renames, `commit_dir` leaves NAME missing, the old copy at `.old-NAME-NS` and the new
+    one, complete (fsynced before the old was set aside), at `.tmp-NAME`: the new one is renamed in. Killed after
+    both, the `.old-` copy is a leftover and is deleted."""
+    for old in parent.glob(".old-*"):
+        name = old.name.removeprefix(".old-").rsplit("-", 1)[0]
+        final, tmp = parent / name, dir_temp(parent / name)
+        if not final.exists():
+            rename(tmp if tmp.is_dir() else old, final)
+        shutil.rmtree(old, ignore_errors=True)
+    for d in parent.glob(".tmp-*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def begin_dir(final: Path) -> Path:
