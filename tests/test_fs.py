@@ -196,3 +196,18 @@ def test_published_files_get_an_ordinary_mode_or_owner_only(tmp_path):
         assert stat.S_IMODE((tmp_path / "chat.safetensors").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_remove_dir_temps_finishes_a_cut_commit_and_drops_other_temps(tmp_path):
+    from rwkvctl.fs import remove_dir_temps
+
+    _dir_with(tmp_path / "a", "old a")
+    fs.rename_aside(tmp_path / "a", "old")  # killed between commit_dir's renames: the new copy is in .tmp-a
+    (tmp_path / ".tmp-a").mkdir()
+    (tmp_path / ".tmp-a" / "state.json").write_text("new a")
+    _dir_with(tmp_path / "b", "b")
+    (tmp_path / ".old-b-1").mkdir()  # killed after both renames, before deleting the old copy
+    (tmp_path / ".tmp-c").mkdir()  # a write killed before its commit
+    remove_dir_temps(tmp_path)
+    assert (tmp_path / "a" / "state.json").read_text() == "new a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
