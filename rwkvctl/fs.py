@@ -2,8 +2,10 @@
 
 Files: written under a temp name next to the final one (`.NAME.tmp-PID`), fsynced, renamed over NAME, and the
 directory fsynced. A reader (or a resumed run) therefore sees either the old complete file or the new complete file,
-never a half-written one, even after kill -9 or a full disk. Files that belong together (a `.bin` and its `.idx`) are
-renamed one after the other in the order given, so the presence of the last one means all of them are complete.
+never a half-written one, even after kill -9 or a full disk. Files that belong together (a `.bin` and its `.idx`,
+weights and their sidecar) are renamed one after the other in the order given, so the presence of the last one means
+all of them are complete; when they replace an older set, the older companions of the first file are deleted before
+it is renamed in, so a kill between the renames never pairs a new file with an old companion that describes another.
 
 Directories (a checkpoint): filled under `.tmp-NAME`, every file fsynced, renamed to NAME. A complete directory that
 is replaced or deleted is first renamed aside (`.old-NAME-NS`, `.deleting-NAME-NS`), so NAME is never half there.
@@ -111,11 +113,19 @@ def default_file_mode() -> int:
 def publish(pairs: Sequence[tuple[Path, Path]], *, private: bool = False) -> None:
     """Make complete files visible under their final names: give each the mode of an ordinary new file (0o600 if
     `private`; some writers, e.g. safetensors, create 0o600 files), fsync it, rename each over its destination in
-    the order given (the last pair last), then fsync the destination directories."""
+    the order given (the last pair last), then fsync the destination directories.
+
+    The existing destinations after the first are deleted (durably) before the first rename: the companions of a
+    replaced file describe it, not the new one, and the first file is read alone when they are missing."""
     mode = 0o600 if private else default_file_mode()
     for src, _ in pairs:
         os.chmod(src, mode)
         fsync_file(src)
+    stale = [dst for _, dst in pairs[1:] if dst.exists()]
+    for dst in stale:
+        dst.unlink()
+    for parent in dict.fromkeys(dst.parent for dst in stale):
+        fsync_dir(parent)
     for src, dst in pairs:
         os.replace(src, dst)
     for parent in dict.fromkeys(dst.parent for _, dst in pairs):
@@ -215,7 +225,7 @@ def remove_tree(path: Path) -> None:
 
 def remove_leftovers(parent: Path) -> None:
     """Delete what `remove_tree` left in `parent` when killed after renaming aside (`.old-*` of `commit_dir` is
-    kept: killed between its two renames, it is the only complete copy)."""
+    kept: killed between its two renames, it may be the only complete copy; `remove_dir_temps` settles it)."""
     for d in parent.glob(".deleting-*"):
         shutil.rmtree(d, ignore_errors=True)
 
@@ -223,6 +233,25 @@ def remove_leftovers(parent: Path) -> None:
 def dir_temp(final: Path) -> Path:
     """Where the directory `final` is filled before `commit_dir`: `.tmp-NAME` next to it."""
     return final.with_name(f".tmp-{final.name}")
+
+
+def remove_dir_temps(parent: Path) -> None:
+    """Finish what a killed `commit_dir` left in `parent`, then delete every other `dir_temp` (directories a killed
+    writer never committed). Temp directories record no pid: only for a caller that holds `parent` as its one
+    writer.
+
+    Killed between its two renames, `commit_dir` leaves NAME missing, the old copy at `.old-NAME-NS` and the new
+    one, complete (fsynced before the old was set aside), at `.tmp-NAME`: the new one is renamed in. Killed after
+    both, the `.old-` copy is a leftover and is deleted."""
+    for old in parent.glob(".old-*"):
+        name = old.name.removeprefix(".old-").rsplit("-", 1)[0]
+        final, tmp = parent / name, dir_temp(parent / name)
+        if not final.exists():
+            rename(tmp if tmp.is_dir() else old, final)
+        shutil.rmtree(old, ignore_errors=True)
+    for d in parent.glob(".tmp-*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def begin_dir(final: Path) -> Path:

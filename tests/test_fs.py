@@ -61,6 +61,25 @@ def test_files_that_belong_together_are_synced_then_renamed_in_order(tmp_path, m
     assert events.index(("fsync", idx_tmp.name)) < events.index(("rename", "d.bin"))
 
 
+def test_replacing_a_pair_deletes_the_old_companion_before_the_first_rename(tmp_path, monkeypatch):
+    """Killed between the renames, the new first file must not sit beside the old file's companion (an .idx or a
+    sidecar describing another file): the old companion is deleted, durably, before the first rename."""
+    atomic_write_text(tmp_path / "d.bin", "old bin")
+    atomic_write_text(tmp_path / "d.idx", "old idx")
+    real_replace = os.replace
+
+    def killed_at_second(a, b):
+        if Path(b).name == "d.idx":
+            raise KeyboardInterrupt  # stands in for kill -9 between the two renames
+        real_replace(a, b)
+
+    monkeypatch.setattr(fs.os, "replace", killed_at_second)
+    with pytest.raises(KeyboardInterrupt), atomic_paths(tmp_path / "d.bin", tmp_path / "d.idx") as (b, i):
+        b.write_text("new bin")
+        i.write_text("new idx")
+    assert (tmp_path / "d.bin").read_text() == "new bin" and not (tmp_path / "d.idx").exists()
+
+
 def test_an_exception_mid_write_keeps_the_old_pair_and_no_temp(tmp_path):
     atomic_write_text(tmp_path / "d.bin", "old bin")
     atomic_write_text(tmp_path / "d.idx", "old idx")
@@ -177,3 +196,18 @@ def test_published_files_get_an_ordinary_mode_or_owner_only(tmp_path):
         assert stat.S_IMODE((tmp_path / "chat.safetensors").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_remove_dir_temps_finishes_a_cut_commit_and_drops_other_temps(tmp_path):
+    from rwkvctl.fs import remove_dir_temps
+
+    _dir_with(tmp_path / "a", "old a")
+    fs.rename_aside(tmp_path / "a", "old")  # killed between commit_dir's renames: the new copy is in .tmp-a
+    (tmp_path / ".tmp-a").mkdir()
+    (tmp_path / ".tmp-a" / "state.json").write_text("new a")
+    _dir_with(tmp_path / "b", "b")
+    (tmp_path / ".old-b-1").mkdir()  # killed after both renames, before deleting the old copy
+    (tmp_path / ".tmp-c").mkdir()  # a write killed before its commit
+    remove_dir_temps(tmp_path)
+    assert (tmp_path / "a" / "state.json").read_text() == "new a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

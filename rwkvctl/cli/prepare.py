@@ -68,10 +68,20 @@ def prepare_cmd(
     node_rank: int = typer.Option(0, help="This machine's rank in 0..num_nodes-1."),
     ctx_len: int | None = typer.Option(None, help="Also report RWKV-LM's --magic_prime/--my_exit_tokens for it."),
     verify_every: int = typer.Option(64, help="Check decode(encode(x)) == x on every Nth document."),
+    max_line_bytes: int | None = typer.Option(
+        None, help="A JSONL line longer than this many bytes is a bad document (line_too_long), never read whole "
+        "[default: 67108864, 64 MiB]."
+    ),
 ) -> None:
     """Tokenize a corpus (e.g. SlimPajama) into RWKV-LM binidx shards + manifest.json. Rerun to resume."""
     from rwkvctl.cli.data_view import PrepareView, render_summary
+    from rwkvctl.data.corpus import MAX_LINE_BYTES
+    from rwkvctl.errors import DataError
     from rwkvctl.lifecycle.prepare import PrepareOptions, prepare
+
+    if max_line_bytes is not None and max_line_bytes < 1:
+        raise DataError(f"--max-line-bytes {max_line_bytes}: give a positive number of bytes (default "
+                        f"{MAX_LINE_BYTES})")
 
     opts = PrepareOptions(
         inputs=inputs,
@@ -88,6 +98,7 @@ def prepare_cmd(
         num_nodes=num_nodes,
         node_rank=node_rank,
         ctx_len=ctx_len,
+        max_line_bytes=MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes,
     )
     with PrepareView(console) as view:
         result = prepare(opts, on_progress=view.update)

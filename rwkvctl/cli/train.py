@@ -225,20 +225,26 @@ def train_command(
     """
     given = dict(locals())  # the parameters (nothing else is bound yet), for CONFIG_FLAGS
     from rwkvctl.errors import ConfigError
-    from rwkvctl.lifecycle.train import end_distributed, train
+    from rwkvctl.lifecycle.train import end_distributed, resume_config, train
     from rwkvctl.train.config import RunConfig
-    from rwkvctl.train.run_dir import RunDir
 
     resuming = resume or resume_step is not None
     source = ""
+    saved = None
+    if config is None and resuming and run_dir:
+        # the run's own config (its run_config.yaml, else the checkpoint's), less the previous invocation's
+        # --stop-after-steps (older versions saved it)
+        saved = resume_config(run_dir, resume_step if resume_step is not None else "latest")
     if config is not None:
         cfg, source = RunConfig.from_yaml(config), f" ({config} has no data.path)"
-    elif resuming and run_dir and RunDir(run_dir).config_file.is_file():
-        # the run's own config, less the previous invocation's --stop-after-steps (older versions saved it)
-        cfg = RunConfig.from_yaml(RunDir(run_dir).config_file).with_overrides({"train.stop_after_steps": 0})
-        source = f" ({RunDir(run_dir).config_file} has no data.path)"
+    elif saved is not None:
+        cfg = saved.with_overrides({"train.stop_after_steps": 0})
+        source = f" (the run's saved config in {run_dir} has no data.path)"
     else:
         cfg = RunConfig()
+        if resuming and run_dir:
+            source = (f"; {run_dir} holds no run_config.yaml and no checkpoint (the run stopped before it started), "
+                      "so start it again with its own --config or flags")
     flags: dict[str, Any] = {key: given[param] for param, key in CONFIG_FLAGS.items()}
     flags["model.preset"] = preset
     overrides = {k: v for k, v in flags.items() if v is not None}

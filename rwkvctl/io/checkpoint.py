@@ -31,7 +31,7 @@ from torch import Tensor
 from rwkvctl.arch import ARCHITECTURES, DEFAULT_ARCH, arch_for_version, arch_of, config_from_dict
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.fs import atomic_path, atomic_write_text
+from rwkvctl.fs import atomic_paths
 from rwkvctl.io import bounded_json
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -183,14 +183,16 @@ def save_checkpoint(
     state_dict = normalize_keys(state_dict)
     validate_state_dict(state_dict, meta.model, source=str(path))
     tensors = {k: (t.detach().to("cpu", dtype or t.dtype)).contiguous() for k, t in state_dict.items()}
-    with atomic_path(path) as tmp:
+    # one commit for both (the sidecar last): a kill between the renames leaves the new weights without a sidecar
+    # (read by their embedded metadata, or their shapes), never beside the sidecar of the file they replaced
+    with atomic_paths(path, sidecar_path(path)) as (tmp, side_tmp):
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp), metadata={"rwkvctl": json.dumps(meta.to_dict())})
         else:
             torch.save(tensors, tmp)
-    atomic_write_text(sidecar_path(path), json.dumps(meta.to_dict(), indent=2) + "\n")
+        side_tmp.write_text(json.dumps(meta.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
 
 

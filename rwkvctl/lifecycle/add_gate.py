@@ -102,8 +102,16 @@ def branch_run(
 
 
 def _check_empty(out: RunDir) -> None:
+    if _interrupted_branch(out):
+        return  # what a killed add-gate left (no checkpoint, so nothing trained): this one writes it again
     if out.path.exists() and any(not is_lock_file(p) for p in out.path.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new --out")
+
+
+def _interrupted_branch(out: RunDir) -> bool:
+    """An add-gate killed before its last step: the branch's own files (branch.json) without the checkpoint, which
+    is committed last (`train` refuses such a directory and says to rerun add-gate)."""
+    return out.branch_note.is_file() and not out.checkpoints()
 
 
 def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Transform | None,
@@ -120,6 +128,7 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
     note = {**(note or {}), "from_run": str(src), "from_step": saved.step}
 
     writer = CheckpointWriter(out, cfg.train.keep_last)
+    writer.remove_stale_temps()  # an earlier, killed attempt's (perhaps of another step): this one owns the dir
     tmp = writer.begin(saved.step)
     try:
         torch.save({"model": new_sd, "optimizer": new_optimizer}, tmp.engine_state)
@@ -129,17 +138,22 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
                               tokenizer=_exported_tokenizer(ckpt),
                               extra={"run_dir": str(out), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp.export, new_sd, meta)
+        # The run's own files first and the checkpoint last, so its presence means the branch is complete: killed
+        # before it, the directory holds branch.json without a checkpoint, which `train` refuses and add-gate redoes.
+        write_run_config(out, new_cfg.to_yaml())
+        out.metrics_superseded.unlink(missing_ok=True)  # later steps belong to the other run
+        if src.metrics.is_file():  # the loss history up to the branch point, for plots
+            shutil.copy2(src.metrics, out.metrics)
+            truncate_after(out, saved.step)
+            out.metrics_superseded.unlink(missing_ok=True)
+        else:  # an interrupted earlier attempt's copy, from another source
+            out.metrics.unlink(missing_ok=True)
+        atomic_write_text(out.branch_note, json.dumps(note, indent=1) + "\n")
         # The step is stored per parameter (the single strategy's file): any strategy and rank count may resume it.
         writer.commit(saved.step, replace(saved, config=new_cfg.to_dict(), engine="single"))
     except BaseException:
         writer.abort(saved.step)
         raise
-    write_run_config(out, new_cfg.to_yaml())
-    if src.metrics.is_file():  # the loss history up to the branch point, for plots
-        shutil.copy2(src.metrics, out.metrics)
-        truncate_after(out, saved.step)
-        out.metrics_superseded.unlink(missing_ok=True)  # later steps belong to the other run
-    atomic_write_text(out.branch_note, json.dumps(note, indent=1) + "\n")
     return GateResult(out.path, saved.step, 0, new_cfg)
 
 

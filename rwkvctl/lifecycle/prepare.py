@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkvctl.data.binidx import dtype_for_vocab, magic_prime
-from rwkvctl.data.corpus import expand_inputs, input_size
+from rwkvctl.data.corpus import MAX_LINE_BYTES, expand_inputs, input_size
 from rwkvctl.data.manifest import MANIFEST_NAME, BadInput, Manifest, Shard, SourceCounts
 from rwkvctl.data.tokenizer import load_tokenizer
 from rwkvctl.dir_lock import is_lock_file, writer_lock
@@ -119,6 +119,9 @@ def _data_options(opts: PrepareOptions) -> dict[str, Any]:
         "seed": opts.seed,
         "source_weights": dict(sorted(opts.source_weights.items())),
         "verify_every": opts.verify_every,
+        # which long lines are bad documents; recorded only when not the default, so outputs written before the
+        # option existed (whose options.json lacks it) still match a rerun with the default
+        **({"max_line_bytes": opts.max_line_bytes} if opts.max_line_bytes != MAX_LINE_BYTES else {}),
     }
 
 
@@ -130,7 +133,7 @@ def _fingerprint(opts: PrepareOptions, tok_desc: dict, units: list[Unit]) -> dic
 # prepare's option -> its flag, for the message that refuses a rerun with other options
 _FLAGS = {"tokenizer": "--tokenizer", "text_key": "--text-key", "source_key": "--source-key",
           "val_fraction": "--val-fraction", "seed": "--seed", "source_weights": "--source-weight",
-          "verify_every": "--verify-every"}
+          "verify_every": "--verify-every", "max_line_bytes": "--max-line-bytes"}
 
 
 def _shown(key: str, value: Any) -> str:
@@ -139,6 +142,8 @@ def _shown(key: str, value: Any) -> str:
         return f"spm:{value['model']}" if "model" in value else str(value.get("name"))
     if key == "source_weights" and isinstance(value, dict):
         return " ".join(f"{k}={v:g}" for k, v in value.items()) or "(none)"
+    if key == "max_line_bytes" and value is None:  # left out of options.json: the default
+        return str(MAX_LINE_BYTES)
     return "(not recorded)" if value is None else str(value)
 
 

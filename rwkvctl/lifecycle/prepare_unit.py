@@ -50,7 +50,7 @@ class PrepareOptions:
     encode_thread: bool | None = None
     native_jsonl: bool = True  # the block path for JSONL inputs (off: every record goes through Python's parser)
     # A JSONL line longer than this is counted as a bad document (line_too_long) without being read whole, so memory
-    # stays bounded whatever one line holds. Not part of the output fingerprint: ordinary inputs never reach it.
+    # stays bounded whatever one line holds. In the output fingerprint only when changed from the default.
     max_line_bytes: int = MAX_LINE_BYTES
 
 

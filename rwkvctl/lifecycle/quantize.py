@@ -24,6 +24,7 @@ from rwkvctl.arch import arch_of
 from rwkvctl.config import preset
 from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import CheckpointError, ConfigError, DataError
+from rwkvctl.fs import remove_temps
 from rwkvctl.io.checkpoint import (
     CheckpointMeta,
     LazyCheckpoint,
@@ -31,6 +32,7 @@ from rwkvctl.io.checkpoint import (
     checked_state_dict,
     normalize_keys,
     open_checkpoint_lazy,
+    sidecar_path,
 )
 from rwkvctl.lifecycle.models import load_model, parse_dtype
 from rwkvctl.names import INIT_SCHEMES
@@ -86,6 +88,8 @@ def quantize_checkpoint(
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: the output would overwrite the input; choose another name")
     with writer_lock(dst.parent, "rwkvctl quantize", part=dst.name):  # one writer of dst at a time
+        for final in (dst, sidecar_path(dst)):  # a killed run's full-size temps, now rather than at the rename
+            remove_temps(final)
         with open_checkpoint_lazy(src) as lazy:
             meta, names = _checked_source(lazy)
             for what, tokens in (("evaluation", eval_tokens), ("calibration", calib_tokens)):

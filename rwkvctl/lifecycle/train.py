@@ -24,7 +24,7 @@ import torch
 from rwkvctl.arch import DEFAULT_ARCH, arch_of  # runs saved before architectures were recorded are x052
 from rwkvctl.data.loader import TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
 from rwkvctl.dir_lock import writer_lock
-from rwkvctl.errors import CheckpointError, TrainingError
+from rwkvctl.errors import CheckpointError, ConfigError, TrainingError
 from rwkvctl.lifecycle.models import check_fits_in_memory
 from rwkvctl.model.registry import build_model, initialize
 from rwkvctl.model.rwkv5 import RWKV5
@@ -38,7 +38,7 @@ from rwkvctl.train.run_state import CheckpointWriter, TrainerState, load_rng, re
 from rwkvctl.train.schedule import planned_steps
 from rwkvctl.train.single import SingleEngine
 
-__all__ = ["TrainProgress", "TrainResult", "end_distributed", "train"]
+__all__ = ["TrainProgress", "TrainResult", "end_distributed", "resume_config", "train"]
 
 
 @dataclass
@@ -152,10 +152,33 @@ def _hold_run_dir(cfg: RunConfig, run: RunDir) -> contextlib.AbstractContextMana
     return writer_lock(run.path, "rwkvctl train")
 
 
+def resume_config(run_dir: str | Path, which: str | int = "latest") -> RunConfig | None:
+    """The config a resume without --config continues: the run's run_config.yaml; where that is missing (deleted,
+    or a run or add-gate of an older version killed before writing it) the resolved config saved in the checkpoint
+    resumed from, which is what run_config.yaml would hold. None when the run dir holds neither (a run stopped
+    before it started: there is nothing to continue)."""
+    run = RunDir(run_dir)
+    if run.config_file.is_file():
+        return RunConfig.from_yaml(run.config_file)
+    ckpt = run.find(which)
+    if ckpt is None:
+        return None
+    saved = read_state(ckpt)
+    if not saved.config:
+        raise ConfigError(f"{run}: no run_config.yaml, and {ckpt.trainer_state} records no config; resume with "
+                          "--config (the run's settings)")
+    return RunConfig.from_dict(saved.config, source=str(ckpt.trainer_state))
+
+
 def _prepare_run_dir(cfg: RunConfig, resume: str | int | None) -> CheckpointDir | None:
     """Checks before anything heavy (with the run dir held); returns the checkpoint to resume from, or None for a
     fresh run."""
     run = RunDir(cfg.run_dir)
+    if run.branch_note.is_file() and not run.checkpoints():
+        # add-gate commits its checkpoint last: a kill before that leaves the branch's files without it, and a
+        # fresh start here would train the gated model from scratch under the branch's name
+        raise TrainingError(f"{run}: an add-gate into it stopped before committing its checkpoint (branch.json, no "
+                            "checkpoint); run that add-gate again, it replaces what is here")
     if resume is None:
         if run.checkpoints():
             raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it, "
@@ -190,7 +213,13 @@ def train(cfg: RunConfig, *, resume: str | int | None = None,
     if cfg.train.strategy == "single":
         resolve_device(cfg.train.device)  # a bad or unavailable device fails before any model is built
     with _hold_run_dir(cfg, _create_run_dir(cfg)):  # held until the last checkpoint and metrics line are written
+        if int(os.environ.get("RANK", "0")) == 0:  # before `latest` is chosen: a replace cut between its renames
+            CheckpointWriter(RunDir(cfg.run_dir), cfg.train.keep_last).remove_stale_temps()  # and killed saves' temps
         ckpt = _prepare_run_dir(cfg, resume)
+        if ckpt is None and int(os.environ.get("RANK", "0")) == 0:
+            # a fresh start records its config before anything heavy: killed before the first checkpoint, the run
+            # dir then says what it was, and `--resume` restarts it with the same settings
+            _write_config(cfg, RunDir(cfg.run_dir))
         if resume is not None and ckpt is None and on_progress is not None:  # e.g. a requeued job's first start
             on_progress(TrainProgress("message", 0, 0, 0, message=f"--resume: {RunDir(cfg.run_dir)} holds no "
                                       "checkpoint yet, so this is a fresh start"))
@@ -314,14 +343,18 @@ def _open_sinks(cfg: RunConfig, engine: Engine, run: RunDir) -> tuple[MetricsLog
     """Rank 0: record the resolved config, open the metrics log and the optional W&B mirror."""
     if not engine.is_main:
         return None, None
+    _write_config(cfg, run)
+    metrics = MetricsLog(run)
+    wandb = WandbSink(cfg.train.wandb, run, cfg.to_dict()) if cfg.train.wandb else None
+    return metrics, wandb
+
+
+def _write_config(cfg: RunConfig, run: RunDir) -> None:
     try:
         # --stop-after-steps belongs to this invocation: a later --resume must not stop early again
         write_run_config(run, cfg.with_overrides({"train.stop_after_steps": 0}).to_yaml())
     except OSError as e:
         raise TrainingError(f"cannot write {run.config_file} ({e.strerror})") from None
-    metrics = MetricsLog(run)
-    wandb = WandbSink(cfg.train.wandb, run, cfg.to_dict()) if cfg.train.wandb else None
-    return metrics, wandb
 
 
 def _result(cfg: RunConfig, engine: Engine, run: RunDir, out: FitOutcome, total_steps: int,

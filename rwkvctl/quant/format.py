@@ -25,7 +25,7 @@ from torch import Tensor
 
 from rwkvctl.arch import arch_of
 from rwkvctl.errors import CheckpointError, ConfigError
-from rwkvctl.fs import atomic_path, atomic_write_text
+from rwkvctl.fs import atomic_paths
 from rwkvctl.io.checkpoint import (
     CheckpointMeta,
     StoredCheckpoint,
@@ -58,9 +58,11 @@ def write_quantized(
         records[name] = _record(w.scheme, w.params, w.shape, w.dtype)
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    # one commit, the sidecar last: `quantize --force` killed between the renames leaves the new file without a
+    # sidecar (it carries its own metadata), never beside the sidecar of the output it replaced
+    with atomic_paths(path, sidecar_path(path)) as (tmp, side_tmp):
         save_file(tensors, str(tmp), metadata=_file_metadata(records, meta))
-    atomic_write_text(sidecar_path(path), json.dumps(meta.to_dict(), indent=2) + "\n")
+        side_tmp.write_text(json.dumps(meta.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -235,7 +235,10 @@ class RunConfig:
         for name, klass in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig)):
             if name in data:
                 kwargs[name] = _section(klass, data[name] or {}, f"{source}: {name}")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:  # validate() knows the key, not where the values came from: name the file
+            raise ConfigError(f"{source}: {str(e).removeprefix('run config: ')}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:

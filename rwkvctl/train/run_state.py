@@ -138,6 +138,11 @@ class CheckpointWriter:
         fs.begin_dir(self.run.checkpoint(step).path)
         return self.temp(step)
 
+    def remove_stale_temps(self) -> None:
+        """Delete the temp directories of checkpoints a killed writer never committed (full-size, and of steps a
+        resumed run may never save again). Only for the run dir's one writer (it holds the run dir's lock)."""
+        fs.remove_dir_temps(self.root)
+
     def write_rank_files(self, tmp: CheckpointDir, rank: int) -> None:
         torch.save(capture_rng(), tmp.rng(rank))
 

@@ -132,3 +132,32 @@ def test_prepare_summary_names_a_slow_encoder(tmp_path: Path, prepared: Path, mo
         tokenizer._world.cache_clear()
     assert r.exit_code == 0, r.output
     assert "encoder:python" in flat(r.output) and "g++failedonworld_trie.cpp:boom" in flat(r.output)
+
+
+def test_max_line_bytes_flag(tmp_path: Path) -> None:
+    """--max-line-bytes: a longer JSONL line is a line_too_long bad document; a non-positive value is refused in one
+    line; a rerun into the same --out with another value is refused by name; the default stays unrecorded, so an
+    output written before the flag existed still matches."""
+    import json
+
+    src = tmp_path / "in" / "part.jsonl"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "x" * 500}) + "\n")
+    for bad in ("0", "-5", "1k"):
+        r = runner.invoke(app, ["prepare", str(src.parent), "--out", str(tmp_path / "never"), "--max-line-bytes", bad])
+        assert r.exit_code == 2 and "--max-line-bytes" in r.stderr and not (tmp_path / "never").exists(), r.output
+    r = runner.invoke(app, ["prepare", str(src.parent), "--out", str(tmp_path / "x"), "--max-line-bytes", "0"])
+    assert "--max-line-bytes 0: give a positive number of bytes" in r.stderr and r.stderr.count("error:") == 1
+    out = tmp_path / "out"
+    r = run("prepare", src.parent, "--out", out, "--max-line-bytes", "100")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["train"]["docs"] + manifest["totals"].get("val", {}).get("docs", 0) == 1
+    assert [(b["kind"], b["first_line"]) for b in manifest["bad_inputs"]] == [("line_too_long", 2)]
+    assert run("prepare", src.parent, "--out", out, "--max-line-bytes", "100").exit_code == 0  # same: resumes
+    r = runner.invoke(app, ["prepare", str(src.parent), "--out", str(out)])
+    assert r.exit_code == 2 and r.stderr.count("error:") == 1, r.output
+    assert "--max-line-bytes67108864differsfrom100" in flat(r.stderr), r.stderr
+    default = tmp_path / "default"
+    assert run("prepare", src.parent, "--out", default).exit_code == 0
+    assert "max_line_bytes" not in json.loads((default / ".prepare" / "options.json").read_text())

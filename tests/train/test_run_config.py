@@ -54,6 +54,27 @@ def test_yaml_errors_name_file_and_line(tmp_path):
         RunConfig.from_yaml(unknown)
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "precision", None, "train.precision=''; choose one of fp32, bf16"),  # the fuzz find (resume's file)
+    ("train", "accum", 0, "train.accum must be a positive integer, got 0"),
+    ("optim", "lr_init", -1.0, "need optim.lr_init > 0"),
+])
+def test_an_invalid_value_in_a_config_file_names_the_file(tmp_path, section, key, value, message):
+    """A value that parses but fails validation (the file's run_config.yaml read by --resume) names the file, not
+    just `run config:`, so the one error line says which file to fix."""
+    import re
+
+    import yaml
+
+    doc = RunConfig().to_dict()
+    doc[section][key] = value
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {message}')}") as e:
+        RunConfig.from_yaml(path)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_shipped_examples_load(path):
     cfg = RunConfig.from_yaml(path)
