@@ -125,7 +125,7 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
         torch.save({"model": new_sd, "optimizer": new_optimizer}, tmp.engine_state)
         for rank, rng in ckpt.rng_files().items():
             shutil.copy2(rng, tmp.rng(rank))
-        meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.tokens,
+        meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.position.tokens,
                               tokenizer=_exported_tokenizer(ckpt),
                               extra={"run_dir": str(out), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp.export, new_sd, meta)
