@@ -149,7 +149,8 @@ def training_state(ckpt: CheckpointDir, engine: str, cfg: RunConfig) -> tuple[di
     if engine.startswith("deepspeed"):
         if engine == "deepspeed-zero3":
             raise CheckpointError(f"{ckpt}: ZeRO-3 checkpoints cannot be re-addressed yet (stages 1 and 2 can)")
-        weights, moments, step = load_deepspeed_engine().read_zero_checkpoint(ckpt)  # imports deepspeed
+        expected = arch_of(cfg.model).param_shapes(cfg.model)  # the mapping must name exactly these parameters
+        weights, moments, step = load_deepspeed_engine().read_zero_checkpoint(ckpt, expected)  # imports deepspeed
         o = cfg.optim
         dummy = torch.nn.Parameter(torch.zeros(1))
         defaults = torch.optim.AdamW([dummy], lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,
