@@ -147,8 +147,7 @@ def read_zero_checkpoint(ckpt: CheckpointDir, expected: dict[str, tuple[int, ...
         with torch.serialization.safe_globals(_checkpoint_types()):
             # mmap: a 7B run's shards are ~90 GB; only the slices being gathered are read
             model_states = torch.load(current, map_location="cpu", weights_only=True, mmap=True)
-            shapes = zero_layout.ZeroShapes.from_value(
-                model_states.get("param_shapes") if isinstance(model_states, dict) else None, current, expected)
+            shapes = zero_layout.ZeroShapes.from_dict(model_states, current, expected)
             partitions = []
             for current in shards:
                 data = torch.load(current, map_location="cpu", weights_only=True, mmap=True)

@@ -48,8 +48,13 @@ class ZeroShapes:
     groups: list[dict[str, tuple[int, ...]]]
 
     @classmethod
+    def from_dict(cls, data: Any, path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> ZeroShapes:
+        """The model states file's record, checked; `expected` (the model config's {name: shape}) must then match
+        it name for name."""
+        return cls.from_value(data.get("param_shapes") if isinstance(data, dict) else None, path, expected)
+
+    @classmethod
     def from_value(cls, value: Any, path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> ZeroShapes:
-        """Checked record; `expected` (the model config's {name: shape}) must then match it name for name."""
         if not isinstance(value, list | tuple):
             raise _fail(path, "'param_shapes'", f"must be a list of groups, got {type(value).__name__}")
         groups: list[dict[str, tuple[int, ...]]] = []

@@ -45,7 +45,7 @@ def _files() -> tuple[dict, dict]:
 
 def _read(shapes: Any = SHAPES, r0: Any = None, r1: Any = None, expected: Any = EXPECTED):
     f0, f1 = _files()
-    parsed = ZeroShapes.from_value(shapes, MODEL, expected)
+    parsed = ZeroShapes.from_dict({"param_shapes": shapes}, MODEL, expected)
     parts = [ZeroPartition.from_dict(f0 if r0 is None else r0, RANK0, 2, parsed),
              ZeroPartition.from_dict(f1 if r1 is None else r1, RANK1, 2, parsed)]
     return gather(parsed, parts, Path("state"))
