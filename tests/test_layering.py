@@ -110,6 +110,21 @@ def test_the_quantized_format_has_one_owner():
     assert owners == ["quant/format.py"]
 
 
+def test_the_zero_mapping_has_one_owner():
+    """Only rwkvctl/train/zero_layout.py names the keys of DeepSpeed's ZeRO mapping (so every read of it goes through
+    its type and bounds checks)."""
+    for key in ('"param_shapes"', '"param_slice_mappings"', '"single_partition_of_fp32_groups"'):
+        owners = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if key in p.read_text()]
+        assert owners == ["train/zero_layout.py"], key
+
+
+def test_format_versions_are_checked_in_one_place():
+    """Every reader of a versioned format refuses a newer file through rwkvctl.io.bounded_json.format_version (one
+    wording, one rule for absent versions), never with its own comparison."""
+    owners = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "by a newer rwkvctl" in p.read_text()]
+    assert owners == ["io/bounded_json.py"]
+
+
 def test_the_packed_matmul_op_has_one_owner():
     """Only rwkvctl/kernels/qmm.py calls `rwkvctl::group_affine_mm` (so only it knows the kernel's tile layout); the
     quant layer reaches the kernel through it."""

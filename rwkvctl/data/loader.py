@@ -9,6 +9,9 @@ in RWKV-LM's RWKV-v5/src/dataset.py.
 Sample numbering: the g-th sample of the whole run (over all ranks) is
 `g = samples_seen + (accum_idx * micro_bsz + b) * world_size + rank`, which for one process and no
 accumulation is RWKV-LM's own `ii - 1` numbering; so seed 0 reproduces RWKV-LM's data order.
+
+The data position (`DataPosition`: samples_seen and the tokens they held) is therefore all a resume needs besides the
+settings that fix the order (path, ctx_len, sampling, seed, batch shape); the trainer state stores it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch import Tensor
 
 from rwkvctl.data.binidx import BinIdxReader, magic_prime
 from rwkvctl.data.manifest import Manifest, find_manifest, resolve_prefixes
-from rwkvctl.errors import DataError
+from rwkvctl.errors import DataError, RwkvctlError
+from rwkvctl.io.bounded_json import field
+
+MAX_SAMPLES = 1 << 62  # samples and tokens: far above any run, and an int64 everywhere they go
 
 _MASK64 = (1 << 64) - 1
 # Per-pass rotation of the magic-prime order (pass 0 of seed 0 is RWKV-LM's order, unrotated).
@@ -112,6 +118,38 @@ class WindowSampler:
         # Cubing is a bijection mod p because p % 3 == 2, so ii -> chunk visits every chunk once per pass.
         ii = (1 + j + rotation) % p
         return ((self.factor * ii**3) % p) * self.ctx_len
+
+
+@dataclass
+class DataPosition:
+    """Where a run is in its data, as the trainer state records it (two top-level keys of trainer_state.json, as
+    before this type existed): the one definition for the writer (`to_dict`) and the reader (`from_dict`)."""
+
+    samples_seen: int = 0
+    """Windows consumed over all ranks: the global index of the next step's first sample."""
+    tokens: int = 0
+    """Training tokens those windows held (samples_seen * ctx_len)."""
+
+    @classmethod
+    def at(cls, samples_seen: int, ctx_len: int) -> DataPosition:
+        return cls(samples_seen, samples_seen * ctx_len)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"samples_seen": self.samples_seen, "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str, error: type[RwkvctlError], *, where: str = "field") -> DataPosition:
+        """Both keys checked (an integer in [0, MAX_SAMPLES]); absent ones are 0, as in the oldest trainer states."""
+        return cls(*(field(data, key, int, source, error, minimum=0, maximum=MAX_SAMPLES, default=0, where=where)
+                     for key in ("samples_seen", "tokens")))
+
+    def check(self, ctx_len: int, source: str, error: type[RwkvctlError]) -> None:
+        """Refuse a position whose two numbers disagree for this ctx_len: one of them was damaged, and resuming
+        would read other data than the run did or report other token counts."""
+        if self.tokens != self.samples_seen * ctx_len:
+            raise error(f"{source}: data position says {self.samples_seen} samples but {self.tokens} tokens, not "
+                        f"samples x ctx_len {ctx_len} = {self.samples_seen * ctx_len}; the file is damaged: resume "
+                        "from an earlier checkpoint")
 
 
 @dataclass

@@ -147,9 +147,7 @@ class Manifest:
             raise DataError(f"{where}: malformed manifest (not a JSON object)")
         if d.get("format") != FORMAT:
             raise DataError(f"{where}: not an rwkvctl dataset manifest (format={_short(d.get('format'))})")
-        version = d.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
-            raise DataError(f"{where}: unsupported manifest version {_short(version)} (expected {FORMAT_VERSION})")
+        bounded_json.format_version(d, "version", FORMAT_VERSION, where, DataError, what="manifest")
         if "shards" not in d or "tokenizer" not in d or "dtype" not in d:
             missing = [k for k in ("shards", "tokenizer", "dtype") if k not in d]
             raise DataError(f"{where}: malformed manifest (no {', '.join(missing)})")

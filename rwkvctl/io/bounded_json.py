@@ -5,7 +5,8 @@ Before anything is parsed, the size (bytes) and the nesting depth are bounded: a
 `[[[[...` 100000 deep would otherwise exhaust memory or the interpreter's recursion limit, far from the file at
 fault. Every problem (too big, too deep, not UTF-8, not JSON, not the expected top-level type) is one line of the
 caller's error class naming the file. What the parsed fields must be is checked by each format's own reader
-(`field` below helps them say which field and what was expected).
+(`field` below helps them say which field and what was expected; `format_version` reads the version every format
+records, in one place so that every format words a newer file the same way).
 """
 
 from __future__ import annotations
@@ -97,6 +98,24 @@ def field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source:
         if minimum is not None or maximum is not None:
             want += f" in [{minimum if minimum is not None else '-inf'}, {maximum if maximum is not None else 'inf'}]"
         raise error(f"{source}: {where} {key!r} must be {want}, got {_short(value)}")
+    return value
+
+
+def format_version(data: dict[str, Any], key: str, current: int, source: str, error: type[RwkvctlError], *,
+                   what: str, oldest: int = 1) -> int:
+    """The format version a file records under `key`. Absent: `current` (files written before the format recorded
+    its version keep loading). Not an integer in [oldest, current]: one line naming the file, the version found
+    and the one supported; a newer one says to upgrade, since a newer rwkvctl wrote it."""
+    if key not in data:
+        return current
+    value = data[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < oldest:
+        supported = f"{oldest}-{current}" if oldest < current else str(current)
+        raise error(f"{source}: {what} field {key!r} must be an integer format version ({supported}), got "
+                    f"{_short(value)}")
+    if value > current:
+        raise error(f"{source}: {what} format version {value} was written by a newer rwkvctl (this one reads up to "
+                    f"{current}); upgrade rwkvctl")
     return value
 
 

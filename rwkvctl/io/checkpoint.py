@@ -36,6 +36,7 @@ from rwkvctl.io import bounded_json
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 SIDECAR_FORMAT = "rwkvctl-checkpoint"
+SIDECAR_VERSION = 1  # "format_version" in the sidecar and the safetensors metadata; absent (never so far): 1
 # Prefixes that wrappers add to parameter names: Lightning/DeepSpeed, DDP, torch.compile.
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.")
 
@@ -54,7 +55,7 @@ class CheckpointMeta:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SIDECAR_FORMAT,
-            "format_version": 1,
+            "format_version": SIDECAR_VERSION,
             "architecture": arch_of(self.model).label,
             "model": self.model.to_dict(),
             "tokenizer": self.tokenizer,
@@ -68,6 +69,7 @@ class CheckpointMeta:
     def from_dict(cls, data: dict[str, Any], *, source: str) -> CheckpointMeta:
         if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
             raise CheckpointError(f'{source}: not an rwkvctl sidecar (no "format": "{SIDECAR_FORMAT}")')
+        bounded_json.format_version(data, "format_version", SIDECAR_VERSION, source, CheckpointError, what="sidecar")
         if "model" not in data:
             raise CheckpointError(f"{source}: sidecar has no 'model' section")
         check_architecture(data["model"], source=source)

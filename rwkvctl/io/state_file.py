@@ -64,7 +64,8 @@ class StateMeta:
         def get(d: dict[str, Any], key: str, kind: type, where: str, **kw: Any) -> Any:
             return checked_field(d, key, kind, str(path), CheckpointError, where=where, **kw)
 
-        version = get(data, "format", int, "state metadata field", minimum=1, maximum=FORMAT_VERSION)
+        version = bounded_json.format_version(data, "format", FORMAT_VERSION, str(path), CheckpointError,
+                                              what="state metadata")
         model = get(data, "model", dict, "state metadata field")
         get(model, "architecture", str, "state metadata field model.", default=DEFAULT_ARCH)
         for key in _SHAPE_KEYS:

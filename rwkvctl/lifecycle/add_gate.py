@@ -134,7 +134,7 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
         torch.save({"model": new_sd, "optimizer": new_optimizer}, tmp.engine_state)
         for rank, rng in ckpt.rng_files().items():
             shutil.copy2(rng, tmp.rng(rank))
-        meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.tokens,
+        meta = CheckpointMeta(model=new_model_cfg, step=saved.step, tokens=saved.position.tokens,
                               tokenizer=_exported_tokenizer(ckpt),
                               extra={"run_dir": str(out), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp.export, new_sd, meta)
@@ -163,7 +163,8 @@ def training_state(ckpt: CheckpointDir, engine: str, cfg: RunConfig) -> tuple[di
     if engine.startswith("deepspeed"):
         if engine == "deepspeed-zero3":
             raise CheckpointError(f"{ckpt}: ZeRO-3 checkpoints cannot be re-addressed yet (stages 1 and 2 can)")
-        weights, moments, step = load_deepspeed_engine().read_zero_checkpoint(ckpt)  # imports deepspeed
+        expected = arch_of(cfg.model).param_shapes(cfg.model)  # the mapping must name exactly these parameters
+        weights, moments, step = load_deepspeed_engine().read_zero_checkpoint(ckpt, expected)  # imports deepspeed
         o = cfg.optim
         dummy = torch.nn.Parameter(torch.zeros(1))
         defaults = torch.optim.AdamW([dummy], lr=o.lr_init, betas=(o.beta1, o.beta2), eps=o.adam_eps,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rwkvctl.arch import DEFAULT_ARCH, arch_of  # runs saved before architectures were recorded are x052
-from rwkvctl.data.loader import TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
+from rwkvctl.data.loader import DataPosition, TrainWindows, ValWindows, dataset_tokenizer, open_train, open_val
 from rwkvctl.dir_lock import writer_lock
 from rwkvctl.errors import CheckpointError, ConfigError, TrainingError
 from rwkvctl.lifecycle.models import check_fits_in_memory
@@ -258,7 +258,7 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str
     metrics, wandb = _open_sinks(cfg, engine, run)
     def acknowledge(signum: int) -> None:
         if on_progress is not None and engine.is_main:
-            on_progress(TrainProgress("message", state.step, total_steps, state.tokens,
+            on_progress(TrainProgress("message", state.step, total_steps, state.position.tokens,
                                       message=f"{signal.Signals(signum).name}: stopping after this step, with a "
                                       "checkpoint (Ctrl-C again to abort without one)"))
 
@@ -272,9 +272,9 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str
     if on_progress is not None and engine.is_main:
         where = f"resuming from step {resumed_from}" if resumed_from is not None else "fresh run"
         if ckpt is None and cfg.train.start_step:
-            where = (f"taking over {cfg.train.init_from} at step {state.step} ({state.tokens:,} tokens): schedule "
-                     "and data position placed there, AdamW moments start fresh")
-        on_progress(TrainProgress("message", state.step, total_steps, state.tokens,
+            where = (f"taking over {cfg.train.init_from} at step {state.step} ({state.position.tokens:,} tokens): "
+                     "schedule and data position placed there, AdamW moments start fresh")
+        on_progress(TrainProgress("message", state.step, total_steps, state.position.tokens,
                                   message=f"{where}; {engine.name} x{world} on {engine.device}; "
                                   f"{windows.windows_per_pass} windows per pass; {total_steps} steps planned"))
     t0 = time.perf_counter()
@@ -311,13 +311,13 @@ def _start_state(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None,
             # they would repeat step numbers. They are moved to the superseded metrics file, not deleted.
             truncate_after(writer.run, 0)
         samples = cfg.train.start_step * cfg.samples_per_step(world)  # 0 unless taking a run over at a step
-        return TrainerState(step=cfg.train.start_step, samples_seen=samples, tokens=samples * cfg.data.ctx_len,
+        return TrainerState(step=cfg.train.start_step, position=DataPosition.at(samples, cfg.data.ctx_len),
                             world_size=world, engine=engine.name, config=cfg.to_dict()), None
     saved = read_state(ckpt)
     _check_resumable(ckpt, saved, cfg, engine)
     engine.load(ckpt)
     load_rng(ckpt, engine.rank)
-    state = TrainerState(step=saved.step, samples_seen=saved.samples_seen, tokens=saved.tokens,
+    state = TrainerState(step=saved.step, position=saved.position,
                          elapsed_s=saved.elapsed_s, nan_skips=saved.nan_skips, world_size=world,
                          engine=engine.name, config=cfg.to_dict())
     if engine.is_main:
@@ -333,6 +333,8 @@ def _check_resumable(ckpt: CheckpointDir, saved: TrainerState, cfg: RunConfig, e
         raise CheckpointError(f"{ckpt}: saved with model {saved_model}, but the run config says "
                               f"{cfg.model.to_dict()}; resume with the run's own run_config.yaml")
     _check_data_settings(ckpt, saved.config, cfg)
+    if "ctx_len" in saved.config.get("data", {}):  # the saved run's ctx_len (the same as this one's, checked above)
+        saved.position.check(cfg.data.ctx_len, str(ckpt.trainer_state), CheckpointError)
     world = engine.world_size
     if saved.engine.startswith("deepspeed") and engine.name.startswith("deepspeed") and saved.world_size != world:
         raise CheckpointError(f"{ckpt}: written by {saved.world_size} DeepSpeed processes, resumed with {world}; "
@@ -365,7 +367,7 @@ def _result(cfg: RunConfig, engine: Engine, run: RunDir, out: FitOutcome, total_
     tps = (len(times) * cfg.tokens_per_step(world) / sum(times)) if times and sum(times) > 0 else 0.0
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     return TrainResult(
-        run_dir=run.path, step=out.state.step, total_steps=total_steps, tokens=out.state.tokens,
+        run_dir=run.path, step=out.state.step, total_steps=total_steps, tokens=out.state.position.tokens,
         steps_this_run=out.steps_this_run, final_loss=out.last_loss, val_loss=out.last_val_loss,
         last_checkpoint=out.last_checkpoint, export_path=out.export_path, resumed_from=resumed_from,
         interrupted=out.interrupted, elapsed_s=wall, tokens_per_s=tps,

@@ -26,6 +26,7 @@ from torch import Tensor
 from rwkvctl.arch import arch_of
 from rwkvctl.errors import CheckpointError, ConfigError
 from rwkvctl.fs import atomic_paths
+from rwkvctl.io import bounded_json
 from rwkvctl.io.checkpoint import (
     CheckpointMeta,
     StoredCheckpoint,
@@ -131,18 +132,11 @@ def read_packed_weights(stored: StoredCheckpoint) -> tuple[dict[str, Tensor], di
     Damaged records, unknown schemes and inconsistent tensors are one-line `CheckpointError`s naming the file and
     the tensor."""
     source = str(stored.path)
-    try:
-        meta = json.loads(stored.metadata[META_KEY])
-        version, entries = meta["format"], meta["tensors"]
-        if not isinstance(entries, dict):
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{source}: damaged quantization metadata ({META_KEY!r})") from None
-    if version not in (LEGACY_FORMAT, FORMAT_VERSION):
-        raise CheckpointError(
-            f"{source}: quantization metadata format {version!r} is not one this rwkvctl reads "
-            f"({LEGACY_FORMAT}-{FORMAT_VERSION}); a newer rwkvctl wrote it?"
-        )
+    meta = bounded_json.loads(stored.metadata[META_KEY], source, CheckpointError, what=f"quantization metadata "
+                              f"({META_KEY!r})")
+    version = bounded_json.format_version(meta, "format", FORMAT_VERSION, source, CheckpointError,
+                                          what="quantization metadata", oldest=LEGACY_FORMAT)
+    entries = bounded_json.field(meta, "tensors", dict, source, CheckpointError, where="quantization metadata field")
     packed: dict[str, PackedWeight] = {}
     consumed: set[str] = set()
     for name, record in entries.items():

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from rwkvctl.data.loader import Batch
 from rwkvctl.errors import CheckpointError, TrainingError
+from rwkvctl.train import zero_layout
 from rwkvctl.train.config import RunConfig
 from rwkvctl.train.engine import Engine
 from rwkvctl.train.loss import lm_loss
@@ -124,13 +125,14 @@ def weights_only_loads() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def read_zero_checkpoint(ckpt: CheckpointDir) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
+def read_zero_checkpoint(ckpt: CheckpointDir, expected: dict[str, tuple[int, ...]] | None = None,
+                         ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], float]:
     """Per-parameter fp32 master weights, AdamW moments and the step count of a ZeRO-1/2 checkpoint written by
     `DeepSpeedEngine.save` with any number of ranks, read from its files without starting DeepSpeed.
 
-    Every rank's optimizer file holds one contiguous slice of each flat parameter group (master weights, exp_avg,
-    exp_avg_sq) and a map of which parameter occupies which part of it; a parameter's full tensor is its pieces
-    in rank order. -> (weights, {name: {"exp_avg", "exp_avg_sq"}}, step)."""
+    The ZeRO mapping (which part of which rank's flat tensors holds which parameter) is checked by
+    rwkvctl.train.zero_layout before any tensor is sliced; `expected` (the model config's {name: shape}) must then
+    match its shapes. -> (weights, {name: {"exp_avg", "exp_avg_sq"}}, step)."""
     state_dir = ckpt.deepspeed_state
     shards = sorted(state_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                     key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))  # fmt: skip
@@ -140,39 +142,19 @@ def read_zero_checkpoint(ckpt: CheckpointDir) -> tuple[dict[str, Tensor], dict[s
     if ranks != list(range(len(ranks))):
         raise CheckpointError(f"{state_dir}: optimizer shards for ranks {ranks}; a complete checkpoint has one per "
                               "rank from 0 (copy every node's shards into this directory)")  # fmt: skip
-    weights, moments = {}, {}
+    current = state_dir / "mp_rank_00_model_states.pt"
     try:
         with torch.serialization.safe_globals(_checkpoint_types()):
             # mmap: a 7B run's shards are ~90 GB; only the slices being gathered are read
-            shapes = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True,
-                                mmap=True)["param_shapes"]  # fmt: skip
-            pieces: dict[str, dict[str, list[Tensor]]] = {}
-            step = 0.0
-            for shard in shards:
-                opt = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
-                if opt.get("partition_count", [len(shards)])[0] != len(shards):
-                    raise ValueError(f"{shard.name} belongs to a run of {opt['partition_count'][0]} ranks")
-                base = opt["base_optimizer_state"]
-                states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-                for g, mapping in enumerate(opt["param_slice_mappings"]):
-                    flat = {"fp32": opt["single_partition_of_fp32_groups"][g], **states[g]}
-                    step = max(step, float(flat.get("step", 0)))
-                    for name, where in mapping.items():
-                        parts = pieces.setdefault(name, {"fp32": [], "exp_avg": [], "exp_avg_sq": []})
-                        for key, bucket in parts.items():
-                            bucket.append(flat[key].detach().narrow(0, where.start, where.numel))
-            for group_shapes in shapes:
-                for name, shape in group_shapes.items():
-                    if name not in pieces:
-                        raise ValueError(f"parameter {name!r} is in no optimizer shard")
-                    if sum(t.numel() for t in pieces[name]["fp32"]) != math.prod(shape):
-                        raise ValueError(f"the shards hold part of {name!r} only")
-                    full = {key: torch.cat(b).view(shape) for key, b in pieces.pop(name).items()}  # pieces -> shape
-                    weights[name] = full.pop("fp32")
-                    moments[name] = full
-    except (OSError, RuntimeError, KeyError, IndexError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{state_dir}: unreadable ZeRO checkpoint ({str(e).splitlines()[0][:160]})") from None
-    return weights, moments, step
+            model_states = torch.load(current, map_location="cpu", weights_only=True, mmap=True)
+            shapes = zero_layout.ZeroShapes.from_dict(model_states, current, expected)
+            partitions = []
+            for current in shards:
+                data = torch.load(current, map_location="cpu", weights_only=True, mmap=True)
+                partitions.append(zero_layout.ZeroPartition.from_dict(data, current, len(shards), shapes))
+        return zero_layout.gather(shapes, partitions, state_dir)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{current}: unreadable ZeRO checkpoint file ({str(e).splitlines()[0][:160]})") from None
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rwkvctl.data.loader import TrainWindows, ValWindows
+from rwkvctl.data.loader import DataPosition, TrainWindows, ValWindows
 from rwkvctl.errors import TrainingError
 from rwkvctl.io.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvctl.train.config import RunConfig
@@ -123,8 +123,8 @@ def save_step(ctx: LoopContext, state: TrainerState) -> CheckpointDir:
             e.save(tmp)
             ctx.writer.write_rank_files(tmp, e.rank)
             if e.is_main:
-                meta = CheckpointMeta(model=ctx.cfg.model, tokenizer=ctx.tokenizer, step=step, tokens=state.tokens,
-                                      init=ctx.init_scheme,
+                meta = CheckpointMeta(model=ctx.cfg.model, tokenizer=ctx.tokenizer, step=step,
+                                      tokens=state.position.tokens, init=ctx.init_scheme,
                                       extra={"run_dir": ctx.cfg.run_dir, "engine": e.name})
                 save_checkpoint(tmp.export, weights, meta)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
@@ -170,7 +170,7 @@ def _train_step(ctx: LoopContext, state: TrainerState) -> _StepResult:
                 total_steps=ctx.total_steps)
     loss_sum, bad = 0.0, 0
     for a in range(t.accum):
-        batch = ctx.windows.micro_batch(state.samples_seen, a, t.micro_bsz, e.rank, e.world_size)
+        batch = ctx.windows.micro_batch(state.position.samples_seen, a, t.micro_bsz, e.rank, e.world_size)
         loss = e.micro_step(batch, t.accum)
         if math.isfinite(loss):
             loss_sum += loss
@@ -202,8 +202,8 @@ def _apply_nan_policy(ctx: LoopContext, state: TrainerState, step: _StepResult, 
     if t.nan_policy == "stop" or consecutive_bad > t.max_nan_skips:
         why = "nan_policy=stop" if t.nan_policy == "stop" else f"{consecutive_bad} consecutive skipped steps"
         raise TrainingError(f"step {state.step + 1}: {what} ({why}); lower optim.lr_init or check the data "
-                            f"near sample {state.samples_seen}; resume from the last checkpoint with --resume")
-    _emit(ctx, TrainProgress("message", state.step + 1, ctx.total_steps, state.tokens,
+                            f"near sample {state.position.samples_seen}; resume from the last checkpoint with --resume")
+    _emit(ctx, TrainProgress("message", state.step + 1, ctx.total_steps, state.position.tokens,
                              message=f"step {state.step + 1}: {what}, update skipped"))
     return consecutive_bad
 
@@ -212,8 +212,7 @@ def _advance(ctx: LoopContext, state: TrainerState, out: FitOutcome, step: _Step
     """Move the trainer state past the step (data position, tokens, time); returns the step's wall time."""
     samples_per_step = ctx.cfg.samples_per_step(ctx.engine.world_size)
     state.step += 1
-    state.samples_seen += samples_per_step
-    state.tokens = state.samples_seen * ctx.cfg.data.ctx_len
+    state.position = DataPosition.at(state.position.samples_seen + samples_per_step, ctx.cfg.data.ctx_len)
     dt = time.perf_counter() - t0
     state.elapsed_s += dt
     out.step_times.append(dt)
@@ -232,10 +231,10 @@ def _report_step(ctx: LoopContext, state: TrainerState, out: FitOutcome, step: _
     eta = (ctx.total_steps - state.step) * sum(recent) / len(recent)
     logged = state.step % cfg.train.log_every == 0 or state.step == ctx.total_steps
     if logged:
-        _record(ctx, {"step": state.step, "tokens": state.tokens, "loss": step.loss, "lr": step.lr,
+        _record(ctx, {"step": state.step, "tokens": state.position.tokens, "loss": step.loss, "lr": step.lr,
                       "grad_norm": step.grad_norm, "tokens_per_s": tps, "elapsed": state.elapsed_s,
                       "resumed": mark_resume, "skipped": step.skipped})
-    _emit(ctx, TrainProgress("step", state.step, ctx.total_steps, state.tokens, loss=step.loss, lr=step.lr,
+    _emit(ctx, TrainProgress("step", state.step, ctx.total_steps, state.position.tokens, loss=step.loss, lr=step.lr,
                              grad_norm=step.grad_norm, tokens_per_s=tps, elapsed_s=state.elapsed_s, eta_s=eta,
                              skipped=step.skipped))
     return logged
@@ -245,17 +244,17 @@ def _validate_if_due(ctx: LoopContext, state: TrainerState, out: FitOutcome) -> 
     if ctx.val is None or not ctx.cfg.data.val_every or state.step % ctx.cfg.data.val_every:
         return
     out.last_val_loss = evaluate(ctx)
-    _record(ctx, {"step": state.step, "tokens": state.tokens, "val_loss": out.last_val_loss,
+    _record(ctx, {"step": state.step, "tokens": state.position.tokens, "val_loss": out.last_val_loss,
                   "elapsed": state.elapsed_s})
-    _emit(ctx, TrainProgress("val", state.step, ctx.total_steps, state.tokens, val_loss=out.last_val_loss,
+    _emit(ctx, TrainProgress("val", state.step, ctx.total_steps, state.position.tokens, val_loss=out.last_val_loss,
                              elapsed_s=state.elapsed_s))
 
 
 def _checkpoint(ctx: LoopContext, state: TrainerState, out: FitOutcome) -> None:
     ckpt = save_step(ctx, state)
     out.last_checkpoint, out.export_path = ckpt.path, ckpt.export
-    _emit(ctx, TrainProgress("checkpoint", state.step, ctx.total_steps, state.tokens, elapsed_s=state.elapsed_s,
-                             path=out.last_checkpoint))
+    _emit(ctx, TrainProgress("checkpoint", state.step, ctx.total_steps, state.position.tokens,
+                             elapsed_s=state.elapsed_s, path=out.last_checkpoint))
 
 
 def fit(ctx: LoopContext, state: TrainerState, *, resumed: bool) -> FitOutcome:

@@ -1,7 +1,7 @@
 """Resumable checkpoints: one directory per step, written under a temp name and renamed when complete.
 
-Each checkpoint holds the trainer state (step, samples seen, tokens, elapsed, NaN skips, resolved run config; JSON,
-no pickle), every rank's torch/CUDA/numpy/python RNG states (tensors only: weights_only loads), the engine's state
+Each checkpoint holds the trainer state (step, data position, elapsed, NaN skips, resolved run config; JSON, no
+pickle), every rank's torch/CUDA/numpy/python RNG states (tensors only: weights_only loads), the engine's state
 and the exported RWKV-LM weights; rwkvctl.train.run_dir names them all.
 
 A crash (kill -9, full disk) at any moment leaves either no `step-N` directory or a complete one; the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +20,36 @@ import numpy as np
 import torch
 
 from rwkvctl import fs
+from rwkvctl.data.loader import DataPosition
 from rwkvctl.errors import CheckpointError
 from rwkvctl.io import bounded_json
 from rwkvctl.io.bounded_json import field as checked_field
 from rwkvctl.train.run_dir import CheckpointDir, RunDir
 
-MAX_COUNT = 1 << 62  # steps, samples, tokens: far above any run, and an int64 everywhere they go
+MAX_COUNT = 1 << 62  # steps: far above any run, and an int64 everywhere they go
+FORMAT_VERSION = 1  # trainer_state.json's "format_version"; absent (files before it was recorded): 1
 
 
 @dataclass
 class TrainerState:
-    """Everything besides weights and optimizer that a resume needs to continue exactly."""
+    """Everything besides weights and optimizer that a resume needs to continue exactly: the one definition of
+    trainer_state.json for the writer (`to_dict`) and the reader (`from_dict`)."""
 
     step: int = 0
     """Optimizer steps done (the schedule is a function of this)."""
-    samples_seen: int = 0
-    """Windows consumed over all ranks: the data position."""
-    tokens: int = 0
-    """Training tokens consumed (samples_seen * ctx_len)."""
+    position: DataPosition = field(default_factory=DataPosition)
+    """The data position: samples consumed over all ranks and their tokens (stored as two top-level keys)."""
     elapsed_s: float = 0.0
     """Training wall time summed over all invocations."""
     nan_skips: int = 0
     world_size: int = 1
     engine: str = "single"
     config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "step": self.step, **self.position.to_dict(),
+                "elapsed_s": self.elapsed_s, "nan_skips": self.nan_skips, "world_size": self.world_size,
+                "engine": self.engine, "config": self.config}
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "trainer state") -> TrainerState:
@@ -52,6 +58,8 @@ class TrainerState:
         except `step`."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{source}: trainer state must be a JSON object, found {type(data).__name__}")
+        bounded_json.format_version(data, "format_version", FORMAT_VERSION, source, CheckpointError,
+                                    what="trainer state")
 
         def get(key: str, kind: type | tuple[type, ...], **kw: Any) -> Any:
             return checked_field(data, key, kind, source, CheckpointError, where="trainer state field", **kw)
@@ -64,8 +72,7 @@ class TrainerState:
         if "path" in config.get("data", {}) and not isinstance(config["data"]["path"], str):
             raise CheckpointError(f"{source}: trainer state field 'config.data.path' must be a string")
         return cls(step=get("step", int, minimum=0, maximum=MAX_COUNT),
-                   samples_seen=get("samples_seen", int, minimum=0, maximum=MAX_COUNT, default=0),
-                   tokens=get("tokens", int, minimum=0, maximum=MAX_COUNT, default=0),
+                   position=DataPosition.from_dict(data, source, CheckpointError, where="trainer state field"),
                    elapsed_s=get("elapsed_s", float, minimum=0.0, default=0.0),
                    nan_skips=get("nan_skips", int, minimum=0, maximum=MAX_COUNT, default=0),
                    world_size=get("world_size", int, minimum=1, maximum=1 << 24, default=1),
@@ -149,7 +156,7 @@ class CheckpointWriter:
     def commit(self, step: int, state: TrainerState) -> CheckpointDir:
         """Rank 0, after every rank has written: state json last, fsync, rename into place, prune.
         Re-saving a step after resuming from an earlier one replaces that step's directory whole."""
-        self.temp(step).trainer_state.write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        self.temp(step).trainer_state.write_text(json.dumps(state.to_dict(), indent=1), encoding="utf-8")
         final = self.run.checkpoint(step)
         fs.commit_dir(final.path)
         self.prune()

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from rwkvctl.data.binidx import BinIdxWriter, magic_prime
-from rwkvctl.data.loader import TokenStream, TrainWindows, ValWindows, WindowSampler, open_train, open_val
-from rwkvctl.errors import DataError
+from rwkvctl.data.loader import (
+    DataPosition,
+    TokenStream,
+    TrainWindows,
+    ValWindows,
+    WindowSampler,
+    open_train,
+    open_val,
+)
+from rwkvctl.errors import CheckpointError, DataError
 
 
 def _stream(n=5000, parts=1):
@@ -113,3 +121,29 @@ def test_dataset_tokenizer_comes_from_the_manifest(tmp_path):
     assert dataset_tokenizer(tmp_path / "spm") == "spm:mine.model"
     Manifest(tokenizer={"name": "world", "vocab_size": 65536, "eod_id": 0}, dtype="uint16").save(tmp_path / "w")
     assert dataset_tokenizer(tmp_path / "w" / "manifest.json") == "world"
+
+
+def test_data_position_round_trips_and_old_files_without_it_start_at_zero() -> None:
+    pos = DataPosition.at(5, 32)
+    assert pos == DataPosition(5, 160) and DataPosition.from_dict(pos.to_dict(), "s.json", CheckpointError) == pos
+    assert DataPosition.from_dict({"step": 3}, "s.json", CheckpointError) == DataPosition(0, 0)  # missing keys
+    pos.check(32, "s.json", CheckpointError)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"samples_seen": "5"}, r"'samples_seen' must be integer in \[0, 4611686018427387904\], got '5'"),
+    ({"samples_seen": 5.0}, r"'samples_seen' must be integer .*got 5.0"),
+    ({"samples_seen": True}, r"'samples_seen' must be integer .*got True"),
+    ({"tokens": -1}, r"'tokens' must be integer .*got -1"),
+    ({"tokens": 1 << 63}, r"'tokens' must be integer .*got 9223372036854775808"),
+    ({"samples_seen": None}, r"'samples_seen' must be integer .*got None"),
+])
+def test_a_data_position_of_the_wrong_type_or_range_is_refused_by_name(doc: dict, message: str) -> None:
+    with pytest.raises(CheckpointError, match=f"^s.json: trainer state field {message}$"):
+        DataPosition.from_dict(doc, "s.json", CheckpointError, where="trainer state field")
+
+
+def test_a_data_position_whose_numbers_disagree_is_refused() -> None:
+    with pytest.raises(DataError, match=r"^s.json: data position says 5 samples but 150 tokens, not samples x "
+                                        r"ctx_len 32 = 160; the file is damaged"):
+        DataPosition(5, 150).check(32, "s.json", DataError)

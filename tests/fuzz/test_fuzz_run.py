@@ -123,3 +123,27 @@ def test_a_run_state_of_the_wrong_type_is_refused_by_name(fuzz, stopped_run, tmp
     assert "trainer_state.json" in out.stderr and out.stderr.count("error:") == 1, out.stderr
     _kept_checkpoint(r)
     assert not (r / "checkpoints" / "step-00000002").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokens": 17}, "data position says 2 samples but 17 tokens, not samples x ctx_len 8 = 16"),
+    ({"samples_seen": 1 << 70}, "trainer state field 'samples_seen' must be integer in"),
+    ({"tokens": -1}, "trainer state field 'tokens' must be integer in"),
+    ({"format_version": 2}, "trainer state format version 2 was written by a newer rwkvctl"),
+    ({"format_version": "1"}, "trainer state field 'format_version' must be an integer format version"),
+])
+def test_a_damaged_data_position_or_a_newer_state_is_refused_by_name(fuzz, stopped_run, tmp_path: Path,
+                                                                     change: dict, message: str) -> None:
+    """The run's real trainer state with one field changed: resuming from it would read other data than the run did
+    (or a newer rwkvctl wrote it), so --resume refuses it in one line naming the file, keeping the checkpoint."""
+    state = RunDir(stopped_run).checkpoint(1).trainer_state
+    saved = json.loads(state.read_text())
+    assert (saved["format_version"], saved["samples_seen"], saved["tokens"]) == (1, 2, 16)  # as the run wrote it
+
+    def edit(r: Path) -> None:
+        (r / state.relative_to(stopped_run)).write_text(json.dumps({**saved, **change}))
+
+    r, out = _resume(fuzz, stopped_run, tmp_path, edit)
+    assert out.exit_code == 2, out.stderr
+    assert "trainer_state.json" in out.stderr and message in out.stderr and out.stderr.count("error:") == 1
+    _kept_checkpoint(r)

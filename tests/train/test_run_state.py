@@ -1,5 +1,6 @@
 """Checkpoint directories: pruning never leaves a half-deleted checkpoint that `--resume` would pick."""
 
+import json
 import shutil
 
 from rwkvctl import fs
@@ -32,3 +33,21 @@ def test_prune_crashing_midway_leaves_only_complete_checkpoints(tmp_path, monkey
     _write(writer, 4)  # the next prune also clears what the crash left behind
     assert sorted(run.checkpoints()) == [3, 4]
     assert not list((tmp_path / "checkpoints").glob(".deleting-*"))
+
+
+def test_trainer_state_round_trips_through_its_one_definition(tmp_path):
+    from rwkvctl.data.loader import DataPosition
+    from rwkvctl.train.run_state import read_state
+
+    state = TrainerState(step=4, position=DataPosition.at(16, 8), elapsed_s=1.5, nan_skips=1, world_size=2,
+                         engine="deepspeed-zero2", config={"data": {"ctx_len": 8}})
+    writer = CheckpointWriter(RunDir(tmp_path), keep_last=2)
+    writer.begin(4)
+    written = writer.commit(4, state)
+    doc = json.loads(written.trainer_state.read_text())
+    # the file layout is the one older versions wrote (flat keys), plus the format version
+    assert doc == {"format_version": 1, "step": 4, "samples_seen": 16, "tokens": 128, "elapsed_s": 1.5,
+                   "nan_skips": 1, "world_size": 2, "engine": "deepspeed-zero2", "config": {"data": {"ctx_len": 8}}}
+    assert read_state(written) == state
+    old = {k: v for k, v in doc.items() if k != "format_version"}  # written before the version was recorded
+    assert TrainerState.from_dict(old) == state
