@@ -138,3 +138,20 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch, tmp_path)
     result = runner.invoke(app, ["inspect", str(tmp_path / "m.pth")])
     assert result.exit_code == 1
     assert "unexpected ZeroDivisionError" in result.output and "RWKVCTL_DEBUG=1" in result.output
+
+
+def test_an_address_space_limit_counts_as_the_memory_available(tmp_path):
+    """`ulimit -v` (or a container's cgroup limit) below MemAvailable: init is refused up front, naming what it
+    needs, instead of dying in an allocation."""
+    import resource
+
+    def cap() -> None:  # in the child: 4 GiB of address space (python, torch and the CLI map under 1 GiB)
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))
+
+    out = tmp_path / "m.pth"
+    # the 1.5b preset in fp32 needs ~6 GiB: more than the cap leaves, whatever the machine's free RAM
+    proc = subprocess.run([sys.executable, "-m", "rwkvctl", "init", "--preset", "1.5b", str(out)],
+                          capture_output=True, text=True, timeout=120, preexec_fn=cap)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "GiB of RAM" in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -70,15 +70,45 @@ def check_fits_in_memory(need: int, what: str, hint: str) -> None:
 
 
 def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    """Bytes this process can still allocate, as far as the machine says (None where unknown): the smallest of
+    MemAvailable, the cgroup's memory.max less its usage (a container sees the host's MemAvailable) and the
+    address-space limit (`ulimit -v`) less what the process has mapped already."""
+    limits = [v for v in (_meminfo_available(), _cgroup_headroom(), _address_space_headroom()) if v is not None]
+    return min(limits) if limits else None
+
+
+def _read_int(path: str, field: str | None = None) -> int | None:
+    """An integer file (e.g. cgroup memory.max; "max" reads as None), or the number after `field:` in a
+    /proc-style file (in kB there: returned in bytes)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
+            if field is None:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else None
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _meminfo_available() -> int | None:
+    return _read_int("/proc/meminfo", "MemAvailable")
+
+
+def _cgroup_headroom() -> int | None:
+    limit = _read_int("/sys/fs/cgroup/memory.max")  # cgroup v2, as seen from inside the container
+    used = _read_int("/sys/fs/cgroup/memory.current")
+    return None if limit is None or used is None else max(limit - used, 0)
+
+
+def _address_space_headroom() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = _read_int("/proc/self/status", "VmSize")
+    return None if soft == resource.RLIM_INFINITY or mapped is None else max(soft - mapped, 0)
 
 
 def load_model(
