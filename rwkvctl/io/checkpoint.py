@@ -17,6 +17,7 @@ sits above io and builds on `read_checkpoint_file` and `checked_state_dict` here
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import zipfile
 from collections.abc import Callable, Iterator
@@ -385,11 +386,18 @@ def checked_state_dict(
     return state_dict, meta
 
 
+def _all_finite(t: Tensor) -> bool:
+    """One reduction pass and no tensor-sized temporary (isfinite(t).all() builds a bool copy: ~9x slower, a
+    quarter of `quantize`'s time): the min and max are NaN if any value is, and +-Inf if one is."""
+    low, high = torch.aminmax(t)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 def check_finite(state_dict: dict[str, Tensor], path: Path) -> None:
     """The one place non-finite weights are refused on load (every command loads through here): a NaN or Inf weight
     would only surface later as NaN logits or a NaN loss, far from its cause."""
     for name, t in state_dict.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN/Inf value(s) of {t.numel()}; the file is "
                                   "damaged or was saved from a diverged run: use an earlier checkpoint")
