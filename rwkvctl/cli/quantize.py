@@ -34,6 +34,14 @@ def quantize_command(
         typer.Option("--calib", help="UTF-8 text file: weight each layer's range search by its input activations."),
     ] = None,
     calib_tokens: Annotated[int, typer.Option(help="Tokens of --calib text to use.")] = 4096,
+    calib_method: Annotated[
+        str,
+        typer.Option(
+            "--calib-method",
+            help="With --calib: 'range' (weight each group's range search) or 'gptq' (error feedback across "
+            "columns from the inputs' second moments; slower). Same file format either way.",
+        ),
+    ] = "range",
     estimate: Annotated[
         bool, typer.Option("--estimate", help="Print the exact output size of these settings; read no weights.")
     ] = False,
@@ -59,7 +67,12 @@ def quantize_command(
         raise fail("--embed-bits must be 4, 8 or 16 (16 keeps emb and head unquantized)")
     if eval_tokens < 2 or calib_tokens < 2:
         raise fail("--eval-tokens and --calib-tokens must be at least 2")
-    from rwkvctl.lifecycle.quantize import estimate_quantized_size, quantize_checkpoint, read_text_tokens
+    from rwkvctl.lifecycle.quantize import CALIB_METHODS, estimate_quantized_size, quantize_checkpoint, read_text_tokens
+
+    if calib_method not in CALIB_METHODS:
+        raise fail(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
+    if calib_method != "range" and calib is None:
+        raise fail(f"--calib-method {calib_method} needs calibration text: pass --calib FILE")
     from rwkvctl.quant.policy import QuantSpec
 
     spec = QuantSpec(
@@ -70,7 +83,8 @@ def quantize_command(
         if out is not None:
             raise fail("--estimate writes nothing: pass a checkpoint or --preset, not an output")
         est = estimate_quantized_size(
-            spec, src=src, preset_name=preset_name, dtype=dtype, calibrated=calib is not None
+            spec, src=src, preset_name=preset_name, dtype=dtype, calibrated=calib is not None,
+            calib_method=calib_method,
         )
         console.print(
             f"{shown(est.source)}: [bold]{est.bytes:,} bytes[/] ({est.bytes / 1e9:.3f} GB, "
@@ -97,7 +111,8 @@ def quantize_command(
 
         if calibration is not None:
             progress.update(task, description="calibrating (one pass of the model over the --calib text)")
-        result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, calib_tokens=calibration, on_tensor=advance)
+        result = quantize_checkpoint(src, out, spec, eval_tokens=tokens, calib_tokens=calibration,
+                                     calib_method=calib_method, on_tensor=advance)  # fmt: skip
     _summary(result, spec)
 
 

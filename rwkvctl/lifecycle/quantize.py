@@ -1,7 +1,9 @@
 """`rwkvctl quantize` as a lifecycle stage: checkpoint -> quantized `.safetensors` (+ sidecar), with a quality check.
 
 The source is streamed (read lazily, one tensor at a time); with calibration text the model runs over it once first
-to weight each Linear layer's range search by its input activations.
+to weight each Linear layer's range search by its input activations ("range", the default calibration method), or,
+with the "gptq" method, once per block to gather that block's input second moments for GPTQ error feedback
+(rwkvctl.quant.gptq), so that only one block's (in, in) matrices are held at a time.
 
 The output loads everywhere a checkpoint does (`chat`, `inspect`, `load_model`): the loader dequantizes it. The
 optional evaluation runs the original and the quantized model (read back from the written file, so the file
@@ -36,10 +38,12 @@ from rwkvctl.io.checkpoint import (
 )
 from rwkvctl.lifecycle.models import load_model, parse_dtype
 from rwkvctl.names import INIT_SCHEMES
-from rwkvctl.quant.calibrate import collect_importance
+from rwkvctl.quant.calibrate import collect_hessians, collect_importance
 from rwkvctl.quant.format import is_quantized, quantized_file_size, write_quantized
 from rwkvctl.quant.policy import QuantSpec, TensorReport, quantizable_kind, quantize_state_dict
 from rwkvctl.quant.schemes import get_scheme
+
+CALIB_METHODS = ("range", "gptq")  # --calib-method: activation-weighted range search, or GPTQ error feedback
 
 
 @dataclass
@@ -77,11 +81,17 @@ def quantize_checkpoint(
     *,
     eval_tokens: list[int] | None = None,
     calib_tokens: list[int] | None = None,
+    calib_method: str = "range",
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> QuantizeResult:
     """Quantize `src` into `dst`, streaming: the source is read lazily (a memory-mapped `.pth` or `safe_open`) and
     quantized one tensor at a time, so memory is about one tensor plus the (4-7x smaller) output. `calib_tokens`:
-    calibration text (activation-aware range search, rwkvctl.quant.calibrate); this loads the model once first."""
+    calibration text (rwkvctl.quant.calibrate), used by `calib_method`: "range" (activation-weighted range search;
+    loads the model for one pass first) or "gptq" (error feedback; the model stays loaded, one pass per block)."""
+    if calib_method not in CALIB_METHODS:
+        raise ConfigError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    if calib_method != "range" and not calib_tokens:
+        raise ConfigError(f"the {calib_method!r} calibration method needs calibration text (--calib FILE)")
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: quantized checkpoints are .safetensors files; name the output *.safetensors")
@@ -95,10 +105,15 @@ def quantize_checkpoint(
             for what, tokens in (("evaluation", eval_tokens), ("calibration", calib_tokens)):
                 _check_vocabulary(src, meta.model.vocab_size, tokens, what)
             spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
-            importance = _importance(src, calib_tokens) if calib_tokens else None
+            gptq = calib_method == "gptq"
+            importance = _importance(src, calib_tokens) if calib_tokens and not gptq else None
+            hessians = _BlockHessians(src, calib_tokens) if calib_tokens and gptq else None
             weights = _LazyWeights(lazy, names)
-            plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance)
-        meta.extra["quantization"] = quantization_record(spec, src.name, calibrated=bool(calib_tokens))
+            plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance, hessians)
+            del hessians
+        meta.extra["quantization"] = quantization_record(
+            spec, src.name, calibrated=bool(calib_tokens), calib_method=calib_method
+        )
         write_quantized(dst, plain, packed, meta)
         del plain, packed
         quality = None
@@ -109,11 +124,15 @@ def quantize_checkpoint(
         return QuantizeResult(dst, src.stat().st_size, dst.stat().st_size, reports, quality)
 
 
-def quantization_record(spec: QuantSpec, source: str, *, calibrated: bool) -> dict[str, Any]:
+def quantization_record(
+    spec: QuantSpec, source: str, *, calibrated: bool, calib_method: str = "range"
+) -> dict[str, Any]:
     """meta.extra["quantization"] of an output: the settings, the source's file name, calibration if used."""
     record = {**spec.record(), "source": source}
     if calibrated:  # absent otherwise: uncalibrated files keep their metadata byte for byte
         record["calibrated"] = True
+        if calib_method != "range":  # likewise: range-calibrated files keep theirs
+            record["calib_method"] = calib_method
     return record
 
 
@@ -167,6 +186,43 @@ def _importance(src: Path, tokens: list[int]) -> dict[str, Tensor]:
         del model
 
 
+class _BlockHessians(Mapping[str, Tensor]):
+    """Input second moments (in, in) of every Linear weight of the model in `src`, computed one block at a time
+    (one calibration pass for each block, and one for the head) when a weight of that block is first asked for;
+    only the latest block's matrices are kept. quantize_state_dict asks in the checkpoint's order, block by block."""
+
+    def __init__(self, src: Path, tokens: list[int]) -> None:
+        self.model, _ = load_model(src)
+        self.tokens = tokens
+        self.names = {f"{n}.weight" for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)
+                      and m.bias is None}  # fmt: skip
+        self.unit, self.cache = "", {}
+
+    @staticmethod
+    def _unit(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]  # blocks.3.att.key.weight -> blocks.3
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        unit = self._unit(name)
+        if unit != self.unit:
+            self.cache = {}  # drop the previous block's matrices before gathering the next
+            self.cache = collect_hessians(self.model, self.tokens, {n for n in self.names if self._unit(n) == unit})
+            self.unit = unit
+        return self.cache[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def read_text_tokens(path: Path, tokenizer: str, limit: int, what: str) -> list[int]:
     """The first `limit` tokens of a UTF-8 text file (--eval, --calib): a missing, unreadable, non-UTF-8 or
     too-short file is a one-line DataError naming it."""
@@ -218,6 +274,7 @@ def estimate_quantized_size(
     preset_name: str | None = None,
     dtype: str = "fp32",
     calibrated: bool = False,
+    calib_method: str = "range",
 ) -> SizeEstimate:
     """The exact size of `quantize`'s output for `spec`, without reading or making any weight: for a checkpoint
     `src` (its header only), or for a preset as `rwkvctl init --preset NAME --dtype DTYPE` writes it to
@@ -237,7 +294,7 @@ def estimate_quantized_size(
         meta = CheckpointMeta(model=cfg, step=0, tokens=0, init=INIT_SCHEMES[0], extra={"seed": 0})
         source = f"{preset_name}.pth"
     spec = replace(spec, architecture=meta.model.architecture)
-    meta.extra["quantization"] = quantization_record(spec, source, calibrated=calibrated)
+    meta.extra["quantization"] = quantization_record(spec, source, calibrated=calibrated, calib_method=calib_method)
     kinds = {name: quantizable_kind(name, spec.architecture) or "block" for name in placeholders}
     size = quantized_file_size(
         placeholders, spec.bits_for, lambda name, bits: spec.encode_options(bits, kinds[name]),

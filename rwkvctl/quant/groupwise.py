@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from rwkvctl.errors import ConfigError
+from rwkvctl.quant.gptq import gptq_codes
 from rwkvctl.quant.schemes import Encoded, Params, Scheme, register
 from rwkvctl.quant.search import CHUNK_ELEMENTS, parallel_chunks, search_chunk
 
@@ -118,6 +119,23 @@ def quantize_weight(
     return Encoded(stored, {"bits": bits, "group": group}, rel)
 
 
+def quantize_weight_gptq(w: Tensor, bits: int, group: int, hessian: Tensor, search: bool = True) -> Encoded:
+    """Quantize a 2-D weight (out, in) with GPTQ error feedback under the calibration Hessian (in, in)
+    (rwkvctl.quant.gptq): the same stored form as `quantize_weight`, other codes and ranges."""
+    x = w.detach().float()
+    sq_norm = float(x.square().sum())
+    if not math.isfinite(sq_norm):
+        raise ConfigError("holds NaN or infinite values; quantize a healthy checkpoint")
+    codes, scale, minimum = gptq_codes(x, hessian, bits, group, search)
+    if not (torch.isfinite(scale.half()).all() and torch.isfinite(minimum.half()).all()):
+        raise ConfigError("has values beyond the fp16 range of the scales (|w| > 65504); keep it unquantized")
+    rows, cols = w.shape
+    decoded = from_codes(codes.float().view(rows, -1, group), scale, minimum).view(rows, cols)  # (out, groups, group)
+    rel = float((decoded - x).norm()) / sq_norm**0.5 if sq_norm > 0 else 0.0
+    stored = {"qweight": pack_codes(codes, bits), "scale": scale.half(), "min": minimum.half()}
+    return Encoded(stored, {"bits": bits, "group": group}, rel)
+
+
 class GroupAffine(Scheme):
     name = NAME
     tensor_names = ("qweight", "scale", "min")
@@ -131,9 +149,14 @@ class GroupAffine(Scheme):
 
     def encode(
         self, w: Tensor, *, bits: int = 4, group: int = 64, search: bool = True, importance: Tensor | None = None,
-        **_: Any,
+        hessian: Tensor | None = None, **_: Any,
     ) -> Encoded:
-        return quantize_weight(w, bits, group_size_for(w.shape[1], group), search, importance)
+        """`importance` (in,): calibrated range search; `hessian` (in, in): GPTQ error feedback (it takes
+        precedence: its range search is weighted by the Hessian's diagonal)."""
+        g = group_size_for(w.shape[1], group)
+        if hessian is not None:
+            return quantize_weight_gptq(w, bits, g, hessian, search)
+        return quantize_weight(w, bits, g, search, importance)
 
     def stored_layout(
         self, shape: tuple[int, int], *, bits: int = 4, group: int = 64, **_: Any

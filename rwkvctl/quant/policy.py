@@ -86,11 +86,15 @@ def quantize_state_dict(
     spec: QuantSpec,
     on_tensor: Callable[[str, int], None] | None = None,
     importance: Mapping[str, Tensor] | None = None,
+    hessians: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, PackedWeight], list[TensorReport]]:
     """-> (tensors stored unchanged, quantized weights by name, one report per tensor). `on_tensor(name, total)`
     is called after each tensor (for progress). `importance`: per weight name, the mean squared input activation
-    of each input column (rwkvctl.quant.calibrate), weighting that weight's range search."""
+    of each input column (rwkvctl.quant.calibrate), weighting that weight's range search. `hessians`: per weight
+    name, the second moments of its inputs (in, in), for GPTQ error feedback (rwkvctl.quant.gptq); looked up
+    once per tensor, in order, so a mapping may compute them lazily."""
     importance = importance or {}
+    hessians = hessians or {}
     plain: dict[str, Tensor] = {}
     packed: dict[str, PackedWeight] = {}
     reports: list[TensorReport] = []
@@ -104,6 +108,8 @@ def quantize_state_dict(
                 options = spec.encode_options(bits, kind or "block")
                 if name in importance:
                     options["importance"] = importance[name]
+                if name in hessians:
+                    options["hessian"] = hessians[name]
                 pw, rel_error = encode_with(spec.scheme, w, **options)
             except ConfigError as e:
                 raise ConfigError(f"{name}: {e}") from None
