@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 @contextmanager
-def _single_threaded_ops() -> Iterator[int]:
+def single_threaded_ops() -> Iterator[int]:
     """torch ops on one thread each for the duration; yields the thread count that was set (the pool's size)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def _single_threaded_ops() -> Iterator[int]:
 def parallel_chunks(work: Callable[[int], T], starts: Sequence[int]) -> list[T]:
     """`work(start)` for every start, on as many Python threads as torch was set to use (torch ops release the
     GIL), each op single-threaded; results in order."""
-    with _single_threaded_ops() as threads:
+    with single_threaded_ops() as threads:
         if threads <= 1 or len(starts) <= 1:
             return [work(a) for a in starts]
         with ThreadPoolExecutor(threads) as pool:
