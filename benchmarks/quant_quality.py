@@ -67,6 +67,33 @@ def train_model(work: Path, args: argparse.Namespace) -> tuple[Path, str, float]
     return sorted(run.glob("checkpoints/step-*/rwkv-*.pth"))[-1], f"spm:{tok}", time.perf_counter() - t
 
 
+def next_token_logp(model, tokens: list[int]):  # noqa: ANN001, ANN201 (torch imported lazily)
+    """log-probabilities (T-1, V) of each next token over `tokens` (sequence form, fp32), as compare_models runs."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([tokens[:-1]]))[0][0].float(), -1)
+
+
+def paired_quality(logp_a, logp_b, tokens: list[int]) -> dict[str, float]:  # noqa: ANN001 (tensors)
+    """rwkvctl.lifecycle.quantize.compare_models' measures from cached log-probabilities, plus the standard error
+    of the perplexity increase from the per-token NLL differences (paired; neighbouring tokens are correlated, so
+    it understates the noise somewhat)."""
+    import torch
+
+    target = torch.tensor(tokens[1:])[:, None]
+    diff = logp_a.gather(1, target)[:, 0] - logp_b.gather(1, target)[:, 0]  # NLL_b - NLL_a per token
+    ratio = float(diff.mean().exp())
+    return {
+        "ppl_original": float((-logp_a.gather(1, target).mean()).exp()),
+        "ppl": float((-logp_b.gather(1, target).mean()).exp()),
+        "ppl_increase_pct": 100 * (ratio - 1),
+        "ppl_increase_se_pct": 100 * ratio * float(diff.std()) / len(diff) ** 0.5,
+        "mean_kl": float((logp_a.exp() * (logp_a - logp_b)).sum(-1).mean()),
+        "top1_pct": 100 * float((logp_a.argmax(-1) == logp_b.argmax(-1)).float().mean()),
+    }
+
+
 def variants(gate_only: bool) -> dict[str, tuple[int, bool, str | None]]:
     """label -> (group, range search, calibration method or None); 4-bit block matrices, emb/head kept."""
     rows = {"per-row min/max (gate)": (PER_ROW, False, None)}
@@ -104,7 +131,7 @@ def main() -> None:
     import torch
 
     from rwkvctl.lifecycle.models import load_model
-    from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
+    from rwkvctl.lifecycle.quantize import quantize_checkpoint
     from rwkvctl.quant.policy import QuantSpec
 
     work = args.work or Path(tempfile.mkdtemp(prefix="rwkvctl-bench-qq-"))
@@ -125,6 +152,8 @@ def main() -> None:
     calib = eval_tokens(work, args.calib_tokens, "train", tokenizer)  # calibration text: never the evaluation text
     original, meta = load_model(model_path)
     cfg = meta.model
+    logp_original = next_token_logp(original, tokens)
+    del original
     rows = []
     for label, (group, search, method) in variants(args.gate_only).items():
         spec = QuantSpec(bits=4, group=group, embed_bits=None, search=search)
@@ -133,13 +162,9 @@ def main() -> None:
         res = quantize_checkpoint(model_path, out, spec, calib_tokens=calib if method else None,
                                   calib_method=method or "range")  # fmt: skip
         seconds = time.perf_counter() - t
-        q = compare_models(original, load_model(out)[0], tokens)
-        rows.append({
-            "variant": label, "bits_per_block_weight": round(res.bits_per_weight(4), 3),
-            "ppl_original": round(q.ppl_original, 4), "ppl": round(q.ppl_quantized, 4),
-            "ppl_increase_pct": round(100 * q.ppl_increase, 3), "mean_kl": round(q.mean_kl, 5),
-            "top1_pct": round(100 * q.top1_agreement, 2), "quantize_s": round(seconds, 1),
-        })  # fmt: skip
+        q = paired_quality(logp_original, next_token_logp(load_model(out)[0], tokens), tokens)
+        rows.append({"variant": label, "bits_per_block_weight": round(res.bits_per_weight(4), 3),
+                     **{k: round(v, 5) for k, v in q.items()}, "quantize_s": round(seconds, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     by = {r["variant"]: r for r in rows}
     checks: dict[str, object] = {"gate: per-row 4-bit costs >= 5% ppl": rows[0]["ppl_increase_pct"] >= 5}
@@ -166,11 +191,11 @@ def main() -> None:
         "checks": checks,
     }, indent=1))  # fmt: skip
     print(f"\nL{cfg.n_layer} D{cfg.n_embd} V{cfg.vocab_size}, original perplexity {rows[0]['ppl_original']}")
-    print("| variant | bits/weight (blocks) | ppl | ppl increase | mean KL (nats/token) | top-1 agree | quantize s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | bits/weight (blocks) | ppl | ppl increase (± s.e.) | mean KL (nats/token) | top-1 agree "
+          "| quantize s |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        print(f"| {r['variant']} | {r['bits_per_block_weight']} | {r['ppl']} | {r['ppl_increase_pct']:+.2f}% "
-              f"| {r['mean_kl']} | {r['top1_pct']}% | {r['quantize_s']} |")  # fmt: skip
+        print(f"| {r['variant']} | {r['bits_per_block_weight']} | {r['ppl']:.4f} | {r['ppl_increase_pct']:+.2f}% "
+              f"± {r['ppl_increase_se_pct']:.2f} | {r['mean_kl']:.5f} | {r['top1_pct']:.2f}% | {r['quantize_s']} |")
 
 
 if __name__ == "__main__":

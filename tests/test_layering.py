@@ -125,6 +125,15 @@ def test_format_versions_are_checked_in_one_place():
     assert owners == ["io/bounded_json.py"]
 
 
+@pytest.mark.parametrize("rel", ["quant/search.py", "quant/gptq.py"])
+def test_the_rounding_cores_are_pure_tensor_code(rel):
+    """The range search and GPTQ error feedback take tensors and give tensors: they import nothing of rwkvctl but
+    its errors and each other (no model, file or calibration run), so each is tested on plain matrices."""
+    allowed = {"rwkvctl.errors", "rwkvctl.quant.search"}
+    used = {name for name in imports_of(PKG / rel) if name.startswith("rwkvctl")}
+    assert used <= allowed, f"{rel} imports {sorted(used - allowed)}"
+
+
 def test_the_packed_matmul_op_has_one_owner():
     """Only rwkvctl/kernels/qmm.py calls `rwkvctl::group_affine_mm` (so only it knows the kernel's tile layout); the
     quant layer reaches the kernel through it."""
