@@ -2,8 +2,9 @@
 
 The source is streamed (read lazily, one tensor at a time); with calibration text the model runs over it once first
 to weight each Linear layer's range search by its input activations ("range", the default calibration method), or,
-with the "gptq" method, once per block to gather that block's input second moments for GPTQ error feedback
-(rwkvctl.quant.gptq), so that only one block's (in, in) matrices are held at a time.
+with the "gptq" method, to gather the layers' input second moments for GPTQ error feedback (rwkvctl.quant.gptq),
+once per batch of blocks whose (in, in) matrices fit `HESSIAN_BUDGET` (one pass for small models, one per block for
+a 7B), only that batch's matrices held at a time.
 
 The output loads everywhere a checkpoint does (`chat`, `inspect`, `load_model`): the loader dequantizes it. The
 optional evaluation runs the original and the quantized model (read back from the written file, so the file
@@ -44,6 +45,7 @@ from rwkvctl.quant.policy import QuantSpec, TensorReport, quantizable_kind, quan
 from rwkvctl.quant.schemes import get_scheme
 
 CALIB_METHODS = ("range", "gptq")  # --calib-method: activation-weighted range search, or GPTQ error feedback
+HESSIAN_BUDGET = 512 << 20  # bytes of (in, in) fp32 matrices gathered in one calibration pass ("gptq")
 
 
 @dataclass
@@ -83,11 +85,13 @@ def quantize_checkpoint(
     calib_tokens: list[int] | None = None,
     calib_method: str = "range",
     on_tensor: Callable[[str, int], None] | None = None,
+    hessian_budget: int = HESSIAN_BUDGET,
 ) -> QuantizeResult:
     """Quantize `src` into `dst`, streaming: the source is read lazily (a memory-mapped `.pth` or `safe_open`) and
     quantized one tensor at a time, so memory is about one tensor plus the (4-7x smaller) output. `calib_tokens`:
     calibration text (rwkvctl.quant.calibrate), used by `calib_method`: "range" (activation-weighted range search;
-    loads the model for one pass first) or "gptq" (error feedback; the model stays loaded, one pass per block)."""
+    loads the model for one pass first) or "gptq" (error feedback; the model stays loaded, one pass per batch of
+    blocks whose matrices fit `hessian_budget` bytes)."""
     if calib_method not in CALIB_METHODS:
         raise ConfigError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
     if calib_method != "range" and not calib_tokens:
@@ -107,7 +111,7 @@ def quantize_checkpoint(
             spec = replace(spec, architecture=meta.model.architecture)  # the checkpoint's quantizable-tensor patterns
             gptq = calib_method == "gptq"
             importance = _importance(src, calib_tokens) if calib_tokens and not gptq else None
-            hessians = _BlockHessians(src, calib_tokens) if calib_tokens and gptq else None
+            hessians = _BlockHessians(src, calib_tokens, hessian_budget) if calib_tokens and gptq else None
             weights = _LazyWeights(lazy, names)
             plain, packed, reports = quantize_state_dict(weights, spec, on_tensor, importance, hessians)
             del hessians
@@ -187,16 +191,27 @@ def _importance(src: Path, tokens: list[int]) -> dict[str, Tensor]:
 
 
 class _BlockHessians(Mapping[str, Tensor]):
-    """Input second moments (in, in) of every Linear weight of the model in `src`, computed one block at a time
-    (one calibration pass for each block, and one for the head) when a weight of that block is first asked for;
-    only the latest block's matrices are kept. quantize_state_dict asks in the checkpoint's order, block by block."""
+    """Input second moments (in, in) of every Linear weight of the model in `src`, gathered when a weight is first
+    asked for, for a batch of consecutive blocks at a time: as many as fit in `budget` bytes (at least one block,
+    the head its own unit), one calibration pass per batch; only the latest batch is kept. A 0.1b model fits one
+    pass; a 7B's block alone (~1.2 GB) is a pass of its own. quantize_state_dict asks in the checkpoint's order."""
 
-    def __init__(self, src: Path, tokens: list[int]) -> None:
+    def __init__(self, src: Path, tokens: list[int], budget: int = HESSIAN_BUDGET) -> None:
         self.model, _ = load_model(src)
         self.tokens = tokens
-        self.names = {f"{n}.weight" for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)
-                      and m.bias is None}  # fmt: skip
-        self.unit, self.cache = "", {}
+        linears = [(f"{n}.weight", m.in_features) for n, m in self.model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m.bias is None]  # fmt: skip
+        self.names = {name for name, _ in linears}
+        sizes: dict[str, int] = {}  # unit -> bytes of its matrices, in the model's order
+        for name, cols in linears:
+            sizes[self._unit(name)] = sizes.get(self._unit(name), 0) + 4 * cols * cols
+        self.batch_of: dict[str, int] = {}
+        batch, used = 0, 0
+        for unit, size in sizes.items():
+            if used and used + size > budget:
+                batch, used = batch + 1, 0
+            self.batch_of[unit], used = batch, used + size
+        self.batch, self.cache = -1, {}
 
     @staticmethod
     def _unit(name: str) -> str:
@@ -206,11 +221,11 @@ class _BlockHessians(Mapping[str, Tensor]):
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.names:
             raise KeyError(name)
-        unit = self._unit(name)
-        if unit != self.unit:
-            self.cache = {}  # drop the previous block's matrices before gathering the next
-            self.cache = collect_hessians(self.model, self.tokens, {n for n in self.names if self._unit(n) == unit})
-            self.unit = unit
+        batch = self.batch_of[self._unit(name)]
+        if batch != self.batch:
+            self.cache = {}  # drop the previous batch's matrices before gathering the next
+            wanted = {n for n in self.names if self.batch_of[self._unit(n)] == batch}
+            self.cache, self.batch = collect_hessians(self.model, self.tokens, wanted), batch
         return self.cache[name]
 
     def __contains__(self, name: object) -> bool:

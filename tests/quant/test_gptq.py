@@ -109,9 +109,15 @@ def test_gptq_file_loads_and_keeps_quality(source: Path, tmp_path: Path, monkeyp
     res = quantize_checkpoint(source, tmp_path / "g.safetensors", QuantSpec(), calib_tokens=tokens[:200],
                               calib_method="gptq", eval_tokens=tokens[200:])  # fmt: skip
     assert res.quality is not None and res.quality.mean_kl < 0.05  # the calibrated range mode's tolerance
-    # one calibration pass per block (and one for the head), each gathering only that block's matrices
+    # a small model: every Linear's matrix in one pass
+    assert len(asked) == 1 and {"blocks.0.att.key.weight", "blocks.1.ffn.value.weight", "head.weight"} <= asked[0]
+    # under a budget smaller than a block: one pass per block (and one for the head), each only its own matrices
+    asked.clear()
+    tight = quantize_checkpoint(source, tmp_path / "t.safetensors", QuantSpec(), calib_tokens=tokens[:200],
+                                calib_method="gptq", hessian_budget=1)  # fmt: skip
     units = [sorted({".".join(n.split(".")[:2]) for n in s}) for s in asked]
     assert units == [["blocks.0"], ["blocks.1"], ["head.weight"]]
+    assert tensors_equal(res.path, tight.path)
     _, meta = load_model(res.path)
     assert meta.extra["quantization"]["calibrated"] is True and meta.extra["quantization"]["calib_method"] == "gptq"
     with safe_open(str(res.path), framework="pt") as f:
@@ -120,6 +126,12 @@ def test_gptq_file_loads_and_keeps_quality(source: Path, tmp_path: Path, monkeyp
     # range calibration (the default method) records exactly what it always did
     rng = quantize_checkpoint(source, tmp_path / "r.safetensors", QuantSpec(), calib_tokens=tokens[:200])
     assert "calib_method" not in load_model(rng.path)[1].extra["quantization"]
+
+
+def tensors_equal(a: Path, b: Path) -> bool:
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        keys = set(fa.keys())  # noqa: SIM118 (safe_open is not a dict)
+        return keys == set(fb.keys()) and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)
 
 
 def test_calib_method_needs_calibration_text(source: Path, tmp_path: Path) -> None:
