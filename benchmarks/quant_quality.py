@@ -5,7 +5,7 @@
     python benchmarks/quant_quality.py ... --gate-only                                 # just the gate row
 
 A model is trained first with the real commands on the bundled sample corpus (sample-corpus -> tokenizer train ->
-prepare -> train; the defaults take ~5-10 min on the shared 2-core box, more steps with --steps). Its held-out text
+prepare -> train; 8-20 min at the defaults on the loaded 2-core box; more with --steps). Its held-out text
 is the corpus's validation split (`--eval-tokens` of it); the calibration text is the train split, never the
 evaluation text. Every row quantizes the block matrices at 4 bits and keeps emb and head in float, so rows differ
 only in how the block matrices are rounded:
