@@ -55,7 +55,7 @@ def _assert_state_close(a: RecurrentState, b: RecurrentState, rtol: float, atol:
         torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 9])  # 9: the fp32 head runs as head @ x.T from 8 rows on
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fused_step_equals_reference_fp32(random_model, monkeypatch, name, batch):
     cfg = CONFIGS[name]
@@ -64,24 +64,26 @@ def test_fused_step_equals_reference_fp32(random_model, monkeypatch, name, batch
     (fast, fast_state), (ref, ref_state) = _both(model, tokens, monkeypatch)
     scale = ref.abs().max()
     assert (fast - ref).abs().max() <= 1e-5 * scale
-    _assert_state_close(fast_state, ref_state, rtol=1e-5, atol=1e-5)
+    # fp32 rounding differs between BLAS's gemv and its gemm blockings: bounded relative to the state's magnitude
+    _assert_state_close(fast_state, ref_state, rtol=1e-5, atol=max(1e-5, 1e-6 * float(ref_state.wkv.abs().max())))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_step_batch_rows_equal_single_rows(random_model, dtype):
     """bf16 (own kernel, rows independent of the batch) bitwise; fp32 goes through torch's BLAS, whose gemv and
-    gemm round differently (as on the module path): logits within 1e-6 of the scale, states 1e-5."""
+    gemm round differently (as on the module path): logits within 4e-6 of the scale, states within 1e-6 of theirs."""
     model = random_model(CONFIGS["gate"]).to(dtype)
-    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 300, (9, 4), generator=torch.Generator().manual_seed(5))  # 9 rows: see _head
     batched, state = _steps(model, tokens)
-    for row in range(3):
+    for row in range(9):
         single, single_state = _steps(model, tokens[row : row + 1])
         if dtype == torch.bfloat16:
             assert torch.equal(batched[row], single[0])
             assert torch.equal(state.wkv[:, row], single_state.wkv[:, 0])
         else:
-            assert (batched[row] - single[0]).abs().max() <= 1e-6 * single.abs().max()
-            torch.testing.assert_close(state.wkv[:, row], single_state.wkv[:, 0], rtol=1e-5, atol=1e-5)
+            assert (batched[row] - single[0]).abs().max() <= 4e-6 * single.abs().max()
+            atol = max(1e-5, 1e-6 * float(single_state.wkv.abs().max()))  # as above: roundoff of the magnitude
+            torch.testing.assert_close(state.wkv[:, row], single_state.wkv[:, 0], rtol=1e-5, atol=atol)
 
 
 def test_fused_step_leaves_the_input_state_alone(random_model):
