@@ -1,7 +1,7 @@
 """Benchmark `rwkvctl quantize`: speed and memory (0.1b preset), file sizes (7B by --estimate), and quality of the
 schemes on a trained model.
 
-    python benchmarks/quantize.py [--model CKPT] [--steps 300] [--eval-tokens 4096] [--skip-speed]
+    python benchmarks/quantize.py [--model CKPT] [--steps 300] [--eval-tokens 4096] [--skip-speed | --speed-only]
 
 Quality: without --model, a small model is trained first on the bundled sample corpus (sample-corpus -> prepare ->
 train, the real commands), the validation split is the evaluation text and the train split the calibration text.
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--skip-speed", action="store_true", help="quality and sizes only")
+    ap.add_argument("--speed-only", action="store_true", help="speed, memory and sizes only (no training)")
     args = ap.parse_args()
 
     from rwkvctl.lifecycle.models import load_model
@@ -146,6 +147,8 @@ def main() -> None:
     t0 = time.time()
     speed_row = None if args.skip_speed else speed(work)
     print(json.dumps({"speed_0.1b": speed_row, "sizes_7b": sizes()}, indent=1), flush=True)
+    if args.speed_only:
+        return
     model_path, tokenizer = (args.model, args.tokenizer) if args.model else train_model(work, args.steps)
     if args.model is not None:
         if args.corpus is not None:

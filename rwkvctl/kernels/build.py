@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,19 @@ def extensions_dir() -> Path:
 
 
 def cxx_flags() -> tuple[str, ...]:
-    return CXX_FLAGS + tuple(native_build.extra_flags("WKV"))
+    return CXX_FLAGS + openmp_flags() + tuple(native_build.extra_flags("WKV"))
+
+
+def openmp_flags() -> tuple[str, ...]:
+    """-fopenmp where torch's intra-op threads are OpenMP (Linux wheels): ATen's `parallel_for` is inline
+    `#pragma omp parallel` code, so a source compiled without it runs every range on the calling thread (our CPU
+    kernels ignored `torch.set_num_threads`). Linked as libgomp.so.1, the soname torch's bundled runtime already
+    loaded, so both share one thread pool and one thread count."""
+    import torch
+
+    if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return ()
+    return ("-fopenmp",)
 
 
 def want_cuda() -> bool:
@@ -210,6 +223,7 @@ def _load_locked(name: str, sources: list[Path], build_dir: Path, with_cuda: boo
                 name=name,
                 sources=[str(p) for p in sources],
                 extra_cflags=list(cxx_flags()),
+                extra_ldflags=list(openmp_flags()),
                 extra_cuda_cflags=list(CUDA_FLAGS) if with_cuda else None,
                 extra_include_paths=[str(sources[0].parent)],
                 build_directory=str(build_dir),
