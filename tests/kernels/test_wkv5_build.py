@@ -213,3 +213,19 @@ def test_wheel_and_sdist_carry_all_kernel_sources(tmp_path):
         text=True,
     ).stdout.strip()
     assert Path(found) == tmp_path / "site" / "rwkvctl" / "_csrc"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or sys.platform != "linux", reason="needs a C++ compiler on Linux")
+def test_kernels_use_torchs_openmp_runtime() -> None:
+    """ATen's parallel_for is inline OpenMP code: built without -fopenmp it runs every range on one thread. Built
+    with it, the extension must share torch's own libgomp (one thread pool, torch.set_num_threads applies), not
+    load a second runtime."""
+    assert not build._links_openmp("no-such-compiler-here")  # a toolchain that cannot link it builds without it
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        assert build.openmp_flags() == ()
+        return
+    assert build.openmp_flags() == ("-fopenmp",) and "-fopenmp" in build.cxx_flags()
+    build.load_extension()
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
