@@ -25,7 +25,7 @@ from torch import Tensor
 from rwkvctl.errors import ConfigError
 from rwkvctl.quant.gptq import gptq_codes
 from rwkvctl.quant.schemes import Encoded, Params, Scheme, register
-from rwkvctl.quant.search import CHUNK_ELEMENTS, parallel_chunks, search_chunk
+from rwkvctl.quant.search import chunk_rows, parallel_chunks, search_chunk
 
 NAME = "group-affine"
 BITS = (4, 8)
@@ -96,7 +96,7 @@ def quantize_weight(
     scale = torch.empty(rows, ng, dtype=torch.float16)
     minimum = torch.empty_like(scale)
     weight = None if importance is None else importance.float().view(ng, group)  # (in,) -> (groups, group)
-    chunk = max(1, CHUNK_ELEMENTS // cols)
+    chunk = chunk_rows(cols, levels, search)
 
     def one_chunk(a: int) -> tuple[float, float, bool]:  # fills rows a..a+chunk; -> (sq. error, sq. norm, finite)
         x = w[a : a + chunk].detach().float()  # a bf16 source is widened a chunk at a time

@@ -58,7 +58,7 @@ def test_importance_weighting_lowers_the_weighted_error() -> None:
 def test_chunks_and_workers_give_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     w = heavy_tailed(100, 128, seed=5)
     whole = quantize_weight(w, 4, 64)
-    monkeypatch.setattr("rwkvctl.quant.groupwise.CHUNK_ELEMENTS", 128 * 7)  # 7-row chunks, a short last one
+    monkeypatch.setattr("rwkvctl.quant.search.CHUNK_ELEMENTS", 128 * 7 * 8)  # 7 rows x 8 candidates: a short last one
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
