@@ -243,7 +243,11 @@ def remove_dir_temps(parent: Path) -> None:
     Killed between its two renames, `commit_dir` leaves NAME missing, the old copy at `.old-NAME-NS` and the new
     one, complete (fsynced before the old was set aside), at `.tmp-NAME`: the new one is renamed in. Killed after
     both, the `.old-` copy is a leftover and is deleted."""
-    for old in parent.glob(".old-*"):
+    def stamp(old: Path) -> int:  # the nanosecond time commit_dir put in the name: newest first below
+        tail = old.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    for old in sorted(parent.glob(".old-*"), key=stamp, reverse=True):
         name = old.name.removeprefix(".old-").rsplit("-", 1)[0]
         final, tmp = parent / name, dir_temp(parent / name)
         if not final.exists():

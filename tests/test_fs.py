@@ -211,3 +211,15 @@ def test_remove_dir_temps_finishes_a_cut_commit_and_drops_other_temps(tmp_path):
     remove_dir_temps(tmp_path)
     assert (tmp_path / "a" / "state.json").read_text() == "new a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_remove_dir_temps_restores_the_newest_set_aside_copy(tmp_path: Path) -> None:
+    from rwkvctl.fs import remove_dir_temps
+
+    for stamp, text in ((1_000, "older"), (3_000, "newest"), (2_000, "middle")):
+        d = tmp_path / f".old-step-5-{stamp}"
+        d.mkdir()
+        (d / "which").write_text(text)
+    remove_dir_temps(tmp_path)
+    assert (tmp_path / "step-5" / "which").read_text() == "newest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-5"]

@@ -45,7 +45,8 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
     candidates = torch.nonzero(keep).squeeze(1)  # (K,) the ids that can still be drawn
     weights = probs[candidates].double()
     if cfg.temperature != 1:
-        weights = weights ** (1 / cfg.temperature)
+        # relative to the largest, so a small temperature cannot underflow every weight to 0 (the largest stays 1)
+        weights = (weights / weights.max()) ** (1 / cfg.temperature)
     # inverse CDF over the K candidates: one uniform draw (torch.multinomial draws an exponential per vocab entry)
     cdf = torch.cumsum(weights, dim=0)
     u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]

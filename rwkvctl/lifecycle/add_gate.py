@@ -138,8 +138,10 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
                               tokenizer=_exported_tokenizer(ckpt),
                               extra={"run_dir": str(out), "engine": saved.engine, "branch": note})  # fmt: skip
         save_checkpoint(tmp.export, new_sd, meta)
-        # The run's own files first and the checkpoint last, so its presence means the branch is complete: killed
-        # before it, the directory holds branch.json without a checkpoint, which `train` refuses and add-gate redoes.
+        # branch.json first, the run's own files next and the checkpoint last, so the checkpoint's presence means
+        # the branch is complete: killed before it, the directory holds branch.json without a checkpoint, which
+        # `train` refuses and add-gate redoes (a run_config.yaml without branch.json would look like a fresh run).
+        atomic_write_text(out.branch_note, json.dumps(note, indent=1) + "\n")
         write_run_config(out, new_cfg.to_yaml())
         out.metrics_superseded.unlink(missing_ok=True)  # later steps belong to the other run
         if src.metrics.is_file():  # the loss history up to the branch point, for plots
@@ -148,7 +150,6 @@ def _write_branch(src: RunDir, out: RunDir, ckpt: CheckpointDir, transform: Tran
             out.metrics_superseded.unlink(missing_ok=True)
         else:  # an interrupted earlier attempt's copy, from another source
             out.metrics.unlink(missing_ok=True)
-        atomic_write_text(out.branch_note, json.dumps(note, indent=1) + "\n")
         # The step is stored per parameter (the single strategy's file): any strategy and rank count may resume it.
         writer.commit(saved.step, replace(saved, config=new_cfg.to_dict(), engine="single"))
     except BaseException:

@@ -77,37 +77,56 @@ def _available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def _read_int(path: str, field: str | None = None) -> int | None:
-    """An integer file (e.g. cgroup memory.max; "max" reads as None), or the number after `field:` in a
-    /proc-style file (in kB there: returned in bytes)."""
+def _read_int(path: str, field: str | None = None, unit: int = 1) -> int | None:
+    """An integer file (e.g. cgroup memory.max; "max" reads as None), or the number after `field` in a key-value
+    file ("Field: N kB" in /proc, "field N" in cgroup memory.stat), times `unit`."""
     try:
         with open(path) as f:
             if field is None:
                 text = f.read().strip()
                 return int(text) if text.isdigit() else None
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field + ":") or line.startswith(field + " "):
+                    return int(line.split()[1]) * unit
     except (OSError, ValueError, IndexError):
         return None
     return None
 
 
 def _meminfo_available() -> int | None:
-    return _read_int("/proc/meminfo", "MemAvailable")
+    return _read_int("/proc/meminfo", "MemAvailable", unit=1024)
 
 
 def _cgroup_headroom() -> int | None:
-    limit = _read_int("/sys/fs/cgroup/memory.max")  # cgroup v2, as seen from inside the container
-    used = _read_int("/sys/fs/cgroup/memory.current")
-    return None if limit is None or used is None else max(limit - used, 0)
+    """memory.max less the working set of this process's cgroup v2 (usage less reclaimable inactive page cache, as
+    the kernel and kubelet count it: data just written by `prepare` stays cached without being in the way)."""
+    base = _own_cgroup_dir()
+    limit = _read_int(f"{base}/memory.max")
+    used = _read_int(f"{base}/memory.current")
+    if limit is None or used is None:
+        return None
+    cache = _read_int(f"{base}/memory.stat", "inactive_file") or 0
+    return max(limit - (used - min(cache, used)), 0)
+
+
+def _own_cgroup_dir() -> str:
+    """/sys/fs/cgroup plus this process's cgroup v2 path ("0::/PATH" in /proc/self/cgroup; "/" in a container's
+    own namespace)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return "/sys/fs/cgroup" + line[3:].strip().rstrip("/")
+    except OSError:
+        pass
+    return "/sys/fs/cgroup"
 
 
 def _address_space_headroom() -> int | None:
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    mapped = _read_int("/proc/self/status", "VmSize")
+    mapped = _read_int("/proc/self/status", "VmSize", unit=1024)
     return None if soft == resource.RLIM_INFINITY or mapped is None else max(soft - mapped, 0)
 
 

@@ -244,6 +244,20 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _check_ranks_agree(engine: Engine, ckpt: CheckpointDir | None) -> None:
+    """Every rank chose its checkpoint on its own, while rank 0 may have been finishing a replace a killed run cut
+    (`remove_stale_temps`): refuse, on every rank alike, unless they all chose the same one (n * sum(s^2) equals
+    sum(s)^2 only when every s is equal)."""
+    if engine.world_size <= 1:
+        return
+    step = -1.0 if ckpt is None else float(ckpt.step)
+    total, squares, ranks = engine.all_reduce_sum([step, step * step, 1.0])
+    if abs(ranks * squares - total * total) > 0.5:
+        raise TrainingError(f"the {int(ranks)} ranks chose different checkpoints to resume from (this rank: "
+                            f"{'none' if ckpt is None else ckpt.step}); a killed save was being finished while they "
+                            "looked: run the same command again")
+
+
 def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str | None,
          on_progress: Callable[[TrainProgress], None] | None) -> TrainResult:
     run = RunDir(cfg.run_dir)
@@ -253,6 +267,7 @@ def _run(cfg: RunConfig, engine: Engine, ckpt: CheckpointDir | None, scheme: str
                                 tokens_per_step=cfg.tokens_per_step(world),
                                 pass_steps=windows.windows_per_pass // cfg.samples_per_step(world))
     writer = CheckpointWriter(run, cfg.train.keep_last)
+    _check_ranks_agree(engine, ckpt)
     state, resumed_from = _start_state(cfg, engine, ckpt, writer)
     engine.barrier()
     metrics, wandb = _open_sinks(cfg, engine, run)

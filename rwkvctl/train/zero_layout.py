@@ -134,7 +134,6 @@ class ZeroPartition:
             raise _fail(path, "'param_slice_mappings'", f"has {len(mappings)} groups, the flat fp32 tensors "
                         f"{len(fp32)} and param_shapes {len(shapes.groups)}")
         states = _group_states(opt.get("base_optimizer_state"), len(fp32), path)
-        known = shapes.all()
         groups, flats, step = [], [], 0.0
         for g, (flat_fp32, mapping, state) in enumerate(zip(fp32, mappings, states, strict=True)):
             flat = {"fp32": flat_fp32, **{m: state.get(m) for m in MOMENTS}}
@@ -145,7 +144,9 @@ class ZeroPartition:
                     raise _fail(path, f"group {g} {key!r}", f"has {t.numel()} elements, the fp32 group "
                                 f"{flat_fp32.numel()}")
             step = max(step, _step(state.get("step", 0), path, g))
-            groups.append(_slices(mapping, path, g, flat_fp32.numel(), known))
+            # a group's slices may name only that group's parameters (param_shapes names each in one group), so
+            # no parameter can draw pieces from two groups of a rank
+            groups.append(_slices(mapping, path, g, flat_fp32.numel(), shapes.groups[g]))
             flats.append(flat)
         return cls(groups, flats, step)
 
@@ -176,7 +177,7 @@ def _slices(mapping: Any, path: Path, g: int, size: int, known: dict[str, tuple[
     for name, where in mapping.items():
         key = f"'param_slice_mappings'[{g}][{str(name)[:80]!r}]"
         if not isinstance(name, str) or name not in known:
-            raise _fail(path, key, "names a parameter that param_shapes lacks")
+            raise _fail(path, key, f"names a parameter that group {g} of param_shapes lacks")
         start = _count(getattr(where, "start", None), path, f"{key}.start")
         numel = _count(getattr(where, "numel", None), path, f"{key}.numel", minimum=1)
         if start + numel > size:

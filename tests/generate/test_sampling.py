@@ -111,3 +111,12 @@ def test_non_finite_logits_are_refused_by_one_check() -> None:
     with pytest.raises(NumericsError):
         sample(torch.full((4,), float("-inf")), SamplingConfig())
     assert sample(torch.tensor([float("-inf"), 2.0, float("-inf")]), SamplingConfig()) == 1
+
+
+def test_a_tiny_temperature_picks_the_most_likely_token() -> None:
+    """(p / max p) ** (1 / T): at T = 0.001 every raw weight p ** 1000 would underflow to 0 and the draw would fall
+    to the last candidate; relative to the largest, the most likely token keeps weight 1."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5000, generator=g) * 0.1
+    logits[1234] += 0.5
+    assert {sample(logits, SamplingConfig(temperature=0.001, top_p=1.0), g) for _ in range(20)} == {1234}

@@ -197,6 +197,30 @@ def test_add_gate_killed_before_its_commit_is_refused_by_train_and_redone_by_add
         add_gate_to_run(tmp_path / "run", out)
 
 
+def test_add_gate_killed_before_its_run_config_leaves_a_directory_add_gate_redoes(
+        tmp_path: Path, pattern_data: Path, make_config, monkeypatch) -> None:
+    """branch.json is the first file add-gate writes: killed right after it, `train --resume` refuses (it never
+    sees a run_config.yaml without branch.json, which would read as a fresh run) and add-gate redoes the branch."""
+    import rwkvctl.lifecycle.add_gate as add_gate_module
+    from rwkvctl.lifecycle.add_gate import add_gate_to_run
+    from rwkvctl.lifecycle.train import train
+
+    train(make_config(tmp_path / "run", pattern_data, model={"gate": False}, train={"max_steps": 2, "save_every": 2}))
+    out = tmp_path / "gated"
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise Killed
+
+    monkeypatch.setattr(add_gate_module, "write_run_config", killed)
+    with pytest.raises(Killed):
+        add_gate_to_run(tmp_path / "run", out)
+    monkeypatch.undo()
+    assert (out / "branch.json").is_file() and not (out / "run_config.yaml").exists() and not lt_checkpoints(out)
+    code, err = _cli(["train", "--run-dir", out, "--resume"])
+    assert code == 2 and err.count("error:") == 1, err
+    assert add_gate_to_run(tmp_path / "run", out).step == 2 and list(lt_checkpoints(out)) == [2]
+
+
 # --- train: a killed save's temps ---------------------------------------------------------------------------------
 
 
@@ -217,3 +241,22 @@ def test_train_removes_a_killed_saves_temp_and_finishes_a_cut_replace(tmp_path: 
     train(cfg.with_overrides({"train.stop_after_steps": 0}), resume="latest")
     names = sorted(p.name for p in root.iterdir())
     assert names == ["step-00000002", "step-00000004"], names
+
+
+def test_ranks_that_chose_different_checkpoints_are_refused_alike(tmp_path: Path) -> None:
+    """Rank 0 finishes a killed save's replace while the other ranks look for `latest`: all must agree."""
+    from types import SimpleNamespace
+
+    from rwkvctl.errors import TrainingError
+    from rwkvctl.lifecycle.train import _check_ranks_agree
+
+    def engine(*steps: float):  # what the all-reduce of (step, step^2, 1) gives with these ranks' choices
+        sums = [sum(steps), sum(s * s for s in steps), float(len(steps))]
+        return SimpleNamespace(world_size=len(steps), all_reduce_sum=lambda values: sums)
+
+    ckpt = SimpleNamespace(step=4)
+    _check_ranks_agree(engine(4.0, 4.0), ckpt)
+    _check_ranks_agree(engine(-1.0, -1.0, -1.0), None)
+    for steps in ((4.0, 2.0), (2.0, 4.0, 3.0), (4.0, -1.0)):
+        with pytest.raises(TrainingError, match="chose different checkpoints"):
+            _check_ranks_agree(engine(*steps), ckpt)

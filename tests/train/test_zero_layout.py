@@ -80,7 +80,7 @@ def _set_b(address: Any):
     (_set_b(Address(0, 1)), r"\['b'\]\.numel: must be an integer in \[1,"),
     (_set_b(Address(2, 0)), r"\['b'\]: overlaps the slice before it"),
     (lambda opt: opt["param_slice_mappings"][0].__setitem__("c", Address(1, 0)),
-     r"\['c'\]: names a parameter that param_shapes lacks"),
+     r"\['c'\]: names a parameter that group 0 of param_shapes lacks"),
     (lambda opt: opt.__setitem__("param_slice_mappings", {"b": Address(4, 1)}),
      r"'param_slice_mappings': must be a list with one entry per group, got dict"),
     (lambda opt: opt.__setitem__("param_slice_mappings", [{}, {}]), r"'param_slice_mappings': has 2 groups"),
