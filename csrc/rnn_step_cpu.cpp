@@ -91,6 +91,8 @@ int step_isa_level() {
 #endif
 
 constexpr int64_t kRowsPerTask = 64;  // output rows per parallel task: ~100 KB of fp32 weights at K = 768
+constexpr int64_t kOwnGemvRowsMax = 4;  // fp32: more rows than this go to torch's GEMM (it blocks over rows)
+constexpr int64_t kSeqMaxK = 1024;      // fp32 rows up to this long run one at a time (gemv_seq_avx512)
 
 void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.device().is_cpu(), op, ": weights must be on the CPU, got ", w.device());
@@ -100,23 +102,41 @@ void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
 }
 
-// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. fp32 weights go to torch's own
-// BLAS gemv (what the streaming bound of benchmarks/infer.py measures; it was faster than a hand-written fp32
-// loop here), bf16 weights to the kernels above, which widen them in registers.
+// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. With AVX-512, few rows (decode)
+// run own gemv kernels (rnn_step_avx512.h): they stream the weights faster than torch's BLAS gemv did for these
+// shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Otherwise fp32 weights go to torch's BLAS and
+// bf16 weights to the portable/AVX2 kernels, which widen them in registers.
+template <typename W>
+using GemvFn = void (*)(const W*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+template <typename W>
+void gemv_parallel(GemvFn<W> fn, const W* w, const float* x, float* y, int64_t B, int64_t N, int64_t K) {
+  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
+    fn(w, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
+  });
+}
+
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kFloat) {
+#ifdef RNN_STEP_X86_VARIANTS
+    if (level >= 2 && B <= kOwnGemvRowsMax) {
+      GemvFn<float> fn = K <= kSeqMaxK ? &step_avx512::gemv_seq_avx512<float, 4> : &step_avx512::gemv_rows_avx512<float>;
+      gemv_parallel(fn, w.data_ptr<float>(), x, y, B, N, K);
+      return;
+    }
+#endif
     const auto opts = at::TensorOptions().dtype(at::kFloat);
     at::Tensor yt = at::from_blob(y, {B, N}, opts);
     at::mm_out(yt, at::from_blob(const_cast<float*>(x), {B, K}, opts), w.t());
     return;
   }
-  auto fn = STEP_PICK(gemv_rows, uint16_t, level);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
-    fn(wp, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
-  });
+#ifdef RNN_STEP_X86_VARIANTS
+  if (level >= 2) return gemv_parallel<uint16_t>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
+#endif
+  gemv_parallel<uint16_t>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
 }
 
 }  // namespace

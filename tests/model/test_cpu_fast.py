@@ -158,7 +158,8 @@ def test_linear_f32acc_odd_shapes(monkeypatch, dtype, isa):
     load_extension()
     monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(0)
-    for rows, n, k in ((1, 7, 77), (3, 130, 16), (5, 1, 1), (2, 64, 768)):
+    # K 300 and 2000: the sequential kernels' unrolled body, 16-wide steps and masked tail; 6 rows: torch's GEMM (fp32)
+    for rows, n, k in ((1, 7, 77), (3, 130, 16), (5, 1, 1), (2, 64, 768), (4, 5, 300), (1, 9, 2000), (6, 3, 200)):
         w = torch.randn(n, k, generator=gen).to(dtype)
         x = torch.randn(k, rows, generator=gen).T  # non-contiguous (rows, k)
         got = torch.ops.rwkvctl.linear_f32acc(x, w)
