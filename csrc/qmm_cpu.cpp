@@ -25,8 +25,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu_isa.h"
+#include "qmm.h"
 
 #ifdef RWKVCTL_X86_VARIANTS
 #include <immintrin.h>
@@ -291,6 +293,26 @@ void quantize_activations(const float* x, int64_t runs, int64_t group, int16_t* 
   }
 }
 
+}  // namespace
+
+void group_affine_mm_rows(const float* x, int64_t n, int64_t in, const uint8_t* qtiles, const uint16_t* scale,
+                          const uint16_t* minimum, int64_t out, int64_t bits, int64_t group, float* y) {
+  const int64_t tiles = (out + kTile - 1) / kTile, groups = in / group;
+  // activations, each group rounded to int16 on its own scale: a plain loop, as a chain of ATen ops would cost
+  // more than the matmul of a small layer
+  std::vector<int16_t> xq(static_cast<size_t>(n * in));
+  std::vector<float> xscale(static_cast<size_t>(n * groups)), xsum(static_cast<size_t>(n * groups));
+  quantize_activations(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
+  Prepared p{n, in, out, tiles, group, groups, bits, xq.data(), xscale.data(), xsum.data(), qtiles, scale, minimum,
+             y};
+  const int level = qmm_level();
+  // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / p.tile_bytes());
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run_tiles(p, level, t0, t1); });
+}
+
+namespace {
+
 at::Tensor group_affine_mm_cpu(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& scale,
                                const at::Tensor& minimum, int64_t out, int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 4 || bits == 8, "group_affine_mm: bits must be 4 or 8, got ", bits);
@@ -315,23 +337,10 @@ at::Tensor group_affine_mm_cpu(const at::Tensor& x, const at::Tensor& qtiles, co
   }
   at::Tensor y = at::empty({n, tiles * kTile}, x.options().dtype(at::kFloat));
   if (n == 0 || out == 0) return y.narrow(1, 0, out);
-  // activations, each group rounded to int16 on its own scale: a plain loop, as a chain of ATen ops would cost
-  // more than the matmul of a small layer
   const at::Tensor x32 = x.to(at::kFloat).contiguous();  // (n, in)
-  at::Tensor xq = at::empty({n, in}, x.options().dtype(at::kShort));
-  at::Tensor xscale = at::empty({n, groups}, x.options().dtype(at::kFloat));
-  at::Tensor xsum = at::empty({n, groups}, x.options().dtype(at::kFloat));
-  quantize_activations(x32.data_ptr<float>(), n * groups, group, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
-                       xsum.data_ptr<float>());
-
-  Prepared p{n, in, out, tiles, group, groups, bits, xq.data_ptr<int16_t>(), xscale.data_ptr<float>(),
-             xsum.data_ptr<float>(), qtiles.data_ptr<uint8_t>(),
-             reinterpret_cast<const uint16_t*>(scale.data_ptr()), reinterpret_cast<const uint16_t*>(minimum.data_ptr()),
-             y.data_ptr<float>()};
-  const int level = qmm_level();
-  // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / p.tile_bytes());
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run_tiles(p, level, t0, t1); });
+  group_affine_mm_rows(x32.data_ptr<float>(), n, in, qtiles.data_ptr<uint8_t>(),
+                       reinterpret_cast<const uint16_t*>(scale.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(minimum.data_ptr()), out, bits, group, y.data_ptr<float>());
   return tiles * kTile == out ? y : y.narrow(1, 0, out).contiguous();
 }
 

@@ -6,10 +6,14 @@
 //       kernels), so a bf16 model streams half the bytes of fp32 on CPUs without bf16 arithmetic; fp32 weights
 //       go to torch's BLAS.
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
-//                  has_ln0, has_gate) -> (x, att_shift, ffn_shift, wkv)
+//                  has_ln0, has_gate, q_bits, q_group, q_aux) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
 //       per layer instead of ~40 PyTorch ops; new tensors are returned, the inputs are left untouched (callers
-//       keep snapshots of states). Shifts come back in the dtype they came in.
+//       keep snapshots of states). Shifts come back in the dtype they came in. Each projection is a plain fp32/bf16
+//       weight or a packed 4/8-bit group-affine one (q_bits[i] != 0: its params slot holds the codes in the tiles
+//       of qmm_cpu.cpp, q_aux the scale and min tiles, two per packed projection in order), so a quantized model
+//       also takes one call per layer. q_bits, q_group: one entry per projection in the order r, k, v, output,
+//       ffn key, ffn receptance, ffn value (, gate).
 //
 // `params` order (kept in sync with rwkvctl/model/cpu_fast.py:layer_params):
 //   0 ln1.w  1 ln1.b  2 ln2.w  3 ln2.b  4 att.time_mix_k  5 att.time_mix_v  6 att.time_mix_r  7 att.time_decay
@@ -28,6 +32,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "qmm.h"
 #include "rnn_step_parts.h"
 
 namespace rwkvctl::step_default {
@@ -139,6 +144,52 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   gemv_parallel<uint16_t>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
 }
 
+// One projection of the layer: a plain weight (bits == 0: fp32 or bf16, linear_into) or a packed group-affine
+// weight in the tiles of qmm_cpu.cpp (weight = the codes, scale and minimum beside it).
+struct Projection {
+  const at::Tensor* weight;
+  int64_t bits = 0, group = 0;
+  const at::Tensor* scale = nullptr;
+  const at::Tensor* minimum = nullptr;
+};
+
+void check_projection(const char* op, const char* what, const Projection& pr, int64_t out, int64_t in) {
+  if (pr.bits == 0) {
+    check_weight(op, *pr.weight, in);
+    TORCH_CHECK(pr.weight->size(0) == out, op, ": ", what, " must be (", out, ", ", in, "), got ", pr.weight->sizes());
+    return;
+  }
+  const int64_t bits = pr.bits, group = pr.group, tiles = (out + kQmmTile - 1) / kQmmTile;
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": ", what, ": packed bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0 && (bits == 4 || group <= 512), op,
+              ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
+  const at::Tensor& q = *pr.weight;
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.size(0) == tiles &&
+                  q.size(1) == kQmmTile * in * bits / 8 && q.is_contiguous(),
+              op, ": ", what, ": codes must be contiguous (", tiles, ", ", kQmmTile * in * bits / 8,
+              ") uint8 on the CPU, got ", q.sizes(), " ", q.scalar_type());
+  for (const at::Tensor* t : {pr.scale, pr.minimum}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->size(0) == tiles && t->size(1) == in / group &&
+                    t->size(2) == kQmmTile && t->element_size() == 2 && t->is_contiguous(),
+                op, ": ", what, ": scale and min tiles must be contiguous (", tiles, ", ", in / group,
+                ", 16) fp16 bits on the CPU, got ", t->sizes());
+  }
+}
+
+// y (B, out) = x (B, in) @ W.T, fp32 rows
+void project(const Projection& pr, const float* x, float* y, int64_t B, int64_t out, int level) {
+  if (pr.bits == 0) return linear_into(*pr.weight, x, y, B, level);
+  const int64_t in = pr.weight->size(1) * 8 / (kQmmTile * pr.bits);
+  const auto* scale = reinterpret_cast<const uint16_t*>(pr.scale->data_ptr());
+  const auto* minimum = reinterpret_cast<const uint16_t*>(pr.minimum->data_ptr());
+  const uint8_t* q = pr.weight->data_ptr<uint8_t>();
+  const int64_t padded = (out + kQmmTile - 1) / kQmmTile * kQmmTile;
+  if (padded == out) return group_affine_mm_rows(x, B, in, q, scale, minimum, out, pr.bits, pr.group, y);
+  std::vector<float> full(static_cast<size_t>(B * padded));  // the kernel writes whole tiles
+  group_affine_mm_rows(x, B, in, q, scale, minimum, out, pr.bits, pr.group, full.data());
+  for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * out, full.data() + b * padded, sizeof(float) * out);
+}
+
 }  // namespace
 
 void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const float* g, const float* time_decay,
@@ -184,7 +235,8 @@ at::Tensor linear_f32acc_cpu(const at::Tensor& x, const at::Tensor& w) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
     const at::Tensor& x_in, const at::Tensor& att_shift, const at::Tensor& ffn_shift, const at::Tensor& wkv,
-    at::TensorList p, double head_size_divisor, bool has_ln0, bool has_gate) {
+    at::TensorList p, double head_size_divisor, bool has_ln0, bool has_gate, at::IntArrayRef q_bits,
+    at::IntArrayRef q_group, at::TensorList q_aux) {
   const char* op = "rnn_step_layer";
   const size_t expected = 20 + (has_gate ? 2 : 0) + (has_ln0 ? 2 : 0);
   TORCH_CHECK(p.size() == expected, op, ": expected ", expected, " parameter tensors, got ", p.size());
@@ -198,19 +250,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
                   wkv.scalar_type() == at::kFloat,
               op, ": wkv must be (B, H, N, N) = (", B, ", ", H, ", ", N, ", ", N, ") float32, got ", wkv.sizes(), " ",
               wkv.scalar_type());
-  for (int idx : {9, 10, 11}) check_weight(op, p[idx], C);
-  check_weight(op, p[12], A);
-  check_weight(op, p[17], C);
-  check_weight(op, p[18], C);
-  const int64_t F = p[17].size(0);
-  check_weight(op, p[19], F);
-  TORCH_CHECK(p[9].size(0) == A && p[10].size(0) == A && p[11].size(0) == A && p[12].size(0) == C &&
-                  p[18].size(0) == C && p[19].size(0) == C,
-              op, ": projection shapes do not match C=", C, ", dim_att=", A);
-  if (has_gate) {
-    check_weight(op, p[21], C);
-    TORCH_CHECK(p[21].size(0) == A, op, ": gate must be (", A, ", ", C, "), got ", p[21].sizes());
+  // projections in the order of q_bits / q_group: r, k, v, output, ffn key, ffn receptance, ffn value, gate
+  const int n_proj = has_gate ? 8 : 7;
+  const int slots[8] = {9, 10, 11, 12, 17, 18, 19, 21};
+  TORCH_CHECK(q_bits.size() == static_cast<size_t>(n_proj) && q_group.size() == q_bits.size(), op, ": expected ",
+              n_proj, " entries in q_bits and q_group, got ", q_bits.size(), " and ", q_group.size());
+  std::vector<Projection> weights(n_proj);
+  size_t aux = 0;
+  for (int i = 0; i < n_proj; ++i) {
+    weights[i] = Projection{&p[slots[i]], q_bits[i], q_group[i]};
+    if (q_bits[i] == 0) continue;
+    TORCH_CHECK(aux + 2 <= q_aux.size(), op, ": q_aux must hold a scale and a min per packed projection");
+    weights[i].scale = &q_aux[aux];
+    weights[i].minimum = &q_aux[aux + 1];
+    aux += 2;
   }
+  TORCH_CHECK(aux == q_aux.size(), op, ": q_aux has ", q_aux.size(), " tensors, the packed projections use ", aux);
+  const bool fk_plain = weights[4].bits == 0;
+  const int64_t F = fk_plain ? p[17].size(0) : (weights[6].bits == 0 ? p[19].size(1)
+                                                                   : p[19].size(1) * 8 / (kQmmTile * weights[6].bits));
+  const char* names[8] = {"receptance", "key", "value", "output", "ffn.key", "ffn.receptance", "ffn.value", "gate"};
+  const int64_t outs[8] = {A, A, A, C, F, C, C, A}, ins[8] = {C, C, C, A, C, C, F, C};
+  for (int i = 0; i < n_proj; ++i) check_projection(op, names[i], weights[i], outs[i], ins[i]);
   const int level = step_isa_level();
 
   const at::Tensor ln1w = vec_f32(op, "ln1.weight", p[0], C), ln1b = vec_f32(op, "ln1.bias", p[1], C);
@@ -259,16 +320,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   float* k = r + B * A;
   float* v = k + B * A;
   float* g = has_gate ? v + B * A : nullptr;
-  linear_into(p[9], xr, r, B, level);
-  linear_into(p[10], xk, k, B, level);
-  linear_into(p[11], xv, v, B, level);
-  if (has_gate) linear_into(p[21], xg, g, B, level);
+  project(weights[0], xr, r, B, A, level);
+  project(weights[1], xk, k, B, A, level);
+  project(weights[2], xv, v, B, A, level);
+  if (has_gate) project(weights[7], xg, g, B, A, level);
 
   std::vector<float> y(static_cast<size_t>(B * A));
   wkv_groupnorm_gate(r, k, v, g, td.data_ptr<float>(), u.data_ptr<float>(), lnxw.data_ptr<float>(),
                      lnxb.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N, head_size_divisor);
   std::vector<float> out(static_cast<size_t>(B * C));
-  linear_into(p[12], y.data(), out.data(), B, level);
+  project(weights[3], y.data(), out.data(), B, C, level);
   float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i];
 
@@ -284,11 +345,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
     token_mix(xf, prev, fr.data_ptr<float>(), fxr + b * C, C);
   }
   std::vector<float> hidden(static_cast<size_t>(B * F));
-  linear_into(p[17], fxk, hidden.data(), B, level);
+  project(weights[4], fxk, hidden.data(), B, F, level);
   for (float& h : hidden) h = h > 0.f ? h * h : 0.f;  // relu(.)^2
   std::vector<float> rec(static_cast<size_t>(B * C));
-  linear_into(p[18], fxr, rec.data(), B, level);
-  linear_into(p[19], hidden.data(), out.data(), B, level);
+  project(weights[5], fxr, rec.data(), B, C, level);
+  project(weights[6], hidden.data(), out.data(), B, C, level);
   for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
   return {x, new_att.to(att_shift.scalar_type()), new_ffn.to(ffn_shift.scalar_type()), wkv_out};
 }
@@ -299,7 +360,8 @@ TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
   m.def("linear_f32acc(Tensor x, Tensor w) -> Tensor");
   m.def(
       "rnn_step_layer(Tensor x, Tensor att_shift, Tensor ffn_shift, Tensor wkv, Tensor[] params, "
-      "float head_size_divisor, bool has_ln0, bool has_gate) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float head_size_divisor, bool has_ln0, bool has_gate, int[] q_bits, int[] q_group, Tensor[] q_aux) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rwkvctl, CPU, m) {

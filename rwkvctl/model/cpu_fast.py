@@ -2,9 +2,10 @@
 
 - `fused_step`: the RNN decode step with one C++ op per layer (`rwkvctl::rnn_step_layer`, csrc/rnn_step_cpu.cpp):
   all of a block's elementwise work, the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly
-  (bf16 widened in registers: half the bytes of fp32, no bf16 arithmetic needed). A block whose projections are
-  not plain Linear layers (e.g. packed QuantLinear) takes `_split_step`: its elementwise work in five fused ops
-  (csrc/rnn_step_parts_cpu.cpp) around calls of its own projection modules, so any mix of layers works.
+  (bf16 widened in registers: half the bytes of fp32, no bf16 arithmetic needed) and packed 4/8-bit weights
+  (QuantLinear) through the compiled packed matmul called from C++. A block with any other projection module (or a
+  packed one the kernel cannot take, or more decode rows than it is for) takes `_split_step`: its elementwise work in
+  five fused ops (csrc/rnn_step_parts_cpu.cpp) around calls of its own projection modules, so any mix works.
 - `forward_upcast`: the sequence form for a bf16 model on a CPU without bf16 arithmetic: each block runs in fp32
   with its weights upcast for the duration of that block only (torch's bf16 GEMM there is ~3x slower than fp32).
 
@@ -15,6 +16,7 @@ notice), `fused` (fail with KernelUnavailable instead of falling back), `referen
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,24 +79,51 @@ def _plain(linear: nn.Module, dtype: torch.dtype) -> bool:
     return type(linear) is nn.Linear and linear.bias is None and w.dtype == dtype and w.is_contiguous()
 
 
-def layer_params(block: nn.Module, dtype: torch.dtype) -> list[Tensor] | None:
-    """The parameters `rnn_step_layer` takes, in its order (csrc/rnn_step_cpu.cpp), or None when the block has a
-    projection the op cannot read (not a plain bias-free Linear in the model dtype)."""
+@dataclass(frozen=True)
+class LayerArgs:
+    """The arguments `rnn_step_layer` takes besides the state (csrc/rnn_step_cpu.cpp): the parameters in its order,
+    and per projection (r, k, v, output, ffn key, ffn receptance, ffn value, gate) 0 bits for a plain weight or
+    the bits and group of a packed one, whose scale and min tiles go in q_aux."""
+
+    params: list[Tensor]
+    q_bits: list[int]
+    q_group: list[int]
+    q_aux: list[Tensor]
+
+
+def _weight_arg(linear: nn.Module, dtype: torch.dtype, rows: int) -> tuple[Tensor, int, int, list[Tensor]] | None:
+    """(weight or codes, bits, group, [scale, min]) for one projection, or None if the op cannot read it. A module
+    offering `decode_tiles(rows)` (QuantLinear, whose compiled packed matmul the op calls from C++) is packed."""
+    if _plain(linear, dtype):
+        return linear.weight, 0, 0, []
+    tiles = getattr(linear, "decode_tiles", None)
+    found = tiles(rows) if tiles is not None else None
+    if found is None:
+        return None
+    codes, scale, minimum, bits, group = found
+    return codes, bits, group, [scale, minimum]
+
+
+def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerArgs | None:
+    """What `rnn_step_layer` takes for this block and `rows` decode rows, or None when a projection is neither a
+    plain bias-free Linear in the model dtype nor a packed layer the compiled matmul runs here."""
     att, ffn = block.att, block.ffn
     linears = [att.receptance, att.key, att.value, att.output, ffn.key, ffn.receptance, ffn.value]
     if att.cfg.gate:
         linears.append(att.gate)
-    if not all(_plain(m, dtype) for m in linears):
+    args = [_weight_arg(m, dtype, rows) for m in linears]
+    if any(a is None for a in args):
         return None
+    w = [a[0] for a in args]
     p = [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
     p += [att.time_mix_k, att.time_mix_v, att.time_mix_r, att.time_decay, att.time_faaaa]
-    p += [att.receptance.weight, att.key.weight, att.value.weight, att.output.weight, att.ln_x.weight, att.ln_x.bias]
-    p += [ffn.time_mix_k, ffn.time_mix_r, ffn.key.weight, ffn.receptance.weight, ffn.value.weight]
+    p += [w[0], w[1], w[2], w[3], att.ln_x.weight, att.ln_x.bias]
+    p += [ffn.time_mix_k, ffn.time_mix_r, w[4], w[5], w[6]]
     if att.cfg.gate:
-        p += [att.time_mix_g, att.gate.weight]
+        p += [att.time_mix_g, w[7]]
     if block.layer_id == 0:
         p += [block.ln0.weight, block.ln0.bias]
-    return p
+    return LayerArgs(p, [a[1] for a in args], [a[2] for a in args], [t for a in args for t in a[3]])
 
 
 def _head(model: nn.Module, x: Tensor) -> Tensor:
@@ -119,13 +148,13 @@ def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple
     x = model.emb(tokens).float()  # (B, C)
     att_shifts, ffn_shifts, wkvs = [], [], []
     for i, block in enumerate(model.blocks):
-        params = layer_params(block, dtype)
-        if params is not None:
+        args = layer_params(block, dtype, x.shape[0])
+        if args is not None:
             x, a, f, s = torch.ops.rwkvctl.rnn_step_layer(
-                x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], params, hsd, block.layer_id == 0,
-                block.att.cfg.gate,
+                x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], args.params, hsd, block.layer_id == 0,
+                block.att.cfg.gate, args.q_bits, args.q_group, args.q_aux,
             )
-        else:  # e.g. packed QuantLinear projections: fused elementwise ops around the block's own modules
+        else:  # projections the op cannot read: fused elementwise ops around the block's own modules
             x, a, f, s = _split_step(block, x, state.att_shift[i], state.ffn_shift[i], state.wkv[i], dtype, hsd)
         att_shifts.append(a)
         ffn_shifts.append(f)

@@ -88,6 +88,15 @@ class QuantLinear(nn.Module):
             out[name] = getattr(self, name) if dtype is None else getattr(self, f"{name}_bits").view(dtype)
         return out
 
+    def decode_tiles(self, rows: int) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
+        """(codes, scale, min, bits, group) in the compiled kernel's tiles when it runs this layer for `rows` input
+        rows on the CPU, else None: what the whole-layer decode op reads (rwkvctl/model/cpu_fast.py), which calls
+        the same kernel from C++ instead of this module."""
+        if rows > FAST_ROWS_MAX or not self.prepare():
+            return None
+        t = self._tiles()
+        return t.codes, t.scale, t.minimum, t.bits, t.group
+
     def forward(self, x: Tensor) -> Tensor:
         if self._fast and x.dim() == 2 and x.shape[0] <= FAST_ROWS_MAX and x.device.type == "cpu":
             # the RNN step's case (rows of a decode batch), called ~100 times a token: no reshapes

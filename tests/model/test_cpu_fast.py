@@ -127,7 +127,8 @@ def _assert_closer_than_module_path(fast, ref, exact, tol: float = 2e-2) -> None
 
 
 def test_fused_step_with_a_quantized_block(random_model, monkeypatch):
-    """A block whose projections are QuantLinear takes the split step; the other blocks stay fused."""
+    """A block whose projections are QuantLinear runs in the whole-layer op too (the compiled packed matmul called
+    from C++) beside plain blocks; with the reference matmul (RWKVCTL_QMM=reference) it takes the split step."""
     from rwkvctl.quant.linear import use_packed_weights
     from rwkvctl.quant.schemes import encode_with
 
@@ -138,8 +139,10 @@ def test_fused_step_with_a_quantized_block(random_model, monkeypatch):
         if name.startswith("blocks.1.") and p.dim() == 2 and "time_" not in name
     }
     assert use_packed_weights(model, packed)
-    assert cpu_fast.layer_params(model.blocks[0], torch.float32) is not None
-    assert cpu_fast.layer_params(model.blocks[1], torch.float32) is None
+    assert cpu_fast.layer_params(model.blocks[0], torch.float32).q_bits == [0] * 8
+    packed_args = cpu_fast.layer_params(model.blocks[1], torch.float32)
+    assert packed_args.q_bits == [8] * 8 and len(packed_args.q_aux) == 16
+    assert cpu_fast.layer_params(model.blocks[1], torch.float32, rows=17) is None  # past the kernel's rows: split
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(7))
     (fast, fast_state), (ref, ref_state) = _both(model, tokens, monkeypatch)
     # QuantLinear's compiled matmul rounds its activations to int16 (~2e-5 relative per matmul, tests/quant), so
@@ -311,12 +314,14 @@ def test_packed_blocks_take_the_split_step(random_model, monkeypatch, bits, gate
     _assert_state_within(fast_state, ref_state, 1e-5)  # 3 packed layers: wkv entries up to ~20
 
 
+@pytest.mark.parametrize("path", ["layer", "split"])
 @pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_split_step_with_the_compiled_packed_matmul(random_model, monkeypatch, gate, batch):
-    """The decode configuration (compiled packed matmul, int16 activations): every path is then within QuantLinear's
+def test_packed_decode_with_the_compiled_matmul(random_model, monkeypatch, path, gate, batch):
+    """The decode configuration (compiled packed matmul, int16 activations), in the whole-layer op and in the split
+    step (taken for more rows than the kernel is for; forced here): every path is then within QuantLinear's
     tolerance of the exact products (RWKVCTL_QMM=reference on the same codes) and fp32-order differences can move
-    an activation's int16 rounding, so the split step is held to the module path's own error, plus 2e-4 of the
+    an activation's int16 rounding, so the fast path is held to the module path's own error, plus 2e-4 of the
     scale (the tolerance of test_fused_step_with_a_quantized_block); states within 1e-3."""
     cfg = ModelConfig(n_layer=2, n_embd=128, vocab_size=300, gate=gate)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(11 + batch))
@@ -324,11 +329,57 @@ def test_split_step_with_the_compiled_packed_matmul(random_model, monkeypatch, g
     (_, _), (exact, exact_state) = _split_and_module_steps(_packed_model(random_model, cfg, 4), tokens, monkeypatch)
     monkeypatch.setenv("RWKVCTL_QMM", "compiled")
     model = _packed_model(random_model, cfg, 4)  # same seed, same codes; prepared for the compiled kernel
+    layer_calls = []
+    real_params = cpu_fast.layer_params
+
+    def params(block, dtype, rows=1):
+        found = real_params(block, dtype, rows) if path == "layer" else None
+        layer_calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(cpu_fast, "layer_params", params)
     (fast, fast_state), (ref, ref_state) = _split_and_module_steps(model, tokens, monkeypatch)
+    assert all(layer_calls) if path == "layer" else not any(layer_calls)
     scale = exact.abs().max()
     assert (fast - exact).abs().max() <= (ref - exact).abs().max() + 2e-4 * scale
     _assert_state_within(fast_state, ref_state, 1e-3)
     _assert_state_within(fast_state, exact_state, 1e-3)
+
+
+def test_whole_layer_op_refuses_bad_packed_projections():
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    cfg = ModelConfig(n_layer=1, n_embd=64, vocab_size=50, gate=False)
+    torch.manual_seed(0)
+    from rwkvctl.model.rwkv5 import RWKV5
+
+    block = RWKV5(cfg).blocks[0]
+    args = cpu_fast.layer_params(block, torch.float32)
+    x = torch.randn(1, 64)
+    state = RecurrentState.zeros(cfg, 1)
+
+    def run(params, q_bits, q_group, q_aux):
+        return torch.ops.rwkvctl.rnn_step_layer(
+            x, state.att_shift[0], state.ffn_shift[0], state.wkv[0], params, 1.0, True, False, q_bits, q_group, q_aux
+        )
+
+    run(args.params, args.q_bits, args.q_group, args.q_aux)
+    with pytest.raises(RuntimeError, match="expected 7 entries in q_bits"):
+        run(args.params, [0] * 8, [0] * 8, [])
+    codes = torch.zeros(4, 16 * 64 // 2, dtype=torch.uint8)  # receptance (64, 64) at 4 bits: 4 tiles
+    scale = torch.zeros(4, 2, 16, dtype=torch.int16)  # groups of 32
+    params = list(args.params)
+    params[9] = codes
+    run(params, [4] + [0] * 6, [32] + [0] * 6, [scale, scale])  # well-formed: runs
+    with pytest.raises(RuntimeError, match="q_aux must hold"):
+        run(params, [4] + [0] * 6, [32] + [0] * 6, [])
+    with pytest.raises(RuntimeError, match="receptance: scale and min tiles"):
+        run(params, [4] + [0] * 6, [32] + [0] * 6, [scale[:, :1], scale])
+    with pytest.raises(RuntimeError, match="receptance: codes must be"):
+        run(params, [8] + [0] * 6, [32] + [0] * 6, [scale, scale])
+    with pytest.raises(RuntimeError, match="receptance: group 12"):
+        run(params, [4] + [0] * 6, [12] + [0] * 6, [scale, scale])
 
 
 def _assert_state_within(a: RecurrentState, b: RecurrentState, rel: float) -> None:
