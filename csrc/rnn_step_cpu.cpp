@@ -127,7 +127,8 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   if (w.scalar_type() == at::kFloat) {
 #ifdef RNN_STEP_X86_VARIANTS
     if (level >= 2 && B <= kOwnGemvRowsMax) {
-      GemvFn<float> fn = K <= kSeqMaxK ? &step_avx512::gemv_seq_avx512<float, 4> : &step_avx512::gemv_rows_avx512<float>;
+      GemvFn<float> fn =
+          K <= kSeqMaxK ? &step_avx512::gemv_seq_avx512<float, 4> : &step_avx512::gemv_rows_avx512<float>;
       gemv_parallel(fn, w.data_ptr<float>(), x, y, B, N, K);
       return;
     }
@@ -193,8 +194,8 @@ void project(const Projection& pr, const float* x, float* y, int64_t B, int64_t 
 }  // namespace
 
 void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const float* g, const float* time_decay,
-                        const float* u, const float* lnx_w, const float* lnx_b, float* wkv, float* y, int64_t B,
-                        int64_t H, int64_t N, double head_size_divisor) {
+                        const float* u, const float* lnx_w, const float* lnx_b, const float* wkv_in, float* wkv_out,
+                        float* y, int64_t B, int64_t H, int64_t N, double head_size_divisor) {
   const int64_t A = H * N;
   std::vector<float> decay(static_cast<size_t>(A));
   for (int64_t i = 0; i < A; ++i) decay[i] = std::exp(-std::exp(time_decay[i]));
@@ -204,7 +205,8 @@ void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const fl
     for (int64_t h = 0; h < H; ++h) {
       const int64_t o = b * A + h * N;
       float* yh = y + o;
-      wkv_fn(r + o, k + o, v + o, decay.data() + h * N, u + h * N, wkv + (b * H + h) * N * N, yh, N);
+      const int64_t so = (b * H + h) * N * N;
+      wkv_fn(r + o, k + o, v + o, decay.data() + h * N, u + h * N, wkv_in + so, wkv_out + so, yh, N);
       // GroupNorm(H groups) of y / head_size_divisor, as the reference does it
       for (int64_t i = 0; i < N; ++i) yh[i] *= inv_hsd;
       double mean = 0.0, var = 0.0;
@@ -297,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   }
   const at::Tensor sa = as_f32(att_shift), sf = as_f32(ffn_shift);
   at::Tensor new_att = at::empty({B, C}, x.options()), new_ffn = at::empty({B, C}, x.options());
-  at::Tensor wkv_out = wkv.contiguous().clone();  // (B, H, N, N), advanced in place
+  const at::Tensor wkv_in = wkv.contiguous();
+  at::Tensor wkv_out = at::empty_like(wkv_in);  // (B, H, N, N): the step writes the new state here
 
   // --- time mix ---
   const int64_t n_in = has_gate ? 4 : 3;
@@ -327,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
 
   std::vector<float> y(static_cast<size_t>(B * A));
   wkv_groupnorm_gate(r, k, v, g, td.data_ptr<float>(), u.data_ptr<float>(), lnxw.data_ptr<float>(),
-                     lnxb.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N, head_size_divisor);
+                     lnxb.data_ptr<float>(), wkv_in.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N,
+                     head_size_divisor);
   std::vector<float> out(static_cast<size_t>(B * C));
   project(weights[3], y.data(), out.data(), B, C, level);
   float* xp = x.data_ptr<float>();

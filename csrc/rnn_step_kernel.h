@@ -52,19 +52,21 @@ void gemv_rows(const W* w, const float* x, float* y, int64_t B, int64_t K, int64
   }
 }
 
-// One WKV5 step for one (batch row, head): y[i] = sum_j r[j] (u[j] k[j] v[i] + s[j, i]); s[j, i] <- k[j] v[i] +
-// decay[j] s[j, i], with s (N, N) row-major [key j][value i] updated in place.
+// One WKV5 step for one (batch row, head): y[i] = sum_j r[j] (u[j] k[j] v[i] + s[j, i]); s'[j, i] = k[j] v[i] +
+// decay[j] s[j, i], s (N, N) row-major [key j][value i] read from s_in and written to s_out (which may be s_in):
+// the new state needs no copy of the old one first.
 inline void wkv_step_head(const float* r, const float* k, const float* v, const float* decay, const float* u,
-                          float* s, float* y, int64_t N) {
+                          const float* s_in, float* s_out, float* y, int64_t N) {
   for (int64_t i = 0; i < N; ++i) y[i] = 0.f;
   for (int64_t j = 0; j < N; ++j) {
-    float* sj = s + j * N;
+    const float* sj = s_in + j * N;
+    float* oj = s_out + j * N;
     const float rj = r[j], kj = k[j], uk = u[j] * k[j], dj = decay[j];
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) {
-      const float kv = v[i];
-      y[i] += rj * (uk * kv + sj[i]);
-      sj[i] = kj * kv + dj * sj[i];
+      const float kv = v[i], sv = sj[i];
+      y[i] += rj * (uk * kv + sv);
+      oj[i] = kj * kv + dj * sv;
     }
   }
 }

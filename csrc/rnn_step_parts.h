@@ -32,11 +32,11 @@ inline void token_mix(const float* x, const float* xx, const float* mix, float* 
 }
 
 // The time mix after its r, k, v (, g) projections, each (B, A = H * N) fp32 row-major: the WKV step of every
-// (row, head) on wkv (B, H, N, N), advanced in place, then GroupNorm(H groups) of y / head_size_divisor and the
-// silu gate when g is not null -> y (B, A), the output projection's input. time_decay is the raw parameter
+// (row, head) from wkv_in (B, H, N, N) into wkv_out (may be the same buffer), then GroupNorm(H groups) of
+// y / head_size_divisor and the silu gate when g is not null -> y (B, A), the output projection's input. time_decay is the raw parameter
 // (the decay exp(-exp(.)) is taken here). Defined in rnn_step_cpu.cpp (it picks the WKV kernel's ISA).
 void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const float* g, const float* time_decay,
-                        const float* u, const float* lnx_w, const float* lnx_b, float* wkv, float* y, int64_t B,
-                        int64_t H, int64_t N, double head_size_divisor);
+                        const float* u, const float* lnx_w, const float* lnx_b, const float* wkv_in, float* wkv_out,
+                        float* y, int64_t B, int64_t H, int64_t N, double head_size_divisor);
 
 }  // namespace rwkvctl

@@ -90,12 +90,13 @@ std::tuple<at::Tensor, at::Tensor> att_out_cpu(const at::Tensor& r_in, const at:
   const at::Tensor r = as_f32(r_in), k = as_f32(k_in), v = as_f32(v_in);
   at::Tensor g;
   if (g_in.has_value()) g = as_f32(*g_in);
-  at::Tensor state = wkv.contiguous().clone();  // (B, H, N, N), advanced in place
+  const at::Tensor state_in = wkv.contiguous();
+  at::Tensor state = at::empty_like(state_in);  // (B, H, N, N): the new state
   at::Tensor y = at::empty({B, A}, r.options());
   wkv_groupnorm_gate(r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                      g.defined() ? g.data_ptr<float>() : nullptr, td.data_ptr<float>(), u.data_ptr<float>(),
-                     lw.data_ptr<float>(), lb.data_ptr<float>(), state.data_ptr<float>(), y.data_ptr<float>(), B, H, N,
-                     head_size_divisor);
+                     lw.data_ptr<float>(), lb.data_ptr<float>(), state_in.data_ptr<float>(), state.data_ptr<float>(),
+                     y.data_ptr<float>(), B, H, N, head_size_divisor);
   return {y, state};
 }
 
