@@ -425,3 +425,23 @@ def test_zero3_partitioned_parameters_keep_the_module_path(random_model):
         assert cpu_fast.applies(model)
         model.emb.weight.ds_id = 0  # what ZeRO-3 sets on every parameter it partitions
         assert not cpu_fast.applies(model) and not cpu_fast.upcast_applies(model)
+
+
+def test_layer_params_follow_module_swaps_and_dtype_changes(random_model):
+    """The per-block cache of the op's arguments is reused between tokens, and rebuilt when a projection module is
+    swapped (quantizing in place) or the weights change dtype."""
+    from rwkvctl.quant.linear import use_packed_weights
+    from rwkvctl.quant.schemes import encode_with
+
+    model = random_model(CONFIGS["gate"])
+    block = model.blocks[1]
+    first = cpu_fast.layer_params(block, torch.float32)
+    assert cpu_fast.layer_params(block, torch.float32) is first  # reused
+    weight = block.att.key.weight.detach()
+    assert use_packed_weights(model, {"blocks.1.att.key.weight": encode_with("group-affine", weight, bits=8)[0]})
+    swapped = cpu_fast.layer_params(block, torch.float32)
+    assert swapped is not first and swapped.q_bits[1] == 8
+    model.to(torch.bfloat16)
+    assert cpu_fast.layer_params(block, torch.float32) is None  # bf16 weights are not the fp32 model's
+    bf16 = cpu_fast.layer_params(block, torch.bfloat16)
+    assert bf16 is not None and bf16.params[9].dtype == torch.bfloat16
