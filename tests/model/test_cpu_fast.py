@@ -251,6 +251,7 @@ def test_bf16_sequence_form_runs_in_fp32_blocks(random_model, monkeypatch, last_
     idx = torch.randint(0, 300, (2, 33), generator=gen)
     _, start = bf16(torch.randint(0, 300, (2, 5), generator=gen))  # an incoming state, in the model dtype
     monkeypatch.setattr(cpu_fast, "_HEAD_ROWS", 64)  # several head blocks
+    monkeypatch.setattr(cpu_fast, "cpu_has_bf16_math", lambda: False)  # the upcast path, on any CPU
     with torch.no_grad():
         monkeypatch.setenv("RWKVCTL_STEP", "auto")
         assert cpu_fast.upcast_applies(bf16)
@@ -445,3 +446,21 @@ def test_layer_params_follow_module_swaps_and_dtype_changes(random_model):
     assert cpu_fast.layer_params(block, torch.float32) is None  # bf16 weights are not the fp32 model's
     bf16 = cpu_fast.layer_params(block, torch.bfloat16)
     assert bf16 is not None and bf16.params[9].dtype == torch.bfloat16
+
+
+def test_cpus_with_bf16_math_keep_bf16_gemms(random_model, monkeypatch, tmp_path):
+    """Upcasting a bf16 model's blocks to fp32 is for CPUs without bf16 arithmetic; with AVX512-BF16 torch's bf16
+    GEMM is the faster one (2.3x fp32 on such a CPU), so the sequence form stays in bf16 there."""
+    bf16 = random_model(CONFIGS["gate"]).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_fast, "cpu_has_bf16_math", lambda: True)
+    with torch.no_grad():
+        assert not cpu_fast.upcast_applies(bf16)
+    monkeypatch.setattr(cpu_fast, "cpu_has_bf16_math", lambda: False)
+    with torch.no_grad():
+        assert cpu_fast.upcast_applies(bf16)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\nflags\t: fpu\n")
+    assert cpu_fast.cpuinfo_has_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
+    assert not cpu_fast.cpuinfo_has_bf16(str(info))
+    assert not cpu_fast.cpuinfo_has_bf16(str(tmp_path / "missing"))
