@@ -96,7 +96,7 @@ int step_isa_level() {
 #endif
 
 constexpr int64_t kRowsPerTask = 64;  // output rows per parallel task: ~100 KB of fp32 weights at K = 768
-constexpr int64_t kOwnGemvRowsMax = 4;  // fp32: more rows than this go to torch's GEMM (it blocks over rows)
+constexpr int64_t kOwnGemvRowsMax = 16;  // fp32: more rows than this go to torch's GEMM (it blocks over rows)
 constexpr int64_t kSeqMaxK = 1024;      // fp32 rows up to this long run one at a time (gemv_seq_avx512)
 
 void check_weight(const char* op, const at::Tensor& w, int64_t K) {

@@ -32,7 +32,7 @@ log = logging.getLogger("rwkvctl.model")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _HEAD_ROWS = 8192  # head rows upcast at once when full bf16 logits are asked for (~25 MB fp32 at C=768)
 _PACKED_ROWS_MAX = 16  # decode rows the packed kernel takes (rwkvctl/quant/linear.py FAST_ROWS_MAX)
-_HEAD_TRANSPOSED_ROWS = 8  # from this many decode rows on, the fp32 head runs as head @ x.T (measured: never slower)
+_HEAD_TRANSPOSED_ROWS = 17  # from this many rows the fp32 head is torch's head @ x.T (below: own kernel, faster)
 SWITCH = native_build.Switch("STEP", ("auto", "fused", "reference"), KernelUnavailable, log,
                              "RNN step: using the PyTorch module path (slower) because %s")  # fmt: skip
 
@@ -156,8 +156,9 @@ def _head(model: nn.Module, x: Tensor) -> Tensor:
     head = model.head
     if _plain(head, model.emb.weight.dtype):
         if head.weight.dtype == torch.float32 and x.shape[0] >= _HEAD_TRANSPOSED_ROWS:
-            # a decode batch: torch's GEMM for (B, C) @ (C, V) re-streams the head every few rows (65536 x 512 at
-            # B = 16: 25 ms), while (V, C) @ (C, B) streams it once (13 ms); the transpose copy costs ~0.3 ms
+            # many rows: torch's GEMM for (B, C) @ (C, V) re-streams the head every few rows, (V, C) @ (C, B)
+            # streams it once; up to 16 rows the op's own kernel is faster still (65536 x 512, B = 16: 16-20 ms
+            # against 25 ms)
             return (head.weight @ x.T).T.contiguous()  # (V, B) -> (B, V)
         return torch.ops.rwkvctl.linear_f32acc(x, head.weight)
     return head(x.to(model.emb.weight.dtype)).float()
