@@ -42,15 +42,20 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
         keep = probs >= nucleus_cutoff(probs, cfg.top_p)
     if cfg.top_k > 0:
         keep &= probs >= torch.topk(probs, min(cfg.top_k, probs.numel())).values[-1]
-    candidates = torch.nonzero(keep).squeeze(1)  # (K,) the ids that can still be drawn
-    weights = probs[candidates].double()
+    # the candidates' weights in place, 0 elsewhere (cheaper than gathering them: no nonzero/index over the vocab)
+    weights = torch.where(keep, probs, 0).double()  # (V,)
     if cfg.temperature != 1:
-        # relative to the largest, so a small temperature cannot underflow every weight to 0 (the largest stays 1)
+        # relative to the largest, so a small temperature cannot underflow every weight to 0 (the largest stays 1);
+        # 0 stays 0
         weights = (weights / weights.max()) ** (1 / cfg.temperature)
-    # inverse CDF over the K candidates: one uniform draw (torch.multinomial draws an exponential per vocab entry)
+    # inverse CDF: one uniform draw (torch.multinomial draws an exponential per vocab entry). The first position whose
+    # cumulative weight exceeds u has a weight > 0, so it is a candidate
     cdf = torch.cumsum(weights, dim=0)
     u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
-    return int(candidates[min(int(torch.searchsorted(cdf, u, right=True)), candidates.numel() - 1)])
+    drawn = int(torch.searchsorted(cdf, u, right=True))
+    if drawn >= cdf.numel():  # u rounded up to the total: the last candidate
+        drawn = int(torch.nonzero(weights).max())
+    return drawn
 
 
 _ONE_BITS = 0x3F800000  # float32 1.0 as an integer

@@ -120,3 +120,12 @@ def test_a_tiny_temperature_picks_the_most_likely_token() -> None:
     logits = torch.randn(5000, generator=g) * 0.1
     logits[1234] += 0.5
     assert {sample(logits, SamplingConfig(temperature=0.001, top_p=1.0), g) for _ in range(20)} == {1234}
+
+
+def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_candidate(monkeypatch):
+    """u = rand * total can round up to the total itself; the draw is then the last candidate, never an id past the
+    vocabulary or one the cut removed."""
+    logits = torch.full((10,), -30.0)
+    logits[[2, 5, 7]] = torch.tensor([3.0, 2.0, 1.0])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))
+    assert sample(logits, SamplingConfig(temperature=1.0, top_p=0.999)) == 7
