@@ -5,6 +5,8 @@
 (a) A conversation of --turns turns through /v1/chat/completions (each request carries the whole history, as chat
     front ends send it): latency of turn N vs turn 1 with the cache, against the same conversation replayed on a
     server started with --cache-mb 0 (the baseline) in the same run. Goal: turn N <= 1.2x turn 1 with the cache.
+    Measured with the `openai` client, and again over plain HTTP on a fresh cached server (the client library's
+    own per-message work is part of the first number, not of the second).
 (b) --clients concurrent streaming clients, --stream-tokens tokens each, against one client alone: aggregate
     tokens/s. Goal: >= 3x one client, zero errors, every response complete.
 
@@ -62,10 +64,17 @@ class Server:
         self.proc.wait(30)
 
 
-def conversation(server: Server, turns: int, reply: int, history: list[list[dict]] | None = None):
-    """Run the turns; returns per-turn (seconds, cached tokens, prompt tokens) and the message lists sent. With
-    `history`, replays exactly those message lists (the baseline sees the same conversation)."""
+def conversation(server: Server, turns: int, reply: int, history: list[list[dict]] | None = None,
+                 raw: bool = False):
+    """Run the turns; returns per-turn (seconds, cached tokens, prompt tokens, reply tokens) and the message lists
+    sent (a reply may end before --reply tokens at the chat format's turn end, which moves its latency). With
+    `history`, replays exactly those message lists (the baseline sees the same conversation). With `raw`, plain
+    HTTP (httpx, one kept-alive connection) instead of the `openai` client, whose own request building grows with
+    the number of messages (~15 ms at 100 messages on the 2-core box) and is not the server's work."""
+    import httpx
+
     c = server.client()
+    http = httpx.Client(base_url=f"http://127.0.0.1:{server.port}/v1", timeout=600)
     messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
     sent: list[list[dict]] = []
     rows = []
@@ -75,12 +84,26 @@ def conversation(server: Server, turns: int, reply: int, history: list[list[dict
         else:
             messages = messages + [{"role": "user", "content": f"Tell me about topic number {turn}, briefly."}]
         sent.append(list(messages))
+        params = {"model": "bench", "messages": messages, "max_tokens": reply, "temperature": 1.0, "top_p": 0.9,
+                  "seed": turn}
         t0 = time.perf_counter()
-        out = c.chat.completions.create(model="bench", messages=messages, max_tokens=reply, temperature=1.0,
-                                        top_p=0.9, seed=turn)
-        rows.append((time.perf_counter() - t0, out.usage.prompt_tokens_details.cached_tokens, out.usage.prompt_tokens))
+        if raw:
+            response = http.post("/chat/completions", json=params)
+            response.raise_for_status()
+            out = response.json()
+            took = time.perf_counter() - t0
+            use, content = out["usage"], out["choices"][0]["message"]["content"]
+            rows.append((took, use["prompt_tokens_details"]["cached_tokens"], use["prompt_tokens"],
+                         use["completion_tokens"]))
+        else:
+            out = c.chat.completions.create(**params)
+            took = time.perf_counter() - t0
+            rows.append((took, out.usage.prompt_tokens_details.cached_tokens, out.usage.prompt_tokens,
+                         out.usage.completion_tokens))
+            content = out.choices[0].message.content
         if history is None:
-            messages = messages + [{"role": "assistant", "content": out.choices[0].message.content}]
+            messages = messages + [{"role": "assistant", "content": content}]
+    http.close()
     return rows, sent
 
 
@@ -143,6 +166,11 @@ def main() -> None:
         without, _ = conversation(plain, args.turns, args.reply, history=sent)
     finally:
         plain.close()
+    raw_server = Server(model, cache_mb=1024)  # the same conversation over plain HTTP: the server's own latency
+    try:
+        raw_rows, _ = conversation(raw_server, args.turns, args.reply, history=sent, raw=True)
+    finally:
+        raw_server.close()
 
     def first_last(rows: list) -> tuple[float, float]:
         head = sorted(r[0] for r in rows[:3])[1]  # median of the first three turns: turn 1 alone is noisy
@@ -151,6 +179,7 @@ def main() -> None:
 
     h_c, t_c = first_last(with_cache)
     h_p, t_p = first_last(without)
+    h_r, t_r = first_last(raw_rows)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "torch": torch.__version__,
@@ -164,8 +193,12 @@ def main() -> None:
         "turn1_s_nocache": round(h_p, 4),
         "turnN_s_nocache": round(t_p, 4),
         "turnN_over_turn1_nocache": round(t_p / h_p, 3),
+        "turn1_s_cache_http": round(h_r, 4),
+        "turnN_s_cache_http": round(t_r, 4),
+        "turnN_over_turn1_cache_http": round(t_r / h_r, 3),
         "turnN_prompt_tokens": with_cache[-1][2],
         "turnN_cached_tokens": with_cache[-1][1],
+        "reply_tokens_first3_last3": [r[3] for r in with_cache[:3] + with_cache[-3:]],
         "one_client_tok_s": round(alone, 2),
         f"{args.clients}_clients_tok_s": round(together, 2),
         "concurrency_speedup": round(together / alone, 2) if alone else None,
@@ -174,7 +207,10 @@ def main() -> None:
     }
     print(f"(a) turn {args.turns} / turn 1 latency: with cache {result['turnN_over_turn1_cache']}x (goal <= 1.2), "
           f"without {result['turnN_over_turn1_nocache']}x; turn {args.turns} prompt {with_cache[-1][2]} tokens, "
-          f"{with_cache[-1][1]} from the cache")
+          f"{with_cache[-1][1]} from the cache; reply tokens of turns 1-3 and the last 3: "
+          f"{result['reply_tokens_first3_last3']}")
+    print(f"    the same over plain HTTP (no openai client): with cache {result['turnN_over_turn1_cache_http']}x "
+          f"({t_r * 1e3:.0f} vs {h_r * 1e3:.0f} ms)")
     print(f"(b) {args.clients} streaming clients: {together:.1f} tokens/s vs one client {alone:.1f} = "
           f"{result['concurrency_speedup']}x (goal >= 3), errors {errors + e1}, complete {complete}/{args.clients}")
     print(json.dumps(result))
