@@ -109,27 +109,50 @@ def _weight_arg(linear: nn.Module, dtype: torch.dtype, rows: int) -> tuple[Tenso
 def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerArgs | None:
     """What `rnn_step_layer` takes for this block and `rows` decode rows, or None when a projection is neither a
     plain bias-free Linear in the model dtype nor a packed layer the compiled matmul runs here. Kept on the block
-    between tokens (gathering it cost ~0.8 ms a token on the 0.1b preset): reused while the dtype, whether the rows
-    fit the packed kernel, and the projection modules are the same; it holds the parameter objects themselves, so
-    in-place updates (load_state_dict, training steps) are seen."""
+    between tokens (gathering it cost ~0.8 ms a token on the 0.1b preset) while it is still what a fresh gather would
+    give: the same dtype, rows on the same side of the packed kernel's limit, the same submodules (held, so
+    compared by identity) and every tensor still registered where it was found, in its dtype and contiguous.
+    In-place updates (load_state_dict, training steps) are seen through the same tensor objects; replacing any
+    of them, or model.to(dtype), rebuilds."""
     att, ffn = block.att, block.ffn
     linears = [att.receptance, att.key, att.value, att.output, ffn.key, ffn.receptance, ffn.value]
     if att.cfg.gate:
         linears.append(att.gate)
-    key = (dtype, rows <= _PACKED_ROWS_MAX, *(id(m) for m in linears), *(_weight_key(m) for m in linears))
+    modules = (block.ln1, block.ln2, att, ffn, att.ln_x, *linears, *((block.ln0,) if block.layer_id == 0 else ()))
+    key = (dtype, rows <= _PACKED_ROWS_MAX, *modules)  # modules compare by identity
     cached = block.__dict__.get("_step_args")
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and _still_registered(cached[2]):
         return cached[1]
     found = _gather_layer_params(block, linears, dtype, rows)
-    block.__dict__["_step_args"] = (key, found)
+    block.__dict__["_step_args"] = (key, found, _registrations(modules, found))
     return found
 
 
-def _weight_key(linear: nn.Module) -> tuple:
-    """What a cached LayerArgs depends on beyond the module itself: its weight tensor's identity, dtype and layout
-    (a `.to()` or a re-registered weight gives a new one); packed layers' tiles are fixed once prepared."""
-    w = linear.__dict__.get("_parameters", {}).get("weight")
-    return (id(w), w.dtype, w.is_contiguous()) if w is not None else ()
+# (owner, "_parameters" | "_buffers", name, the tensor, its dtype then): model.to(dtype) keeps the tensor objects
+Registration = tuple[nn.Module, str, str, Tensor, torch.dtype]
+
+
+def _registrations(modules: tuple[nn.Module, ...], found: LayerArgs | None) -> list[Registration] | None:
+    """Where each tensor of `found` is registered among `modules` (None if one is not: never reused)."""
+    if found is None:
+        return []
+    where = {}
+    for m in modules:
+        for kind in ("_parameters", "_buffers"):
+            for name, t in m.__dict__[kind].items():
+                if t is not None:
+                    where[id(t)] = (m, kind, name)
+    tensors = [*found.params, *found.q_aux]
+    if any(id(t) not in where for t in tensors):
+        return None
+    return [(*where[id(t)], t, t.dtype) for t in tensors]
+
+
+def _still_registered(registrations: list[Registration] | None) -> bool:
+    return registrations is not None and all(
+        owner.__dict__[kind].get(name) is t and t.dtype == dtype and t.is_contiguous()
+        for owner, kind, name, t, dtype in registrations
+    )
 
 
 def _gather_layer_params(block: nn.Module, linears: list[nn.Module], dtype: torch.dtype, rows: int) -> LayerArgs | None:

@@ -446,6 +446,18 @@ def test_layer_params_follow_module_swaps_and_dtype_changes(random_model):
     assert cpu_fast.layer_params(block, torch.float32) is None  # bf16 weights are not the fp32 model's
     bf16 = cpu_fast.layer_params(block, torch.bfloat16)
     assert bf16 is not None and bf16.params[9].dtype == torch.bfloat16
+    # any tensor or submodule replaced (not updated in place) rebuilds: a parameter, a packed layer's tiles, a norm
+    block.att.time_decay = torch.nn.Parameter(block.att.time_decay.detach().clone())
+    rebuilt = cpu_fast.layer_params(block, torch.bfloat16)
+    assert rebuilt is not bf16 and rebuilt.params[7] is block.att.time_decay
+    block.att.key.register_buffer("qtiles", block.att.key.qtiles.clone())
+    tiles = cpu_fast.layer_params(block, torch.bfloat16)
+    assert tiles is not rebuilt and tiles.params[10] is block.att.key.qtiles
+    block.ln1 = torch.nn.LayerNorm(block.ln1.normalized_shape).to(torch.bfloat16)
+    assert cpu_fast.layer_params(block, torch.bfloat16).params[0] is block.ln1.weight
+    with torch.no_grad():
+        block.att.time_decay.add_(1.0)  # in place: the same arguments, which see the new values
+    assert cpu_fast.layer_params(block, torch.bfloat16).params[7] is block.att.time_decay
 
 
 def test_cpus_with_bf16_math_keep_bf16_gemms(random_model, monkeypatch, tmp_path):
