@@ -73,8 +73,8 @@ def conversation(server: Server, turns: int, reply: int, history: list[list[dict
     the number of messages (~15 ms at 100 messages on the 2-core box) and is not the server's work."""
     import httpx
 
-    c = server.client()
-    http = httpx.Client(base_url=f"http://127.0.0.1:{server.port}/v1", timeout=600)
+    c = None if raw else server.client()
+    http = httpx.Client(base_url=f"http://127.0.0.1:{server.port}/v1", timeout=600) if raw else None
     messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
     sent: list[list[dict]] = []
     rows = []
@@ -90,20 +90,17 @@ def conversation(server: Server, turns: int, reply: int, history: list[list[dict
         if raw:
             response = http.post("/chat/completions", json=params)
             response.raise_for_status()
-            out = response.json()
-            took = time.perf_counter() - t0
-            use, content = out["usage"], out["choices"][0]["message"]["content"]
-            rows.append((took, use["prompt_tokens_details"]["cached_tokens"], use["prompt_tokens"],
-                         use["completion_tokens"]))
         else:
-            out = c.chat.completions.create(**params)
-            took = time.perf_counter() - t0
-            rows.append((took, out.usage.prompt_tokens_details.cached_tokens, out.usage.prompt_tokens,
-                         out.usage.completion_tokens))
-            content = out.choices[0].message.content
+            response = c.chat.completions.create(**params)
+        took = time.perf_counter() - t0
+        out = response.json() if raw else response.model_dump()
+        use, content = out["usage"], out["choices"][0]["message"]["content"]
+        cached = use["prompt_tokens_details"]["cached_tokens"]
+        rows.append((took, cached, use["prompt_tokens"], use["completion_tokens"]))
         if history is None:
             messages = messages + [{"role": "assistant", "content": content}]
-    http.close()
+    if http is not None:
+        http.close()
     return rows, sent
 
 

@@ -37,7 +37,7 @@
 namespace rwkvctl {
 namespace {
 
-constexpr int kTile = 16;  // output rows per tile
+constexpr int kTile = kQmmTile;  // output rows per tile (qmm.h)
 
 struct Prepared {
   int64_t n, in, out, tiles, group, groups, bits;
@@ -295,6 +295,24 @@ void quantize_activations(const float* x, int64_t runs, int64_t group, int16_t* 
 
 }  // namespace
 
+void check_group_affine(const char* op, const char* what, const at::Tensor& qtiles, const at::Tensor& scale,
+                        const at::Tensor& minimum, int64_t out, int64_t in, int64_t bits, int64_t group) {
+  const int64_t tiles = (out + kTile - 1) / kTile;
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": ", what, ": packed bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0 && (bits == 4 || group <= 512), op,
+              ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
+  TORCH_CHECK(qtiles.device().is_cpu() && qtiles.dim() == 2 && qtiles.scalar_type() == at::kByte &&
+                  qtiles.size(0) == tiles && qtiles.size(1) == kTile * in * bits / 8 && qtiles.is_contiguous(),
+              op, ": ", what, ": codes must be contiguous (", tiles, ", ", kTile * in * bits / 8,
+              ") uint8 on the CPU, got ", qtiles.sizes(), " ", qtiles.scalar_type());
+  for (const at::Tensor* t : {&scale, &minimum}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->size(0) == tiles && t->size(1) == in / group &&
+                    t->size(2) == kTile && t->element_size() == 2 && t->is_contiguous(),
+                op, ": ", what, ": scale and min tiles must be contiguous (", tiles, ", ", in / group,
+                ", 16) fp16 bits on the CPU, got ", t->sizes());
+  }
+}
+
 void group_affine_mm_rows(const float* x, int64_t n, int64_t in, const uint8_t* qtiles, const uint16_t* scale,
                           const uint16_t* minimum, int64_t out, int64_t bits, int64_t group, float* y) {
   const int64_t tiles = (out + kTile - 1) / kTile, groups = in / group;
@@ -315,26 +333,10 @@ namespace {
 
 at::Tensor group_affine_mm_cpu(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& scale,
                                const at::Tensor& minimum, int64_t out, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, "group_affine_mm: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "group_affine_mm: x must be (n, in) float, got ",
-              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()) && x.device().is_cpu(),
+              "group_affine_mm: x must be (n, in) float on the CPU, got ", x.sizes(), " ", x.scalar_type());
   const int64_t n = x.size(0), in = x.size(1), tiles = (out + kTile - 1) / kTile;
-  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0, "group_affine_mm: group ", group,
-              " must divide in=", in, " and be a multiple of ", bits == 4 ? 4 : 2);
-  TORCH_CHECK(qtiles.dim() == 2 && qtiles.scalar_type() == at::kByte && qtiles.size(0) == tiles &&
-                  qtiles.size(1) == kTile * in * bits / 8 && qtiles.is_contiguous(),
-              "group_affine_mm: qtiles must be contiguous (", tiles, ", ", kTile * in * bits / 8, ") uint8, got ",
-              qtiles.sizes(), " ", qtiles.scalar_type());
-  const int64_t groups = in / group;
-  for (const at::Tensor* t : {&scale, &minimum}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == groups && t->size(2) == kTile &&
-                    t->element_size() == 2 && t->is_contiguous(),
-                "group_affine_mm: scale and min tiles must be contiguous (", tiles, ", ", groups, ", 16) fp16 bits, got ",
-                t->sizes(), " ", t->scalar_type());
-  }
-  for (const at::Tensor* t : {&x, &qtiles, &scale, &minimum}) {
-    TORCH_CHECK(t->device().is_cpu(), "group_affine_mm: all inputs must be on the CPU");
-  }
+  check_group_affine("group_affine_mm", "weight", qtiles, scale, minimum, out, in, bits, group);
   at::Tensor y = at::empty({n, tiles * kTile}, x.options().dtype(at::kFloat));
   if (n == 0 || out == 0) return y.narrow(1, 0, out);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();  // (n, in)

@@ -4,7 +4,7 @@
 //   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
 //       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
 //       kernels), so a bf16 model streams half the bytes of fp32 on CPUs without bf16 arithmetic; fp32 weights
-//       go to torch's BLAS.
+//       take own AVX-512 kernels for up to 16 rows, torch's BLAS otherwise.
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
 //                  has_ln0, has_gate, q_bits, q_group, q_aux) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
@@ -107,10 +107,6 @@ void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
 }
 
-// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. With AVX-512, few rows (decode)
-// run own gemv kernels (rnn_step_avx512.h): they stream the weights faster than torch's BLAS gemv did for these
-// shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Otherwise fp32 weights go to torch's BLAS and
-// bf16 weights to the portable/AVX2 kernels, which widen them in registers.
 template <typename W>
 using GemvFn = void (*)(const W*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
@@ -122,6 +118,10 @@ void gemv_parallel(GemvFn<W> fn, const W* w, const float* x, float* y, int64_t B
   });
 }
 
+// y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. With AVX-512, few rows (decode)
+// run own gemv kernels (rnn_step_avx512.h): they stream the weights faster than torch's BLAS gemv did for these
+// shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Otherwise fp32 weights go to torch's BLAS and
+// bf16 weights to the portable/AVX2 kernels, which widen them in registers.
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kFloat) {
@@ -145,50 +145,36 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   gemv_parallel<uint16_t>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
 }
 
-// One projection of the layer: a plain weight (bits == 0: fp32 or bf16, linear_into) or a packed group-affine
-// weight in the tiles of qmm_cpu.cpp (weight = the codes, scale and minimum beside it).
+// One projection of the layer, `out` rows of `in` inputs: a plain weight (bits == 0: fp32 or bf16, linear_into) or a
+// packed group-affine weight in the tiles of qmm_cpu.cpp (weight = the codes, scale and minimum beside it).
 struct Projection {
   const at::Tensor* weight;
   int64_t bits = 0, group = 0;
   const at::Tensor* scale = nullptr;
   const at::Tensor* minimum = nullptr;
+  int64_t out = 0, in = 0;
 };
 
-void check_projection(const char* op, const char* what, const Projection& pr, int64_t out, int64_t in) {
-  if (pr.bits == 0) {
-    check_weight(op, *pr.weight, in);
-    TORCH_CHECK(pr.weight->size(0) == out, op, ": ", what, " must be (", out, ", ", in, "), got ", pr.weight->sizes());
-    return;
+void check_projection(const char* op, const char* what, const Projection& pr) {
+  if (pr.bits != 0) {
+    return check_group_affine(op, what, *pr.weight, *pr.scale, *pr.minimum, pr.out, pr.in, pr.bits, pr.group);
   }
-  const int64_t bits = pr.bits, group = pr.group, tiles = (out + kQmmTile - 1) / kQmmTile;
-  TORCH_CHECK(bits == 4 || bits == 8, op, ": ", what, ": packed bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0 && (bits == 4 || group <= 512), op,
-              ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
-  const at::Tensor& q = *pr.weight;
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.size(0) == tiles &&
-                  q.size(1) == kQmmTile * in * bits / 8 && q.is_contiguous(),
-              op, ": ", what, ": codes must be contiguous (", tiles, ", ", kQmmTile * in * bits / 8,
-              ") uint8 on the CPU, got ", q.sizes(), " ", q.scalar_type());
-  for (const at::Tensor* t : {pr.scale, pr.minimum}) {
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->size(0) == tiles && t->size(1) == in / group &&
-                    t->size(2) == kQmmTile && t->element_size() == 2 && t->is_contiguous(),
-                op, ": ", what, ": scale and min tiles must be contiguous (", tiles, ", ", in / group,
-                ", 16) fp16 bits on the CPU, got ", t->sizes());
-  }
+  check_weight(op, *pr.weight, pr.in);
+  TORCH_CHECK(pr.weight->size(0) == pr.out, op, ": ", what, " must be (", pr.out, ", ", pr.in, "), got ",
+              pr.weight->sizes());
 }
 
 // y (B, out) = x (B, in) @ W.T, fp32 rows
-void project(const Projection& pr, const float* x, float* y, int64_t B, int64_t out, int level) {
+void project(const Projection& pr, const float* x, float* y, int64_t B, int level) {
   if (pr.bits == 0) return linear_into(*pr.weight, x, y, B, level);
-  const int64_t in = pr.weight->size(1) * 8 / (kQmmTile * pr.bits);
   const auto* scale = reinterpret_cast<const uint16_t*>(pr.scale->data_ptr());
   const auto* minimum = reinterpret_cast<const uint16_t*>(pr.minimum->data_ptr());
   const uint8_t* q = pr.weight->data_ptr<uint8_t>();
-  const int64_t padded = (out + kQmmTile - 1) / kQmmTile * kQmmTile;
-  if (padded == out) return group_affine_mm_rows(x, B, in, q, scale, minimum, out, pr.bits, pr.group, y);
+  const int64_t padded = (pr.out + kQmmTile - 1) / kQmmTile * kQmmTile;
+  if (padded == pr.out) return group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, y);
   std::vector<float> full(static_cast<size_t>(B * padded));  // the kernel writes whole tiles
-  group_affine_mm_rows(x, B, in, q, scale, minimum, out, pr.bits, pr.group, full.data());
-  for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * out, full.data() + b * padded, sizeof(float) * out);
+  group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, full.data());
+  for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * pr.out, full.data() + b * padded, sizeof(float) * pr.out);
 }
 
 }  // namespace
@@ -273,7 +259,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
                                                                    : p[19].size(1) * 8 / (kQmmTile * weights[6].bits));
   const char* names[8] = {"receptance", "key", "value", "output", "ffn.key", "ffn.receptance", "ffn.value", "gate"};
   const int64_t outs[8] = {A, A, A, C, F, C, C, A}, ins[8] = {C, C, C, A, C, C, F, C};
-  for (int i = 0; i < n_proj; ++i) check_projection(op, names[i], weights[i], outs[i], ins[i]);
+  for (int i = 0; i < n_proj; ++i) {
+    weights[i].out = outs[i];
+    weights[i].in = ins[i];
+    check_projection(op, names[i], weights[i]);
+  }
   const int level = step_isa_level();
 
   const at::Tensor ln1w = vec_f32(op, "ln1.weight", p[0], C), ln1b = vec_f32(op, "ln1.bias", p[1], C);
@@ -323,17 +313,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   float* k = r + B * A;
   float* v = k + B * A;
   float* g = has_gate ? v + B * A : nullptr;
-  project(weights[0], xr, r, B, A, level);
-  project(weights[1], xk, k, B, A, level);
-  project(weights[2], xv, v, B, A, level);
-  if (has_gate) project(weights[7], xg, g, B, A, level);
+  project(weights[0], xr, r, B, level);
+  project(weights[1], xk, k, B, level);
+  project(weights[2], xv, v, B, level);
+  if (has_gate) project(weights[7], xg, g, B, level);
 
   std::vector<float> y(static_cast<size_t>(B * A));
   wkv_groupnorm_gate(r, k, v, g, td.data_ptr<float>(), u.data_ptr<float>(), lnxw.data_ptr<float>(),
                      lnxb.data_ptr<float>(), wkv_in.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N,
                      head_size_divisor);
   std::vector<float> out(static_cast<size_t>(B * C));
-  project(weights[3], y.data(), out.data(), B, C, level);
+  project(weights[3], y.data(), out.data(), B, level);
   float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i];
 
@@ -349,11 +339,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
     token_mix(xf, prev, fr.data_ptr<float>(), fxr + b * C, C);
   }
   std::vector<float> hidden(static_cast<size_t>(B * F));
-  project(weights[4], fxk, hidden.data(), B, F, level);
+  project(weights[4], fxk, hidden.data(), B, level);
   for (float& h : hidden) h = h > 0.f ? h * h : 0.f;  // relu(.)^2
   std::vector<float> rec(static_cast<size_t>(B * C));
-  project(weights[5], fxr, rec.data(), B, C, level);
-  project(weights[6], hidden.data(), out.data(), B, C, level);
+  project(weights[5], fxr, rec.data(), B, level);
+  project(weights[6], hidden.data(), out.data(), B, level);
   for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
   return {x, new_att.to(att_shift.scalar_type()), new_ffn.to(ffn_shift.scalar_type()), wkv_out};
 }

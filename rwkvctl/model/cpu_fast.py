@@ -31,7 +31,6 @@ from rwkvctl.model.state import RecurrentState
 log = logging.getLogger("rwkvctl.model")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _HEAD_ROWS = 8192  # head rows upcast at once when full bf16 logits are asked for (~25 MB fp32 at C=768)
-_PACKED_ROWS_MAX = 16  # decode rows the packed kernel takes (rwkvctl/quant/linear.py FAST_ROWS_MAX)
 _HEAD_TRANSPOSED_ROWS = 17  # from this many rows the fp32 head is torch's head @ x.T (below: own kernel, faster)
 SWITCH = native_build.Switch("STEP", ("auto", "fused", "reference"), KernelUnavailable, log,
                              "RNN step: using the PyTorch module path (slower) because %s")  # fmt: skip
@@ -110,8 +109,8 @@ def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerAr
     """What `rnn_step_layer` takes for this block and `rows` decode rows, or None when a projection is neither a
     plain bias-free Linear in the model dtype nor a packed layer the compiled matmul runs here. Kept on the block
     between tokens (gathering it cost ~0.8 ms a token on the 0.1b preset) while it is still what a fresh gather would
-    give: the same dtype, rows on the same side of the packed kernel's limit, the same submodules (held, so
-    compared by identity) and every tensor still registered where it was found, in its dtype and contiguous.
+    give: the same dtype and number of rows (packed layers take the kernel up to a limit), the same submodules
+    (held, so compared by identity) and every tensor still registered where it was found, in its dtype and contiguous.
     In-place updates (load_state_dict, training steps) are seen through the same tensor objects; replacing any
     of them, or model.to(dtype), rebuilds."""
     att, ffn = block.att, block.ffn
@@ -119,7 +118,7 @@ def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerAr
     if att.cfg.gate:
         linears.append(att.gate)
     modules = (block.ln1, block.ln2, att, ffn, att.ln_x, *linears, *((block.ln0,) if block.layer_id == 0 else ()))
-    key = (dtype, rows <= _PACKED_ROWS_MAX, *modules)  # modules compare by identity
+    key = (dtype, rows, *modules)  # modules compare by identity
     cached = block.__dict__.get("_step_args")
     if cached is not None and cached[0] == key and _still_registered(cached[2]):
         return cached[1]
@@ -133,9 +132,10 @@ Registration = tuple[nn.Module, str, str, Tensor, torch.dtype]
 
 
 def _registrations(modules: tuple[nn.Module, ...], found: LayerArgs | None) -> list[Registration] | None:
-    """Where each tensor of `found` is registered among `modules` (None if one is not: never reused)."""
+    """Where each tensor of `found` is registered among `modules`; None (never reused) if one is not, or if the
+    block takes the split step."""
     if found is None:
-        return []
+        return None
     where = {}
     for m in modules:
         for kind in ("_parameters", "_buffers"):
