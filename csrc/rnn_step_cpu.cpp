@@ -157,6 +157,9 @@ struct Projection {
 
 void check_projection(const char* op, const char* what, const Projection& pr) {
   if (pr.bits != 0) {
+    // model widths are multiples of 32 (config.py), so the kernel's whole tiles of 16 rows are the projection's rows
+    TORCH_CHECK(pr.out % kQmmTile == 0, op, ": ", what, ": packed projections need a multiple of ", kQmmTile,
+                " rows, got ", pr.out);
     return check_group_affine(op, what, *pr.weight, *pr.scale, *pr.minimum, pr.out, pr.in, pr.bits, pr.group);
   }
   check_weight(op, *pr.weight, pr.in);
@@ -170,11 +173,7 @@ void project(const Projection& pr, const float* x, float* y, int64_t B, int leve
   const auto* scale = reinterpret_cast<const uint16_t*>(pr.scale->data_ptr());
   const auto* minimum = reinterpret_cast<const uint16_t*>(pr.minimum->data_ptr());
   const uint8_t* q = pr.weight->data_ptr<uint8_t>();
-  const int64_t padded = (pr.out + kQmmTile - 1) / kQmmTile * kQmmTile;
-  if (padded == pr.out) return group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, y);
-  std::vector<float> full(static_cast<size_t>(B * padded));  // the kernel writes whole tiles
-  group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, full.data());
-  for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * pr.out, full.data() + b * padded, sizeof(float) * pr.out);
+  group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, y);  // whole tiles: checked
 }
 
 }  // namespace
