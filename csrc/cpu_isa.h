@@ -36,4 +36,18 @@ inline bool cpu_isa_allows_vnni() {
   return env == nullptr || std::strcmp(env, "avx512bw") != 0;
 }
 
+// Whether kernels may use the AVX512-BF16 dot product (`vdpbf16ps`): the CPU has it and RWKVCTL_CPU_ISA is unset
+// or avx512 (avx512bw means plain AVX-512BW, as for VNNI).
+inline bool cpu_isa_allows_bf16_dot() {
+#ifdef RWKVCTL_X86_VARIANTS
+  static const bool hw = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") != 0;
+  }();
+  return hw && cpu_isa_level() >= 2 && cpu_isa_allows_vnni();
+#else
+  return false;
+#endif
+}
+
 }  // namespace rwkvctl

@@ -97,7 +97,6 @@ int step_isa_level() {
 
 constexpr int64_t kRowsPerTask = 64;  // output rows per parallel task: ~100 KB of fp32 weights at K = 768
 constexpr int64_t kOwnGemvRowsMax = 16;  // fp32: more rows than this go to torch's GEMM (it blocks over rows)
-constexpr int64_t kSeqMaxK = 1024;      // fp32 rows up to this long run one at a time (gemv_seq_avx512)
 
 void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.device().is_cpu(), op, ": weights must be on the CPU, got ", w.device());
@@ -107,11 +106,11 @@ void check_weight(const char* op, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
 }
 
-template <typename W>
-using GemvFn = void (*)(const W*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+template <typename W, typename X = float>
+using GemvFn = void (*)(const W*, const X*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-template <typename W>
-void gemv_parallel(GemvFn<W> fn, const W* w, const float* x, float* y, int64_t B, int64_t N, int64_t K) {
+template <typename W, typename X>
+void gemv_parallel(GemvFn<W, X> fn, const W* w, const X* x, float* y, int64_t B, int64_t N, int64_t K) {
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
     fn(w, x, y, B, K, a * kRowsPerTask, std::min(N, b * kRowsPerTask), N);
@@ -119,17 +118,18 @@ void gemv_parallel(GemvFn<W> fn, const W* w, const float* x, float* y, int64_t B
 }
 
 // y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. With AVX-512, few rows (decode)
-// run own gemv kernels (rnn_step_avx512.h): they stream the weights faster than torch's BLAS gemv did for these
-// shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Otherwise fp32 weights go to torch's BLAS and
-// bf16 weights to the portable/AVX2 kernels, which widen them in registers.
+// run own gemv kernels (rnn_step_avx512.h), one weight row at a time: they stream the weights faster than torch's
+// BLAS gemv did for these shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Two fp32 sums per row
+// beat four and eight, at every K (0.1b preset decode, 1 thread: 32 -> 38 tokens/s, and 35 -> 41 with the weights in
+// 2 MB pages); bf16 weights take the AVX512-BF16 dot product where the CPU has it (72 against 67 tokens/s with one
+// pair of sums rather than two or four). Otherwise fp32 weights go to torch's BLAS and bf16 weights to the
+// portable/AVX2 kernels, which widen them in registers.
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kFloat) {
 #ifdef RNN_STEP_X86_VARIANTS
     if (level >= 2 && B <= kOwnGemvRowsMax) {
-      GemvFn<float> fn =
-          K <= kSeqMaxK ? &step_avx512::gemv_seq_avx512<float, 4> : &step_avx512::gemv_rows_avx512<float>;
-      gemv_parallel(fn, w.data_ptr<float>(), x, y, B, N, K);
+      gemv_parallel<float, float>(&step_avx512::gemv_seq_avx512<float, 2>, w.data_ptr<float>(), x, y, B, N, K);
       return;
     }
 #endif
@@ -140,9 +140,14 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef RNN_STEP_X86_VARIANTS
-  if (level >= 2) return gemv_parallel<uint16_t>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
+  if (level >= 2 && cpu_isa_allows_bf16_dot()) {
+    std::vector<uint16_t> xs(static_cast<size_t>(2 * B * K));  // (B, 2, K): x split into bf16 hi and lo parts
+    step_avx512::split_bf16(x, xs.data(), B, K);
+    return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<1>, wp, xs.data(), y, B, N, K);
+  }
+  if (level >= 2) return gemv_parallel<uint16_t, float>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
 #endif
-  gemv_parallel<uint16_t>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
+  gemv_parallel<uint16_t, float>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
 }
 
 // One projection of the layer, `out` rows of `in` inputs: a plain weight (bits == 0: fp32 or bf16, linear_into) or a

@@ -12,6 +12,7 @@ from rwkvctl.errors import CheckpointError, RwkvctlError
 from rwkvctl.generate.engine import InferenceEngine
 from rwkvctl.io.checkpoint import CheckpointMeta
 from rwkvctl.lifecycle.models import load_model
+from rwkvctl.model.large_pages import place_in_large_pages
 
 
 def open_engine(
@@ -38,4 +39,6 @@ def open_engine(
             f"{path}: the model has {model.cfg.vocab_size} vocabulary rows but the {spec!r} tokenizer has "
             f"{tok.vocab_size} ids; pass the tokenizer the model was trained with (--tokenizer)"
         )
+    if torch.device(device).type == "cpu":
+        place_in_large_pages(model)  # decode streams every weight per token: ~1.2-1.5x faster in 2 MB pages
     return InferenceEngine(model, tok, chunk_len=chunk_len), meta
