@@ -8,7 +8,9 @@ alternate within each round (the machine is shared), and every ratio is taken wi
 over rounds is printed; the load average at the start and end says how quiet the machine was.
 
 - streaming bound: bytes of weights one decode step reads (every Linear of the blocks and the head, the per-layer
-  vectors, one embedding row) / the bandwidth of a large fp32 gemv (torch, 256 MB matrix) measured in the round;
+  vectors, one embedding row) / the bandwidth of a large fp32 gemv (torch, 256 MB matrix) measured in the round,
+  the faster of the matrix in ordinary 4 KB pages and in 2 MB pages;
+- our models keep their streamed weights in 2 MB pages, as `open_engine` (chat, generate, serve) places them;
 - decode: tokens/s of `model.step` one token at a time with the state carried, head included; the module path
   (RWKVCTL_STEP=reference, what decode was before the fused step) is measured beside it;
 - ingestion: a `--prompt`-token prompt, ours through `rwkvctl.generate.ingest`, the package through
@@ -38,13 +40,19 @@ import torch
 import torch.nn.functional as F
 
 
-def gemv_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Bytes/s of a large fp32 gemv (matrix well beyond the caches), best of `repeats`."""
-    w = torch.randn(n_bytes // 4 // 4096, 4096)
+def gemv_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, large_pages: bool = False) -> float:
+    """Bytes/s of a large fp32 gemv by torch (matrix well beyond the caches), best of `repeats`; `large_pages`: the
+    matrix in 2 MB pages, where ours keep their weights (rwkvctl.model.large_pages)."""
+    from rwkvctl.model.large_pages import place_in_large_pages
+
+    lin = torch.nn.Linear(4096, n_bytes // 4 // 4096, bias=False)
+    if large_pages:
+        place_in_large_pages(lin)
     x = torch.randn(1, 4096)
-    F.linear(x, w)
-    best = min(_timed(lambda: F.linear(x, w)) for _ in range(repeats))
-    return w.numel() * 4 / best
+    with torch.no_grad():
+        F.linear(x, lin.weight)
+        best = min(_timed(lambda: F.linear(x, lin.weight)) for _ in range(repeats))
+    return lin.weight.numel() * 4 / best
 
 
 def _timed(fn) -> float:
@@ -98,11 +106,15 @@ def main() -> None:
     from rwkvctl.config import preset
     from rwkvctl.generate import ingest
     from rwkvctl.lifecycle.models import create_checkpoint, load_model
+    from rwkvctl.model.large_pages import place_in_large_pages
 
     work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-infer-"))
     path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
     ours = {"fp32": load_model(path)[0], "bf16": load_model(path, dtype=torch.bfloat16)[0]}
     packed, packed_error = quantized_models(path, work)
+    placed = {name: place_in_large_pages(m) for name, m in {**ours, **packed}.items()}  # as open_engine does
+    print(f"weights in 2 MB pages: {', '.join(f'{k} {p.moved_bytes / 1e6:.0f} MB' for k, p in placed.items())}"
+          f"{'' if not placed['fp32'].skipped else ' (' + placed['fp32'].skipped + ')'}", file=sys.stderr)
     theirs = {}
     if not args.no_package:
         from rwkv.model import RWKV
@@ -145,7 +157,9 @@ def main() -> None:
         for n in args.threads:
             torch.set_num_threads(n)
             r: dict[str, float] = {}
-            measure(r, "bandwidth_gb_s", lambda: gemv_bandwidth() / 1e9)
+            measure(r, "bandwidth_4k_gb_s", lambda: gemv_bandwidth() / 1e9)
+            measure(r, "bandwidth_2m_gb_s", lambda: gemv_bandwidth(large_pages=True) / 1e9)
+            r["bandwidth_gb_s"] = max(r["bandwidth_4k_gb_s"], r["bandwidth_2m_gb_s"])  # the stricter bound
             r["bound_tok_s"] = r["bandwidth_gb_s"] * 1e9 / bytes_fp32
             for name in ("fp32", "bf16"):
                 measure(r, f"decode_{name}", decode, ours[name], "auto")
@@ -170,7 +184,9 @@ def main() -> None:
     for n, s in summary.items():
         print(f"--- {n} thread(s), median of {args.rounds} round(s) ---")
         print(f"  fp32 decode {s['decode_fp32']:.1f} tok/s = {s['decode_fp32_vs_bound']:.2f}x the streaming bound "
-              f"({s['bound_tok_s']:.1f} tok/s at {s['bandwidth_gb_s']:.1f} GB/s; goal >= 0.9); module path "
+              f"({s['bound_tok_s']:.1f} tok/s at {s['bandwidth_gb_s']:.1f} GB/s, the faster of torch's gemv in 4 KB "
+              f"pages {s['bandwidth_4k_gb_s']:.1f} and in 2 MB pages {s['bandwidth_2m_gb_s']:.1f}; goal >= 0.9); "
+              f"module path "
               f"{s['decode_fp32_module']:.1f} tok/s")
         print(f"  bf16 decode {s['decode_bf16']:.1f} tok/s = {s['bf16_vs_fp32']:.2f}x fp32 (goal >= 1.8); module path "
               f"{s['decode_bf16_module']:.1f} tok/s")
