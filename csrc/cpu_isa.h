@@ -8,6 +8,11 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RWKVCTL_X86_VARIANTS 1
+// target("avx512bf16") and __builtin_cpu_supports("avx512bf16"): GCC 10+, clang 9+; older compilers build without
+// the bf16 dot-product kernel
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define RWKVCTL_HAVE_AVX512BF16 1
+#endif
 #endif
 
 namespace rwkvctl {
@@ -39,7 +44,7 @@ inline bool cpu_isa_allows_vnni() {
 // Whether kernels may use the AVX512-BF16 dot product (`vdpbf16ps`): the CPU has it and RWKVCTL_CPU_ISA is unset
 // or avx512 (avx512bw means plain AVX-512BW, as for VNNI).
 inline bool cpu_isa_allows_bf16_dot() {
-#ifdef RWKVCTL_X86_VARIANTS
+#ifdef RWKVCTL_HAVE_AVX512BF16
   static const bool hw = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") != 0;

@@ -90,10 +90,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void gemv_seq_avx5
   }
 }
 
+#ifdef RWKVCTL_HAVE_AVX512BF16
 // bf16 weights with `vdpbf16ps` (AVX512-BF16): 32 weights per instruction, summed in fp32, no widening. Each fp32
 // input is split into two bf16 parts, hi = bf16(x) and lo = bf16(x - hi), both multiplied by the weight: hi + lo
-// carries 16 of x's 24 significant bits (each product off by <= 2^-16 of itself, 128x below the bf16 weight's own
-// rounding), where bf16(x) alone would add the module path's 2^-8. The weights are consumed ~1.6x faster than by
+// carries 16 of x's 24 significant bits (each product off by <= 2^-16 of itself, 256x below the bf16 weight's own
+// rounding), where bf16(x) alone would add the module path's 2^-8. Not for non-finite inputs (an infinite x gives
+// lo = NaN) or subnormals (flushed to zero): the inputs are layer-normed activations. The weights are consumed ~1.6x faster than by
 // gemv_seq_avx512<uint16_t> (cache-resident (768, 768): ~49 vs ~30 GB/s), and from memory that matters: the
 // widening loop's compute and the weight stream overlapped poorly (a cold bf16 layer ran at ~14 GB/s against fp32's
 // ~21; 0.1b bf16 decode, 1 thread: 50 -> 57 tokens/s). xs is (B, 2, K): hi then lo.
@@ -152,3 +154,4 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) inline 
     }
   }
 }
+#endif  // RWKVCTL_HAVE_AVX512BF16

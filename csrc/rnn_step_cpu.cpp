@@ -3,8 +3,9 @@
 //
 //   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
 //       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
-//       kernels), so a bf16 model streams half the bytes of fp32 on CPUs without bf16 arithmetic; fp32 weights
-//       take own AVX-512 kernels for up to 16 rows, torch's BLAS otherwise.
+//       kernels), or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against x split into two bf16 parts (16
+//       significant bits of x), so a bf16 model streams half the bytes of fp32; fp32 weights take own AVX-512
+//       kernels for up to 16 rows, torch's BLAS otherwise.
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
 //                  has_ln0, has_gate, q_bits, q_group, q_aux) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
@@ -139,12 +140,14 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
     return;
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-#ifdef RNN_STEP_X86_VARIANTS
+#ifdef RWKVCTL_HAVE_AVX512BF16
   if (level >= 2 && cpu_isa_allows_bf16_dot()) {
     std::vector<uint16_t> xs(static_cast<size_t>(2 * B * K));  // (B, 2, K): x split into bf16 hi and lo parts
     step_avx512::split_bf16(x, xs.data(), B, K);
     return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<1>, wp, xs.data(), y, B, N, K);
   }
+#endif
+#ifdef RNN_STEP_X86_VARIANTS
   if (level >= 2) return gemv_parallel<uint16_t, float>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
 #endif
   gemv_parallel<uint16_t, float>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);

@@ -2,7 +2,8 @@
 
 - `fused_step`: the RNN decode step with one C++ op per layer (`rwkvctl::rnn_step_layer`, csrc/rnn_step_cpu.cpp):
   all of a block's elementwise work, the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly
-  (bf16 widened in registers: half the bytes of fp32, no bf16 arithmetic needed) and packed 4/8-bit weights
+  (bf16: half the bytes of fp32; widened in registers, or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against
+  the input split into two bf16 parts, 16 of its significant bits) and packed 4/8-bit weights
   (QuantLinear) through the compiled packed matmul called from C++. A block with any other projection module (or a
   packed one the kernel cannot take, or more decode rows than it is for) takes `_split_step`: its elementwise work in
   five fused ops (csrc/rnn_step_parts_cpu.cpp) around calls of its own projection modules, so any mix works.

@@ -8,7 +8,8 @@ setting is `always`; the common `madvise` setting needs the region marked before
 is what `place_in_large_pages` does.
 
 Only what decode streams is moved: parameters and buffers of at least MIN_BYTES (Linear weights, packed 4/8-bit
-tiles, the head), not embedding tables (one row is read per token). Tensors that share storage stay shared.
+tiles, the head), not embedding tables (one row is read per token). A Parameter registered in several modules moves
+once and stays shared; a storage that also backs a view or an embedding table stays where it is.
 """
 
 from __future__ import annotations
@@ -53,18 +54,23 @@ def large_pages_available() -> str | None:
     return None
 
 
-def _streamed_tensors(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
-    """(module, attribute, tensor) for every parameter or buffer decode streams, in module order."""
-    found = []
+def _storage_groups(model: nn.Module) -> list[list[tuple[nn.Module, str, Tensor]]]:
+    """Every registered CPU tensor grouped by storage, for the storages that may move: each tensor on it is at least
+    MIN_BYTES, owns the whole storage (no views) and is not an embedding table (one row is read per token). A
+    storage that also backs an ineligible tensor stays where it is, so ties and views are never split."""
+    groups: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
+    blocked: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            continue
         for registry in (module._parameters, module._buffers):
             for name, t in registry.items():
-                if t is None or t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES:
+                if t is None or t.device.type != "cpu":
                     continue
-                found.append((module, name, t))
-    return found
+                key = t.untyped_storage().data_ptr()
+                groups.setdefault(key, []).append((module, name, t))
+                n = t.numel() * t.element_size()
+                if isinstance(module, nn.Embedding) or n < MIN_BYTES or not _owns_its_storage(t):
+                    blocked.add(key)
+    return [group for key, group in groups.items() if key not in blocked]
 
 
 def _owns_its_storage(t: Tensor) -> bool:
@@ -74,34 +80,39 @@ def _owns_its_storage(t: Tensor) -> bool:
 
 def place_in_large_pages(model: nn.Module) -> Placement:
     """Copy the weights decode streams (see the module docstring) into one mapping advised for 2 MB pages, in model
-    order, and point the model at the copies; each original is freed once nothing else refers to it. Values, dtypes
-    and shapes are unchanged. A no-op (with the reason) where huge pages are unavailable."""
+    order, and point the model at the copies (Parameters keep their identity). Each original is released as soon as
+    it is copied, so memory peaks at about the model plus its largest tensor. Values, dtypes and shapes are
+    unchanged. A no-op, with the reason, where huge pages are unavailable or the mapping cannot be made."""
     why = large_pages_available()
     if why is not None:
         return Placement(0, 0, why)
-    entries = _streamed_tensors(model)
-    # one copy per storage: views and tied weights (a tensor that does not own its whole storage) stay where they are
-    by_storage: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
-    for module, name, t in entries:
-        if _owns_its_storage(t):
-            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((module, name, t))
-    if not by_storage:
+    groups = _storage_groups(model)
+    if not groups:
         return Placement(0, 0, "no tensor large enough to move")
-    sizes = [group[0][2].numel() * group[0][2].element_size() for group in by_storage.values()]
+    sizes = [group[0][2].untyped_storage().nbytes() for group in groups]
     total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
-    region = mmap.mmap(-1, total + LARGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, total + LARGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: the faults then allocate 2 MB pages
+    except OSError as e:  # no address space or memory for it, or a sandbox refusing the advice: stay as loaded
+        return Placement(0, 0, f"the mapping could not be made ({e})")
     raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = (-raw.data_ptr()) % LARGE_PAGE  # 2 MB pages need a 2 MB-aligned start
-    region.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: the faults then allocate 2 MB pages
-    offset = start
-    for group, n in zip(by_storage.values(), sizes, strict=True):
-        block = raw[offset : offset + n]
-        block.view(group[0][2].dtype).view(group[0][2].shape).copy_(group[0][2])
-        for module, name, t in group:
-            dst = block.view(t.dtype).view(t.shape)
-            if name in module._parameters:
-                module._parameters[name].data = dst  # same Parameter object: optimizer/cache references stay valid
-            else:
-                module._buffers[name] = dst
-        offset += -(-n // _ALIGN) * _ALIGN
-    return Placement(sum(sizes), sum(len(g) for g in by_storage.values()))
+    del region  # never closed by us: the weights live in it
+    offset = (-raw.data_ptr()) % LARGE_PAGE  # 2 MB pages need a 2 MB-aligned start
+    moved = tensors = 0
+    with torch.no_grad():
+        for n in sizes:
+            group = groups.pop(0)  # dropped after this iteration: the original's last reference here
+            block = raw[offset : offset + n]
+            src = group[0][2]
+            block.view(src.dtype).view(src.shape).copy_(src)
+            for module, name, t in group:
+                dst = block.view(t.dtype).view(t.shape)
+                if name in module._parameters:
+                    module._parameters[name].data = dst  # same Parameter object: cached references stay valid
+                else:
+                    module._buffers[name] = dst
+            offset += -(-n // _ALIGN) * _ALIGN
+            moved, tensors = moved + n, tensors + len(group)
+            del group, src, t
+    return Placement(moved, tensors)

@@ -1,8 +1,9 @@
 """The fast CPU paths (rwkvctl/model/cpu_fast.py, csrc/rnn_step_cpu.cpp) against the module path they replace.
 
 Tolerances: fp32 differs from the reference only in summation order (1e-5 of the largest logit); bf16 computes in
-fp32 with bf16 weights where the reference computes in bf16, so it is compared with an fp32 run on the same
-(bf16-rounded) weights, the bf16 rounding of the logits being the error left (2^-8 relative).
+fp32 with bf16 weights where the reference computes in bf16 (on CPUs with AVX512-BF16 the matmul inputs keep 16
+significant bits), so it is compared with an fp32 run on the same (bf16-rounded) weights, the bf16 rounding of the
+logits being the error left (2^-8 relative).
 """
 
 from __future__ import annotations

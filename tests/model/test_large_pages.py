@@ -95,6 +95,34 @@ def test_tied_and_viewed_tensors_stay_shared(small_tensors_move):
     assert m.part.data_ptr() == part_ptr
 
 
+@needs_thp
+def test_a_storage_shared_with_an_embedding_or_a_view_stays(small_tensors_move):
+    """Moving one tensor of a storage that also backs an ineligible one would split them: neither moves."""
+    emb, head = nn.Embedding(64, 128), nn.Linear(128, 64, bias=False)
+    head.weight = nn.Parameter(emb.weight.detach())  # a different Parameter on the embedding's storage
+    with_emb = nn.ModuleDict({"emb": emb, "head": head})
+    with_view = nn.Linear(128, 64, bias=False)
+    with_view.register_buffer("top", with_view.weight.detach()[:8])  # a view of the weight's storage
+    for m in (with_emb, with_view):
+        ptrs = [t.data_ptr() for t in (*m.parameters(), *m.buffers())]
+        assert place_in_large_pages(m).skipped == "no tensor large enough to move"
+        assert [t.data_ptr() for t in (*m.parameters(), *m.buffers())] == ptrs
+
+
+def test_a_refused_mapping_leaves_the_model_as_loaded(small_tensors_move, monkeypatch):
+    if large_pages_available() is not None:
+        pytest.skip(str(large_pages_available()))
+    lin = nn.Linear(128, 64, bias=False)
+    ptr = lin.weight.data_ptr()
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(large_pages.mmap, "mmap", refuse)
+    placed = place_in_large_pages(lin)
+    assert placed.tensors == 0 and "could not be made" in placed.skipped and lin.weight.data_ptr() == ptr
+
+
 def test_switched_off_or_unavailable_moves_nothing(random_model, small_tensors_move, monkeypatch, tmp_path):
     model = random_model(CFG)
     ptrs = [p.data_ptr() for p in model.parameters()]
