@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -110,50 +111,74 @@ def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerAr
     """What `rnn_step_layer` takes for this block and `rows` decode rows, or None when a projection is neither a
     plain bias-free Linear in the model dtype nor a packed layer the compiled matmul runs here. Kept on the block
     between tokens (gathering it cost ~0.8 ms a token on the 0.1b preset) while it is still what a fresh gather would
-    give: the same dtype and number of rows (packed layers take the kernel up to a limit), the same submodules
-    (held, so compared by identity) and every tensor still registered where it was found, in its dtype and contiguous.
-    In-place updates (load_state_dict, training steps) are seen through the same tensor objects; replacing any
-    of them, or model.to(dtype), rebuilds."""
+    give: the same dtype and number of rows (packed layers take the kernel up to a limit), every submodule and tensor
+    still registered where it was found, and each tensor in its dtype and contiguous. In-place updates
+    (load_state_dict, training steps) are seen through the same tensor objects; replacing any of them, or
+    model.to(dtype), rebuilds. The check runs per layer per token, so it is a few C-level passes (~5 us a layer)."""
+    cached = block.__dict__.get("_step_args")
+    if cached is not None and cached[0] == (dtype, rows) and _still_valid(cached[2]):
+        return cached[1]
     att, ffn = block.att, block.ffn
     linears = [att.receptance, att.key, att.value, att.output, ffn.key, ffn.receptance, ffn.value]
     if att.cfg.gate:
         linears.append(att.gate)
-    modules = (block.ln1, block.ln2, att, ffn, att.ln_x, *linears, *((block.ln0,) if block.layer_id == 0 else ()))
-    key = (dtype, rows, *modules)  # modules compare by identity
-    cached = block.__dict__.get("_step_args")
-    if cached is not None and cached[0] == key and _still_registered(cached[2]):
-        return cached[1]
     found = _gather_layer_params(block, linears, dtype, rows)
-    block.__dict__["_step_args"] = (key, found, _registrations(modules, found))
+    block.__dict__["_step_args"] = ((dtype, rows), found, _registrations(block, found))
     return found
 
 
-# (owner, "_parameters" | "_buffers", name, the tensor, its dtype then): model.to(dtype) keeps the tensor objects
-Registration = tuple[nn.Module, str, str, Tensor, torch.dtype]
+@dataclass(frozen=True)
+class Registrations:
+    """Where a cached LayerArgs came from, as parallel tuples for map(): each object (submodule or tensor) with the
+    registry dict and name it was found under, and each tensor with its dtype then (model.to(dtype) keeps the
+    tensor objects and swaps their data)."""
+
+    registries: tuple[dict, ...]
+    names: tuple[str, ...]
+    objects: tuple[object, ...]
+    tensors: tuple[Tensor, ...]
+    dtypes: tuple[torch.dtype, ...]
 
 
-def _registrations(modules: tuple[nn.Module, ...], found: LayerArgs | None) -> list[Registration] | None:
-    """Where each tensor of `found` is registered among `modules`; None (never reused) if one is not, or if the
-    block takes the split step."""
+def _registrations(block: nn.Module, found: LayerArgs | None) -> Registrations | None:
+    """The registrations `found` depends on: the block's submodules the op reads (block -> att/ffn/norms -> the
+    projections) and every tensor it passes; None (never reused) if a tensor is not registered on one of those
+    modules, or if the block takes the split step."""
     if found is None:
         return None
+    entries: list[tuple[dict, str, object]] = []
+    owners = [block]
+    for parent in owners:  # grows while walked: block, then its children, then theirs
+        if parent is not block and parent not in (block.att, block.ffn):
+            continue
+        for name, child in parent._modules.items():
+            if child is not None:
+                entries.append((parent._modules, name, child))
+                owners.append(child)
     where = {}
-    for m in modules:
-        for kind in ("_parameters", "_buffers"):
-            for name, t in m.__dict__[kind].items():
+    for m in owners:
+        for registry in (m._parameters, m._buffers):
+            for name, t in registry.items():
                 if t is not None:
-                    where[id(t)] = (m, kind, name)
-    tensors = [*found.params, *found.q_aux]
+                    where[id(t)] = (registry, name)
+    tensors = (*found.params, *found.q_aux)
     if any(id(t) not in where for t in tensors):
         return None
-    return [(*where[id(t)], t, t.dtype) for t in tensors]
+    entries += [(*where[id(t)], t) for t in tensors]
+    registries, names, objects = zip(*entries, strict=True)
+    return Registrations(registries, names, objects, tensors, tuple(t.dtype for t in tensors))
 
 
-def _still_registered(registrations: list[Registration] | None) -> bool:
-    return registrations is not None and all(
-        owner.__dict__[kind].get(name) is t and t.dtype == dtype and t.is_contiguous()
-        for owner, kind, name, t, dtype in registrations
+def _still_valid(reg: Registrations | None) -> bool:
+    return (
+        reg is not None
+        and all(map(operator.is_, map(dict.get, reg.registries, reg.names), reg.objects))
+        and all(map(operator.is_, map(_DTYPE, reg.tensors), reg.dtypes))
+        and all(map(Tensor.is_contiguous, reg.tensors))
     )
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _gather_layer_params(block: nn.Module, linears: list[nn.Module], dtype: torch.dtype, rows: int) -> LayerArgs | None:
