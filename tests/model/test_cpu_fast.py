@@ -482,3 +482,18 @@ def test_cpus_with_bf16_math_keep_bf16_gemms(random_model, monkeypatch, tmp_path
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
     assert not cpu_fast.cpuinfo_has_bf16(str(info))
     assert not cpu_fast.cpuinfo_has_bf16(str(tmp_path / "missing"))
+
+
+def test_fused_step_gives_the_same_bits_on_one_and_two_threads(random_model):
+    """The op splits matmul rows over threads; each row is computed whole by one thread, so no sum changes order."""
+    model = random_model(CONFIGS["gate"])
+    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_state = _steps(model, tokens)
+        torch.set_num_threads(2)
+        two, two_state = _steps(model, tokens)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one_state.wkv, two_state.wkv)
