@@ -47,7 +47,7 @@ inline bool cpu_isa_allows_bf16_dot() {
 #ifdef RWKVCTL_HAVE_AVX512BF16
   static const bool hw = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") != 0;
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
   }();
   return hw && cpu_isa_level() >= 2 && cpu_isa_allows_vnni();
 #else

@@ -295,10 +295,10 @@ void quantize_activations(const float* x, int64_t runs, int64_t group, int16_t* 
 
 #ifdef RWKVCTL_X86_VARIANTS
 // quantize_activations with AVX-512 (the same codes: round to nearest even, clamp, NaN -> 0; the sums in 16 lanes):
-// the scalar loop's nearbyint is a library call per input, ~0.9 ms per token of the 0.1b preset's ~92k decode
-// inputs, and it runs before the matmul splits over threads.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void quantize_activations_avx512(const float* x, int64_t runs, int64_t group, int16_t* xq,
-                                                       float* xscale, float* xsum) {
+// the scalar loop's nearbyint is a library call per input (~100k a token on the 0.1b preset), and it runs before the
+// matmul splits over threads.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void quantize_activations_avx512(
+    const float* x, int64_t runs, int64_t group, int16_t* xq, float* xscale, float* xsum) {
   const __m512i hi = _mm512_set1_epi32(32767), lo = _mm512_set1_epi32(-32767);
   for (int64_t g = 0; g < runs; ++g) {
     const float* v = x + g * group;
@@ -355,14 +355,11 @@ void group_affine_mm_rows(const float* x, int64_t n, int64_t in, const uint8_t* 
   std::vector<float> xscale(static_cast<size_t>(n * groups)), xsum(static_cast<size_t>(n * groups));
   const int level = qmm_level();
 #ifdef RWKVCTL_X86_VARIANTS
-  if (level >= 2) {
-    quantize_activations_avx512(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
-  } else {
-    quantize_activations(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
-  }
+  const auto quantize = level >= 2 ? &quantize_activations_avx512 : &quantize_activations;
 #else
-  quantize_activations(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
+  const auto quantize = &quantize_activations;
 #endif
+  quantize(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
   Prepared p{n, in, out, tiles, group, groups, bits, xq.data(), xscale.data(), xsum.data(), qtiles, scale, minimum,
              y};
   // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more

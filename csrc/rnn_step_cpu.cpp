@@ -87,12 +87,9 @@ int step_isa_level() {
 }
 
 #ifdef RNN_STEP_X86_VARIANTS
-#define STEP_PICK(fn, W, level) \
-  ((level) >= 2 ? &step_avx512::fn##_avx512<W> : (level) == 1 ? &step_avx2::fn<W> : &step_default::fn<W>)
 #define STEP_PICK_PLAIN(fn, level) \
   ((level) >= 2 ? &step_avx512::fn : (level) == 1 ? &step_avx2::fn : &step_default::fn)
 #else
-#define STEP_PICK(fn, W, level) (&step_default::fn<W>)
 #define STEP_PICK_PLAIN(fn, level) (&step_default::fn)
 #endif
 
@@ -149,8 +146,9 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
 #endif
 #ifdef RNN_STEP_X86_VARIANTS
   if (level >= 2) return gemv_parallel<uint16_t, float>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
+  if (level == 1) return gemv_parallel<uint16_t, float>(&step_avx2::gemv_rows<uint16_t>, wp, x, y, B, N, K);
 #endif
-  gemv_parallel<uint16_t, float>(STEP_PICK(gemv_rows, uint16_t, level), wp, x, y, B, N, K);
+  gemv_parallel<uint16_t, float>(&step_default::gemv_rows<uint16_t>, wp, x, y, B, N, K);
 }
 
 // One projection of the layer, `out` rows of `in` inputs: a plain weight (bits == 0: fp32 or bf16, linear_into) or a
@@ -350,9 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   if (has_gate) project(weights[7], xg, g, B, level);
 
   std::vector<float> y(static_cast<size_t>(B * A));
-  wkv_groupnorm_gate(r, k, v, g, td, u, lnxw,
-                     lnxb, wkv_in.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B, H, N,
-                     head_size_divisor);
+  wkv_groupnorm_gate(r, k, v, g, td, u, lnxw, lnxb, wkv_in.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B,
+                     H, N, head_size_divisor);
   std::vector<float> out(static_cast<size_t>(B * C));
   project(weights[3], y.data(), out.data(), B, level);
   float* xp = x.data_ptr<float>();

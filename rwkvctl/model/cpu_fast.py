@@ -146,15 +146,13 @@ def _registrations(block: nn.Module, found: LayerArgs | None) -> Registrations |
     modules, or if the block takes the split step."""
     if found is None:
         return None
-    entries: list[tuple[dict, str, object]] = []
-    owners = [block]
-    for parent in owners:  # grows while walked: block, then its children, then theirs
-        if parent is not block and parent not in (block.att, block.ffn):
-            continue
-        for name, child in parent._modules.items():
-            if child is not None:
-                entries.append((parent._modules, name, child))
-                owners.append(child)
+    entries: list[tuple[dict, str, object]] = [
+        (parent._modules, name, child)
+        for parent in (block, block.att, block.ffn)
+        for name, child in parent._modules.items()
+        if child is not None
+    ]
+    owners = [block, *(child for _, _, child in entries)]
     where = {}
     for m in owners:
         for registry in (m._parameters, m._buffers):

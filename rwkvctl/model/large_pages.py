@@ -73,6 +73,10 @@ def _storage_groups(model: nn.Module) -> list[list[tuple[nn.Module, str, Tensor]
     return [group for key, group in groups.items() if key not in blocked]
 
 
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def _owns_its_storage(t: Tensor) -> bool:
     whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t.is_contiguous() and t.storage_offset() == 0 and whole
@@ -89,8 +93,7 @@ def place_in_large_pages(model: nn.Module) -> Placement:
     groups = _storage_groups(model)
     if not groups:
         return Placement(0, 0, "no tensor large enough to move")
-    sizes = [group[0][2].untyped_storage().nbytes() for group in groups]
-    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+    total = sum(_aligned(group[0][2].untyped_storage().nbytes()) for group in groups)
     try:
         region = mmap.mmap(-1, total + LARGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched: the faults then allocate 2 MB pages
@@ -101,10 +104,11 @@ def place_in_large_pages(model: nn.Module) -> Placement:
     offset = (-raw.data_ptr()) % LARGE_PAGE  # 2 MB pages need a 2 MB-aligned start
     moved = tensors = 0
     with torch.no_grad():
-        for n in sizes:
+        while groups:
             group = groups.pop(0)  # dropped after this iteration: the original's last reference here
-            block = raw[offset : offset + n]
             src = group[0][2]
+            n = src.untyped_storage().nbytes()
+            block = raw[offset : offset + n]
             block.view(src.dtype).view(src.shape).copy_(src)
             for module, name, t in group:
                 dst = block.view(t.dtype).view(t.shape)
@@ -112,7 +116,7 @@ def place_in_large_pages(model: nn.Module) -> Placement:
                     module._parameters[name].data = dst  # same Parameter object: cached references stay valid
                 else:
                     module._buffers[name] = dst
-            offset += -(-n // _ALIGN) * _ALIGN
+            offset += _aligned(n)
             moved, tensors = moved + n, tensors + len(group)
             del group, src, t
     return Placement(moved, tensors)
