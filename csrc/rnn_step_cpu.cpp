@@ -34,6 +34,7 @@
 
 #include "cpu_isa.h"
 #include "qmm.h"
+#include "rnn_step_layer.h"
 #include "rnn_step_parts.h"
 
 namespace rwkvctl::step_default {
@@ -74,10 +75,7 @@ namespace rwkvctl::step_avx512 {
 #endif
 
 namespace rwkvctl {
-namespace {
 
-// cpu_isa_level() (cpu_isa.h), with level 2 lowered to 1 where AVX-512 BW is missing: the AVX-512 kernel's
-// 16-bit masked loads need it.
 int step_isa_level() {
   int level = cpu_isa_level();
 #ifdef RNN_STEP_X86_VARIANTS
@@ -85,6 +83,8 @@ int step_isa_level() {
 #endif
   return level;
 }
+
+namespace {
 
 #ifdef RNN_STEP_X86_VARIANTS
 #define STEP_PICK_PLAIN(fn, level) \
@@ -151,15 +151,7 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   gemv_parallel<uint16_t, float>(&step_default::gemv_rows<uint16_t>, wp, x, y, B, N, K);
 }
 
-// One projection of the layer, `out` rows of `in` inputs: a plain weight (bits == 0: fp32 or bf16, linear_into) or a
-// packed group-affine weight in the tiles of qmm_cpu.cpp (weight = the codes, scale and minimum beside it).
-struct Projection {
-  const at::Tensor* weight;
-  int64_t bits = 0, group = 0;
-  const at::Tensor* scale = nullptr;
-  const at::Tensor* minimum = nullptr;
-  int64_t out = 0, in = 0;
-};
+}  // namespace
 
 void check_projection(const char* op, const char* what, const Projection& pr) {
   if (pr.bits != 0) {
@@ -173,7 +165,6 @@ void check_projection(const char* op, const char* what, const Projection& pr) {
               pr.weight->sizes());
 }
 
-// y (B, out) = x (B, in) @ W.T, fp32 rows
 void project(const Projection& pr, const float* x, float* y, int64_t B, int level) {
   if (pr.bits == 0) return linear_into(*pr.weight, x, y, B, level);
   const auto* scale = reinterpret_cast<const uint16_t*>(pr.scale->data_ptr());
@@ -182,30 +173,20 @@ void project(const Projection& pr, const float* x, float* y, int64_t B, int leve
   group_affine_mm_rows(x, B, pr.in, q, scale, minimum, pr.out, pr.bits, pr.group, y);  // whole tiles: checked
 }
 
-// The layer's small vectors (norms, mixes, decay, bonus) as fp32 pointers without a tensor per vector: as
-// `vec_f32` tensors they cost ~45 us per layer call, a tenth of a cached bf16 layer's time. fp32 contiguous vectors
-// are read in place, bf16 ones widened into buffers owned here, anything else converted by torch.
-class LayerVectors {
- public:
-  const float* get(const char* op, const char* what, const at::Tensor& t, int64_t n) {
-    TORCH_CHECK(t.numel() == n, op, ": ", what, " must have ", n, " elements, got ", t.sizes());
-    if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
-    float* out = owned_.emplace_back(static_cast<size_t>(n)).data();  // inner buffers never move
-    if (t.scalar_type() == at::kBFloat16 && t.is_contiguous()) {
-      const at::BFloat16* src = t.data_ptr<at::BFloat16>();
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
-    } else {
-      const at::Tensor f = as_f32(t);
-      std::memcpy(out, f.data_ptr<float>(), static_cast<size_t>(n) * sizeof(float));
-    }
-    return out;
+// As `vec_f32` tensors the vectors cost ~45 us per layer call, a tenth of a cached bf16 layer's time.
+const float* LayerVectors::get(const char* op, const char* what, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.numel() == n, op, ": ", what, " must have ", n, " elements, got ", t.sizes());
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  float* out = owned_.emplace_back(static_cast<size_t>(n)).data();  // inner buffers never move
+  if (t.scalar_type() == at::kBFloat16 && t.is_contiguous()) {
+    const at::BFloat16* src = t.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+  } else {
+    const at::Tensor f = as_f32(t);
+    std::memcpy(out, f.data_ptr<float>(), static_cast<size_t>(n) * sizeof(float));
   }
-
- private:
-  std::vector<std::vector<float>> owned_;
-};
-
-}  // namespace
+  return out;
+}
 
 void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const float* g, const float* time_decay,
                         const float* u, const float* lnx_w, const float* lnx_b, const float* wkv_in, float* wkv_out,
@@ -249,51 +230,62 @@ at::Tensor linear_f32acc_cpu(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
-    const at::Tensor& x_in, const at::Tensor& att_shift, const at::Tensor& ffn_shift, const at::Tensor& wkv,
-    at::TensorList p, double head_size_divisor, bool has_ln0, bool has_gate, at::IntArrayRef q_bits,
-    at::IntArrayRef q_group, at::TensorList q_aux) {
-  const char* op = "rnn_step_layer";
+LayerInputs parse_layer(const char* op, at::TensorList p, int64_t C, bool has_ln0, bool has_gate,
+                        at::IntArrayRef q_bits, at::IntArrayRef q_group, at::TensorList q_aux) {
   const size_t expected = 20 + (has_gate ? 2 : 0) + (has_ln0 ? 2 : 0);
   TORCH_CHECK(p.size() == expected, op, ": expected ", expected, " parameter tensors, got ", p.size());
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (B, C), got ", x_in.sizes());
-  const int64_t B = x_in.size(0), C = x_in.size(1);
-  TORCH_CHECK(att_shift.sizes() == x_in.sizes() && ffn_shift.sizes() == x_in.sizes(), op,
-              ": shifts must be (B, C) like x, got ", att_shift.sizes(), ", ", ffn_shift.sizes());
   TORCH_CHECK(p[7].dim() == 2, op, ": time_decay must be (H, N), got ", p[7].sizes());
-  const int64_t H = p[7].size(0), N = p[7].size(1), A = H * N;
-  TORCH_CHECK(wkv.dim() == 4 && wkv.size(0) == B && wkv.size(1) == H && wkv.size(2) == N && wkv.size(3) == N &&
-                  wkv.scalar_type() == at::kFloat,
-              op, ": wkv must be (B, H, N, N) = (", B, ", ", H, ", ", N, ", ", N, ") float32, got ", wkv.sizes(), " ",
-              wkv.scalar_type());
+  LayerInputs layer{p, has_ln0, has_gate};
+  layer.C = C;
+  layer.H = p[7].size(0);
+  layer.N = p[7].size(1);
+  layer.A = layer.H * layer.N;
   // projections in the order of q_bits / q_group: r, k, v, output, ffn key, ffn receptance, ffn value, gate
   const int n_proj = has_gate ? 8 : 7;
   const int slots[8] = {9, 10, 11, 12, 17, 18, 19, 21};
   TORCH_CHECK(q_bits.size() == static_cast<size_t>(n_proj) && q_group.size() == q_bits.size(), op, ": expected ",
               n_proj, " entries in q_bits and q_group, got ", q_bits.size(), " and ", q_group.size());
-  std::vector<Projection> weights(n_proj);
+  std::vector<Projection>& w = layer.proj;
+  w.resize(n_proj);
   size_t aux = 0;
   for (int i = 0; i < n_proj; ++i) {
-    weights[i] = Projection{&p[slots[i]], q_bits[i], q_group[i]};
+    w[i] = Projection{&p[slots[i]], q_bits[i], q_group[i]};
     if (q_bits[i] == 0) continue;
     TORCH_CHECK(aux + 2 <= q_aux.size(), op, ": q_aux must hold a scale and a min per packed projection");
-    weights[i].scale = &q_aux[aux];
-    weights[i].minimum = &q_aux[aux + 1];
+    w[i].scale = &q_aux[aux];
+    w[i].minimum = &q_aux[aux + 1];
     aux += 2;
   }
   TORCH_CHECK(aux == q_aux.size(), op, ": q_aux has ", q_aux.size(), " tensors, the packed projections use ", aux);
-  const bool fk_plain = weights[4].bits == 0;
-  const int64_t F = fk_plain ? p[17].size(0) : (weights[6].bits == 0 ? p[19].size(1)
-                                                                   : p[19].size(1) * 8 / (kQmmTile * weights[6].bits));
+  const int64_t A = layer.A;
+  layer.F = w[4].bits == 0 ? p[17].size(0)
+                           : (w[6].bits == 0 ? p[19].size(1) : p[19].size(1) * 8 / (kQmmTile * w[6].bits));
+  const int64_t F = layer.F;
   const char* names[8] = {"receptance", "key", "value", "output", "ffn.key", "ffn.receptance", "ffn.value", "gate"};
   const int64_t outs[8] = {A, A, A, C, F, C, C, A}, ins[8] = {C, C, C, A, C, C, F, C};
   for (int i = 0; i < n_proj; ++i) {
-    weights[i].out = outs[i];
-    weights[i].in = ins[i];
-    check_projection(op, names[i], weights[i]);
+    w[i].out = outs[i];
+    w[i].in = ins[i];
+    check_projection(op, names[i], w[i]);
   }
-  const int level = step_isa_level();
+  return layer;
+}
 
+StepScratch::StepScratch(int64_t B, int64_t C, int64_t A, int64_t F)
+    : mixed(static_cast<size_t>(4 * B * C)),
+      proj(static_cast<size_t>(4 * B * A)),
+      y(static_cast<size_t>(B * A)),
+      out(static_cast<size_t>(B * C)),
+      hidden(static_cast<size_t>(B * F)),
+      rec(static_cast<size_t>(B * C)) {}
+
+void run_layer(const char* op, const LayerInputs& layer, double head_size_divisor, float* x, const float* att_prev,
+               const float* ffn_prev, const float* wkv_in, float* att_new, float* ffn_new, float* wkv_out, int64_t B,
+               int level, StepScratch& scratch) {
+  const at::TensorList p = layer.p;
+  const int64_t C = layer.C, H = layer.H, N = layer.N, A = layer.A;
+  const bool has_gate = layer.has_gate;
+  const std::vector<Projection>& w = layer.proj;
   LayerVectors vecs;
   const float* ln1w = vecs.get(op, "ln1.weight", p[0], C), *ln1b = vecs.get(op, "ln1.bias", p[1], C);
   const float* ln2w = vecs.get(op, "ln2.weight", p[2], C), *ln2b = vecs.get(op, "ln2.bias", p[3], C);
@@ -303,76 +295,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   const float* u = vecs.get(op, "att.time_faaaa", p[8], A);
   const float* lnxw = vecs.get(op, "att.ln_x.weight", p[13], A), *lnxb = vecs.get(op, "att.ln_x.bias", p[14], A);
   const float* fk = vecs.get(op, "ffn.time_mix_k", p[15], C), *fr = vecs.get(op, "ffn.time_mix_r", p[16], C);
-  const float* mg = nullptr;
-  if (has_gate) mg = vecs.get(op, "att.time_mix_g", p[20], C);
+  const float* mg = has_gate ? vecs.get(op, "att.time_mix_g", p[20], C) : nullptr;
+  float* out = scratch.out.data();  // (B, C): each projection back to the residual stream
 
-  at::Tensor x = as_f32(x_in).clone();  // (B, C): the residual stream, updated in place below
-  if (has_ln0) {
-    const size_t o = expected - 2;
+  if (layer.has_ln0) {
+    const size_t o = p.size() - 2;
     const float* g0 = vecs.get(op, "ln0.weight", p[o], C), *b0 = vecs.get(op, "ln0.bias", p[o + 1], C);
     for (int64_t b = 0; b < B; ++b) {
-      float* xb = x.data_ptr<float>() + b * C;
-      std::vector<float> tmp(xb, xb + C);
-      layer_norm(tmp.data(), g0, b0, xb, C, 1e-5f);
+      std::memcpy(out, x + b * C, static_cast<size_t>(C) * sizeof(float));
+      layer_norm(out, g0, b0, x + b * C, C, 1e-5f);
     }
   }
-  const at::Tensor sa = as_f32(att_shift), sf = as_f32(ffn_shift);
-  at::Tensor new_att = at::empty({B, C}, x.options()), new_ffn = at::empty({B, C}, x.options());
-  const at::Tensor wkv_in = wkv.contiguous();
-  at::Tensor wkv_out = at::empty_like(wkv_in);  // (B, H, N, N): the step writes the new state here
 
   // --- time mix ---
-  const int64_t n_in = has_gate ? 4 : 3;
-  std::vector<float> mixed(static_cast<size_t>(n_in * B * C));  // [r | k | v | g] inputs, each (B, C)
-  float* xr = mixed.data();
+  float* xr = scratch.mixed.data();  // [r | k | v | g] inputs, each (B, C)
   float* xk = xr + B * C;
   float* xv = xk + B * C;
   float* xg = has_gate ? xv + B * C : nullptr;
   for (int64_t b = 0; b < B; ++b) {
-    float* xa = new_att.data_ptr<float>() + b * C;  // ln1(x): also the next token's shift
-    layer_norm(x.data_ptr<float>() + b * C, ln1w, ln1b, xa, C, 1e-5f);
-    const float* prev = sa.data_ptr<float>() + b * C;
+    float* xa = att_new + b * C;  // ln1(x): also the next token's shift
+    layer_norm(x + b * C, ln1w, ln1b, xa, C, 1e-5f);
+    const float* prev = att_prev + b * C;
     token_mix(xa, prev, mr, xr + b * C, C);
     token_mix(xa, prev, mk, xk + b * C, C);
     token_mix(xa, prev, mv, xv + b * C, C);
     if (has_gate) token_mix(xa, prev, mg, xg + b * C, C);
   }
-  std::vector<float> proj(static_cast<size_t>(n_in * B * A));  // r, k, v, g projections, each (B, A)
-  float* r = proj.data();
+  float* r = scratch.proj.data();  // r, k, v, g projections, each (B, A)
   float* k = r + B * A;
   float* v = k + B * A;
   float* g = has_gate ? v + B * A : nullptr;
-  project(weights[0], xr, r, B, level);
-  project(weights[1], xk, k, B, level);
-  project(weights[2], xv, v, B, level);
-  if (has_gate) project(weights[7], xg, g, B, level);
+  project(w[0], xr, r, B, level);
+  project(w[1], xk, k, B, level);
+  project(w[2], xv, v, B, level);
+  if (has_gate) project(w[7], xg, g, B, level);
 
-  std::vector<float> y(static_cast<size_t>(B * A));
-  wkv_groupnorm_gate(r, k, v, g, td, u, lnxw, lnxb, wkv_in.data_ptr<float>(), wkv_out.data_ptr<float>(), y.data(), B,
-                     H, N, head_size_divisor);
-  std::vector<float> out(static_cast<size_t>(B * C));
-  project(weights[3], y.data(), out.data(), B, level);
-  float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i];
+  float* y = scratch.y.data();
+  wkv_groupnorm_gate(r, k, v, g, td, u, lnxw, lnxb, wkv_in, wkv_out, y, B, H, N, head_size_divisor);
+  project(w[3], y, out, B, level);
+  for (int64_t i = 0; i < B * C; ++i) x[i] += out[i];
 
   // --- channel mix ---
-  std::vector<float> fmixed(static_cast<size_t>(2 * B * C));  // [k | r] inputs
-  float* fxk = fmixed.data();
+  float* fxk = scratch.mixed.data();  // [k | r] inputs, each (B, C)
   float* fxr = fxk + B * C;
   for (int64_t b = 0; b < B; ++b) {
-    float* xf = new_ffn.data_ptr<float>() + b * C;
-    layer_norm(xp + b * C, ln2w, ln2b, xf, C, 1e-5f);
-    const float* prev = sf.data_ptr<float>() + b * C;
+    float* xf = ffn_new + b * C;
+    layer_norm(x + b * C, ln2w, ln2b, xf, C, 1e-5f);
+    const float* prev = ffn_prev + b * C;
     token_mix(xf, prev, fk, fxk + b * C, C);
     token_mix(xf, prev, fr, fxr + b * C, C);
   }
-  std::vector<float> hidden(static_cast<size_t>(B * F));
-  project(weights[4], fxk, hidden.data(), B, level);
-  for (float& h : hidden) h = h > 0.f ? h * h : 0.f;  // relu(.)^2
-  std::vector<float> rec(static_cast<size_t>(B * C));
-  project(weights[5], fxr, rec.data(), B, level);
-  project(weights[6], hidden.data(), out.data(), B, level);
-  for (int64_t i = 0; i < B * C; ++i) xp[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
+  float* hidden = scratch.hidden.data();
+  project(w[4], fxk, hidden, B, level);
+  for (int64_t i = 0; i < B * layer.F; ++i) hidden[i] = hidden[i] > 0.f ? hidden[i] * hidden[i] : 0.f;  // relu^2
+  float* rec = scratch.rec.data();
+  project(w[5], fxr, rec, B, level);
+  project(w[6], hidden, out, B, level);
+  for (int64_t i = 0; i < B * C; ++i) x[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
+    const at::Tensor& x_in, const at::Tensor& att_shift, const at::Tensor& ffn_shift, const at::Tensor& wkv,
+    at::TensorList p, double head_size_divisor, bool has_ln0, bool has_gate, at::IntArrayRef q_bits,
+    at::IntArrayRef q_group, at::TensorList q_aux) {
+  const char* op = "rnn_step_layer";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (B, C), got ", x_in.sizes());
+  const int64_t B = x_in.size(0), C = x_in.size(1);
+  TORCH_CHECK(att_shift.sizes() == x_in.sizes() && ffn_shift.sizes() == x_in.sizes(), op,
+              ": shifts must be (B, C) like x, got ", att_shift.sizes(), ", ", ffn_shift.sizes());
+  const LayerInputs layer = parse_layer(op, p, C, has_ln0, has_gate, q_bits, q_group, q_aux);
+  const int64_t H = layer.H, N = layer.N;
+  TORCH_CHECK(wkv.dim() == 4 && wkv.size(0) == B && wkv.size(1) == H && wkv.size(2) == N && wkv.size(3) == N &&
+                  wkv.scalar_type() == at::kFloat,
+              op, ": wkv must be (B, H, N, N) = (", B, ", ", H, ", ", N, ", ", N, ") float32, got ", wkv.sizes(), " ",
+              wkv.scalar_type());
+  at::Tensor x = as_f32(x_in).clone();  // (B, C): the residual stream, updated in place
+  const at::Tensor sa = as_f32(att_shift), sf = as_f32(ffn_shift);
+  at::Tensor new_att = at::empty({B, C}, x.options()), new_ffn = at::empty({B, C}, x.options());
+  const at::Tensor wkv_in = wkv.contiguous();
+  at::Tensor wkv_out = at::empty_like(wkv_in);  // (B, H, N, N): the step writes the new state here
+  StepScratch scratch(B, C, layer.A, layer.F);
+  run_layer(op, layer, head_size_divisor, x.data_ptr<float>(), sa.data_ptr<float>(), sf.data_ptr<float>(),
+            wkv_in.data_ptr<float>(), new_att.data_ptr<float>(), new_ffn.data_ptr<float>(), wkv_out.data_ptr<float>(),
+            B, step_isa_level(), scratch);
   return {x, new_att.to(att_shift.scalar_type()), new_ffn.to(ffn_shift.scalar_type()), wkv_out};
 }
 

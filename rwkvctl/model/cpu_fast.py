@@ -1,11 +1,13 @@
 """Fast CPU paths of RWKV5, beside the module path in rwkv5.py that stays the reference and test oracle.
 
-- `fused_step`: the RNN decode step with one C++ op per layer (`rwkvctl::rnn_step_layer`, csrc/rnn_step_cpu.cpp):
-  all of a block's elementwise work, the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly
-  (bf16: half the bytes of fp32; widened in registers, or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against
-  the input split into two bf16 parts, 16 of its significant bits) and packed 4/8-bit weights
-  (QuantLinear) through the compiled packed matmul called from C++. A block with any other projection module (or a
-  packed one the kernel cannot take, or more decode rows than it is for) takes `_split_step`: its elementwise work in
+- `fused_step`: the RNN decode step in one C++ op for the whole model (`rwkvctl::rnn_step_model`,
+  csrc/rnn_step_model_cpu.cpp; its arguments gathered once by rwkvctl/model/step_args.py), each layer as the
+  per-layer op `rwkvctl::rnn_step_layer` (csrc/rnn_step_cpu.cpp) computes it: all of a block's elementwise work,
+  the WKV step and its matmuls in fp32, with fp32 or bf16 weights read directly (bf16: half the bytes of fp32;
+  widened in registers, or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against the input split into two bf16
+  parts, 16 of its significant bits) and packed 4/8-bit weights (QuantLinear) through the compiled packed matmul
+  called from C++. A block with any other projection module (or a packed one the kernel cannot take, or more decode
+  rows than it is for) makes the step go layer by layer, that block through `_split_step`: its elementwise work in
   five fused ops (csrc/rnn_step_parts_cpu.cpp) around calls of its own projection modules, so any mix works.
 - `forward_upcast`: the sequence form for a bf16 model on a CPU without bf16 arithmetic: each block runs in fp32
   with its weights upcast for the duration of that block only (torch's bf16 GEMM there is ~3x slower than fp32).
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch.func import functional_call
 from rwkvctl import native_build
 from rwkvctl.errors import KernelUnavailable
 from rwkvctl.model.state import RecurrentState
+from rwkvctl.model.step_args import layer_params, model_plan, plain
 
 log = logging.getLogger("rwkvctl.model")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
@@ -77,131 +78,12 @@ def _partitioned(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_id")
 
 
-def _plain(linear: nn.Module, dtype: torch.dtype) -> bool:
-    w = getattr(linear, "weight", None)
-    return type(linear) is nn.Linear and linear.bias is None and w.dtype == dtype and w.is_contiguous()
-
-
-@dataclass(frozen=True)
-class LayerArgs:
-    """The arguments `rnn_step_layer` takes besides the state (csrc/rnn_step_cpu.cpp): the parameters in its order,
-    and per projection (r, k, v, output, ffn key, ffn receptance, ffn value, gate) 0 bits for a plain weight or
-    the bits and group of a packed one, whose scale and min tiles go in q_aux."""
-
-    params: list[Tensor]
-    q_bits: list[int]
-    q_group: list[int]
-    q_aux: list[Tensor]
-
-
-def _weight_arg(linear: nn.Module, dtype: torch.dtype, rows: int) -> tuple[Tensor, int, int, list[Tensor]] | None:
-    """(weight or codes, bits, group, [scale, min]) for one projection, or None if the op cannot read it. A module
-    offering `decode_tiles(rows)` (QuantLinear, whose compiled packed matmul the op calls from C++) is packed."""
-    if _plain(linear, dtype):
-        return linear.weight, 0, 0, []
-    tiles = getattr(linear, "decode_tiles", None)
-    found = tiles(rows) if tiles is not None else None
-    if found is None:
-        return None
-    codes, scale, minimum, bits, group = found
-    return codes, bits, group, [scale, minimum]
-
-
-def layer_params(block: nn.Module, dtype: torch.dtype, rows: int = 1) -> LayerArgs | None:
-    """What `rnn_step_layer` takes for this block and `rows` decode rows, or None when a projection is neither a
-    plain bias-free Linear in the model dtype nor a packed layer the compiled matmul runs here. Kept on the block
-    between tokens (gathering it cost ~0.8 ms a token on the 0.1b preset) while it is still what a fresh gather would
-    give: the same dtype and number of rows (packed layers take the kernel up to a limit), every submodule and tensor
-    still registered where it was found, and each tensor in its dtype and contiguous. In-place updates
-    (load_state_dict, training steps) are seen through the same tensor objects; replacing any of them, or
-    model.to(dtype), rebuilds. The check runs per layer per token, so it is a few C-level passes (~5 us a layer)."""
-    cached = block.__dict__.get("_step_args")
-    if cached is not None and cached[0] == (dtype, rows) and _still_valid(cached[2]):
-        return cached[1]
-    att, ffn = block.att, block.ffn
-    linears = [att.receptance, att.key, att.value, att.output, ffn.key, ffn.receptance, ffn.value]
-    if att.cfg.gate:
-        linears.append(att.gate)
-    found = _gather_layer_params(block, linears, dtype, rows)
-    block.__dict__["_step_args"] = ((dtype, rows), found, _registrations(block, found))
-    return found
-
-
-@dataclass(frozen=True)
-class Registrations:
-    """Where a cached LayerArgs came from, as parallel tuples for map(): each object (submodule or tensor) with the
-    registry dict and name it was found under, and each tensor with its dtype then (model.to(dtype) keeps the
-    tensor objects and swaps their data)."""
-
-    registries: tuple[dict, ...]
-    names: tuple[str, ...]
-    objects: tuple[object, ...]
-    tensors: tuple[Tensor, ...]
-    dtypes: tuple[torch.dtype, ...]
-
-
-def _registrations(block: nn.Module, found: LayerArgs | None) -> Registrations | None:
-    """The registrations `found` depends on: the block's submodules the op reads (block -> att/ffn/norms -> the
-    projections) and every tensor it passes; None (never reused) if a tensor is not registered on one of those
-    modules, or if the block takes the split step."""
-    if found is None:
-        return None
-    entries: list[tuple[dict, str, object]] = [
-        (parent._modules, name, child)
-        for parent in (block, block.att, block.ffn)
-        for name, child in parent._modules.items()
-        if child is not None
-    ]
-    owners = [block, *(child for _, _, child in entries)]
-    where = {}
-    for m in owners:
-        for registry in (m._parameters, m._buffers):
-            for name, t in registry.items():
-                if t is not None:
-                    where[id(t)] = (registry, name)
-    tensors = (*found.params, *found.q_aux)
-    if any(id(t) not in where for t in tensors):
-        return None
-    entries += [(*where[id(t)], t) for t in tensors]
-    registries, names, objects = zip(*entries, strict=True)
-    return Registrations(registries, names, objects, tensors, tuple(t.dtype for t in tensors))
-
-
-def _still_valid(reg: Registrations | None) -> bool:
-    return (
-        reg is not None
-        and all(map(operator.is_, map(dict.get, reg.registries, reg.names), reg.objects))
-        and all(map(operator.is_, map(_DTYPE, reg.tensors), reg.dtypes))
-        and all(map(Tensor.is_contiguous, reg.tensors))
-    )
-
-
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _gather_layer_params(block: nn.Module, linears: list[nn.Module], dtype: torch.dtype, rows: int) -> LayerArgs | None:
-    att, ffn = block.att, block.ffn
-    args = [_weight_arg(m, dtype, rows) for m in linears]
-    if any(a is None for a in args):
-        return None
-    w = [a[0] for a in args]
-    p = [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
-    p += [att.time_mix_k, att.time_mix_v, att.time_mix_r, att.time_decay, att.time_faaaa]
-    p += [w[0], w[1], w[2], w[3], att.ln_x.weight, att.ln_x.bias]
-    p += [ffn.time_mix_k, ffn.time_mix_r, w[4], w[5], w[6]]
-    if att.cfg.gate:
-        p += [att.time_mix_g, w[7]]
-    if block.layer_id == 0:
-        p += [block.ln0.weight, block.ln0.bias]
-    return LayerArgs(p, [a[1] for a in args], [a[2] for a in args], [t for a in args for t in a[3]])
-
-
 def _head(model: nn.Module, x: Tensor) -> Tensor:
     """ln_out and head of fp32 rows x (B, C) -> fp32 logits (B, V); the head's weights are read as they are."""
     ln = model.ln_out
     x = F.layer_norm(x, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
     head = model.head
-    if _plain(head, model.emb.weight.dtype):
+    if plain(head, model.emb.weight.dtype):
         if head.weight.dtype == torch.float32 and x.shape[0] >= _HEAD_TRANSPOSED_ROWS:
             # many rows: torch's GEMM for (B, C) @ (C, V) re-streams the head every few rows, (V, C) @ (C, B)
             # streams it once; up to 16 rows the op's own kernel is faster still (65536 x 512, B = 16: 16-20 ms
@@ -215,8 +97,13 @@ def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple
     """RWKV5.step on the fast path (call only where `applies(model)`): tokens (B,) -> (logits (B, V), new state).
     The residual stream stays fp32 between layers; logits and state come back in the reference's dtypes."""
     dtype = model.emb.weight.dtype
-    hsd = float(model.cfg.head_size_divisor)
     x = model.emb(tokens).float()  # (B, C)
+    found = model_plan(model, dtype, x.shape[0])
+    if found is not None:  # every block in the whole-layer form: the whole step is one op
+        out, a, f, s = torch.ops.rwkvctl.rnn_step_model(x, state.att_shift, state.ffn_shift, state.wkv, found.plan)
+        logits = out if found.has_head else _head(model, out)
+        return logits.to(dtype), RecurrentState(a, f, s)
+    hsd = float(model.cfg.head_size_divisor)
     att_shifts, ffn_shifts, wkvs = [], [], []
     for i, block in enumerate(model.blocks):
         args = layer_params(block, dtype, x.shape[0])
@@ -237,7 +124,7 @@ def fused_step(model: nn.Module, tokens: Tensor, state: RecurrentState) -> tuple
 def _project(linear: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     """linear(x) as fp32 (B, out) for fp32 rows x (B, in): a plain Linear through linear_f32acc, any other module
     (QuantLinear: its compiled packed matmul) called on rows in the model dtype, as the module path does."""
-    if _plain(linear, dtype):
+    if plain(linear, dtype):
         return torch.ops.rwkvctl.linear_f32acc(x, linear.weight)
     return linear(x if dtype == torch.float32 else x.to(dtype)).float()
 

@@ -1,4 +1,5 @@
-"""The fast CPU paths (rwkvctl/model/cpu_fast.py, csrc/rnn_step_cpu.cpp) against the module path they replace.
+"""The fast CPU paths (rwkvctl/model/cpu_fast.py, csrc/rnn_step_cpu.cpp, csrc/rnn_step_model_cpu.cpp) against the
+module path they replace.
 
 Tolerances: fp32 differs from the reference only in summation order (1e-5 of the largest logit); bf16 computes in
 fp32 with bf16 weights where the reference computes in bf16 (on CPUs with AVX512-BF16 the matmul inputs keep 16
@@ -16,7 +17,7 @@ import torch
 
 from rwkvctl.config import ModelConfig
 from rwkvctl.errors import KernelUnavailable
-from rwkvctl.model import cpu_fast
+from rwkvctl.model import cpu_fast, step_args
 from rwkvctl.model.state import RecurrentState
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
@@ -269,8 +270,9 @@ def test_bf16_sequence_form_runs_in_fp32_blocks(random_model, monkeypatch, last_
     _assert_closer_than_module_path((fast, fast_state), (ref, ref_state), exact)
 
 
-def _packed_model(random_model, cfg: ModelConfig, bits: int, blocks: str = "blocks."):
-    """A random model whose block projections (under `blocks`) are packed QuantLinear layers of `bits` bits."""
+def _packed_model(random_model, cfg: ModelConfig, bits: int, blocks: str = "blocks.", with_head: bool = False):
+    """A random model whose block projections (under `blocks`, and the head `with_head`) are packed QuantLinear
+    layers of `bits` bits."""
     from rwkvctl.quant.linear import use_packed_weights
     from rwkvctl.quant.schemes import encode_with
 
@@ -278,7 +280,7 @@ def _packed_model(random_model, cfg: ModelConfig, bits: int, blocks: str = "bloc
     packed = {
         name: encode_with("group-affine", p.detach(), bits=bits)[0]
         for name, p in model.named_parameters()
-        if name.startswith(blocks) and p.dim() == 2 and "time_" not in name
+        if (name.startswith(blocks) or (with_head and name == "head.weight")) and p.dim() == 2 and "time_" not in name
     }
     assert use_packed_weights(model, packed)
     return model
@@ -344,9 +346,10 @@ def test_packed_decode_with_the_compiled_matmul(random_model, monkeypatch, path,
         layer_calls.append(found is not None)
         return found
 
-    monkeypatch.setattr(cpu_fast, "layer_params", params)
+    monkeypatch.setattr(cpu_fast, "layer_params", params)  # the step layer by layer
+    monkeypatch.setattr(step_args, "layer_params", params)  # the whole-model plan
     (fast, fast_state), (ref, ref_state) = _split_and_module_steps(model, tokens, monkeypatch)
-    assert all(layer_calls) if path == "layer" else not any(layer_calls)
+    assert layer_calls and (all(layer_calls) if path == "layer" else not any(layer_calls))
     scale = exact.abs().max()
     assert (fast - exact).abs().max() <= (ref - exact).abs().max() + 2e-4 * scale
     _assert_state_within(fast_state, ref_state, 1e-3)
@@ -497,3 +500,102 @@ def test_fused_step_gives_the_same_bits_on_one_and_two_threads(random_model):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and torch.equal(one_state.wkv, two_state.wkv)
+
+
+def _layer_by_layer(monkeypatch):
+    """Make fused_step go layer by layer (rnn_step_layer per block, the head in Python), as before the whole-model
+    op and as it still does when a block takes the split step."""
+    monkeypatch.setattr(cpu_fast, "model_plan", lambda *args: None)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "packed4", "packed8"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3, 17])  # 17: the fp32 head as head @ x.T
+def test_whole_model_op_equals_the_step_layer_by_layer(random_model, monkeypatch, kind, name, batch):
+    """One op for every layer and the head computes each layer exactly as rnn_step_layer does (states bitwise equal);
+    ln_out is summed in another order than F.layer_norm, and a bf16 model's packed head reads its input in fp32
+    where the module rounds it to bf16 first."""
+    cfg = CONFIGS[name]
+    model = random_model(cfg)
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    elif kind.startswith("packed"):
+        if cfg.n_embd % 32 or batch == 17:
+            pytest.skip("packed weights need widths in whole tiles and take the kernel up to 16 rows")
+        model = _packed_model(random_model, cfg, int(kind[-1]), with_head=True)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 4), generator=torch.Generator().manual_seed(batch))
+    _, start = _steps(model, tokens[:, :2])
+    whole, whole_state = _steps(model, tokens[:, 2:], start.clone())
+    found = step_args.model_plan(model, model.emb.weight.dtype, batch)
+    # a packed head runs in the op in whole tiles of 16 rows
+    assert found is not None and found.has_head == (not kind.startswith("packed") or cfg.vocab_size % 16 == 0)
+    with monkeypatch.context() as m:
+        _layer_by_layer(m)
+        layered, layered_state = _steps(model, tokens[:, 2:], start.clone())
+    assert whole.dtype == layered.dtype and whole.shape == layered.shape
+    assert (whole.float() - layered.float()).abs().max() <= 2e-6 * layered.float().abs().max() + (
+        2.0**-8 * layered.float().abs().max() if kind == "bf16" else 0.0  # one bf16 rounding of the logits
+    )
+    for field in ("att_shift", "ffn_shift", "wkv"):
+        assert torch.equal(getattr(whole_state, field), getattr(layered_state, field)), field
+
+
+def test_whole_model_plan_is_kept_and_rebuilt(random_model):
+    """The plan is reused between tokens and batch sizes of the same rows, rebuilt for another row count, a swapped
+    module or a changed dtype, and leaves the head to Python when the final norm is not the LayerNorm it computes."""
+    model = random_model(CONFIGS["gate"])
+    first = step_args.model_plan(model, torch.float32, 1)
+    assert step_args.model_plan(model, torch.float32, 1) is first
+    assert step_args.model_plan(model, torch.float32, 2) is not first
+    model.blocks[1].ffn.value = torch.nn.Linear(model.blocks[1].ffn.value.in_features, 128, bias=False)
+    swapped = step_args.model_plan(model, torch.float32, 2)
+    assert swapped is not None and swapped is not first
+    key = model.blocks[0].att.key
+    key.bias = torch.nn.Parameter(torch.zeros(key.out_features))  # a bias the op would not add: that block splits
+    assert step_args.model_plan(model, torch.float32, 2) is None
+    key.bias = None
+    assert step_args.model_plan(model, torch.float32, 2) is not None
+    model.head = torch.nn.Linear(128, 300, bias=True)  # a bias: not what the op reads
+    assert not step_args.model_plan(model, torch.float32, 2).has_head
+    model.ln_out.eps = 1e-6
+    model.head.bias = None
+    assert not step_args.model_plan(model, torch.float32, 2).has_head
+    model.ln_out.eps = 1e-5
+    assert step_args.model_plan(model, torch.float32, 2).has_head
+    model.to(torch.bfloat16)
+    assert step_args.model_plan(model, torch.bfloat16, 2) is not None
+    tokens = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(1))
+    logits, _ = _steps(model, tokens)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_whole_model_op_refuses_bad_plans_and_states(random_model):
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    model = random_model(CONFIGS["gate"])
+    found = step_args.model_plan(model, torch.float32, 1)
+    state = RecurrentState.zeros(model.cfg, 1)
+    x = torch.randn(1, 128)
+    op = torch.ops.rwkvctl.rnn_step_model
+    with pytest.raises(RuntimeError, match=r"shifts must be \(L, B, C\)"):
+        op(x, state.att_shift[:1], state.ffn_shift, state.wkv, found.plan)
+    with pytest.raises(RuntimeError, match=r"wkv must be \(L, B, H, N, N\)"):
+        op(x, state.att_shift, state.ffn_shift, state.wkv.double(), found.plan)
+    args = step_args.layer_params(model.blocks[0], torch.float32)
+    plan_class = torch.classes.rwkvctl.StepPlan
+    with pytest.raises(RuntimeError, match="3 entries per layer"):
+        plan_class(args.params, [], [len(args.params), 0], args.q_bits, args.q_group, [], 0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="layer_sizes count"):
+        plan_class(args.params, [], [len(args.params) + 1, 0, 3], args.q_bits, args.q_group, [], 0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="head must be empty"):
+        plan_class(args.params, [], [len(args.params), 0, 3], args.q_bits, args.q_group, [x], 300, 0, 0, 1.0)
+    one_layer = plan_class(args.params, [], [len(args.params), 0, 3], args.q_bits, args.q_group, [], 0, 0, 0, 1.0)
+    zero = RecurrentState.zeros(model.cfg, 1)
+    out, att, ffn, wkv = op(x, zero.att_shift[:1], zero.ffn_shift[:1], zero.wkv[:1], one_layer)
+    assert out.shape == (1, 128) and wkv.shape == (1, 1, *zero.wkv.shape[2:])  # no head: the residual stream
+    bad_head = [model.ln_out.weight, model.ln_out.bias, model.head.weight[:, :64].contiguous()]
+    with_bad_head = plan_class(args.params, [], [len(args.params), 0, 3], args.q_bits, args.q_group, bad_head, 300, 0,
+                               0, 1.0)
+    with pytest.raises(RuntimeError, match="rnn_step_model: weight must be"):
+        op(x, zero.att_shift[:1], zero.ffn_shift[:1], zero.wkv[:1], with_bad_head)
