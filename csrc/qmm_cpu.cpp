@@ -4,11 +4,16 @@
 //
 // Tiled layout: output rows in tiles of 16 (the last one padded with zero codes and zero scales).
 //   8 bits: per tile, per input pair p: 32 bytes, byte 2j+t = code(row j, input 2p+t)           -> (tiles, 16 * in)
-//   4 bits: per tile, per input quad q: 32 bytes, byte 2j+t = code(row j, 4q+t) | code(row j, 4q+2+t) << 4
+//   4 bits: per tile, per input octet o: 64 bytes, byte 4j+t = code(row j, 8o+t) | code(row j, 8o+4+t) << 4
 //                                                                                               -> (tiles, 8 * in)
 //   scale, min: (tiles, groups, 16) fp16 bits (int16 storage, so model.to(dtype) leaves them alone)
-// So 32 bytes widened to 16-bit lanes hold, for 16 output rows, the codes of two neighbouring inputs side by side:
-// one `vpmaddwd` / `vpdpwssd` against the two inputs' values (broadcast) gives 16 partial dot products.
+// 8 bits: 32 bytes widened to 16-bit lanes hold, for 16 output rows, the codes of two neighbouring inputs side by
+// side: one `vpmaddwd` / `vpdpwssd` against the two inputs' values (broadcast) gives 16 partial dot products.
+// 4 bits: 64 bytes masked to their low (high) nibbles hold, for 16 output rows, the codes of four neighbouring inputs
+// as bytes, with no widening: one `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`) against four broadcast activation bytes
+// gives 16 partial dot products of four terms. Activations are int16, so each is split into a signed high byte and
+// an unsigned low byte (x = 256 * hi + lo) and the two sums are combined exactly: codes (0..15) fit either operand
+// of the u8 x s8 product. Groups of 4-bit weights are whole octets (a multiple of 8 inputs).
 //
 // Activations: per call each row of x is cut into the weight's groups and each group rounded to int16 with its own
 // scale (max |x| / 32767): a relative error under 2^-16 of the group's largest input, far below fp16/bf16 rounding
@@ -42,6 +47,8 @@ constexpr int kTile = kQmmTile;  // output rows per tile (qmm.h)
 struct Prepared {
   int64_t n, in, out, tiles, group, groups, bits;
   const int16_t* xq;    // (n, in) activations as int16
+  const int8_t* xhi;    // (n, in) their high bytes (4 bits, x86 kernels)
+  const uint8_t* xlo;   // (n, in) their low bytes
   const float* xscale;  // (n, groups)
   const float* xsum;    // (n, groups): exact fp32 sums of x over each group
   const uint8_t* q;     // (tiles, tile_bytes)
@@ -65,14 +72,17 @@ void tiles_portable(const Prepared& p, int64_t t0, int64_t t1) {
         int32_t acc[kTile] = {};
         const uint8_t* qg = qt + g * gbytes;
         const int64_t k0 = g * p.group;
-        for (int64_t b = 0; b < gbytes; b += 32) {  // 32 bytes: 2 inputs (8 bits) or 4 inputs (4 bits)
-          for (int j = 0; j < kTile; ++j) {
-            for (int u = 0; u < 2; ++u) {
-              const int32_t c = qg[b + 2 * j + u];
-              if (p.bits == 8) {
-                acc[j] += c * x[k0 + b / 16 + u];
-              } else {
-                acc[j] += (c & 15) * x[k0 + b / 8 + u] + (c >> 4) * x[k0 + b / 8 + 2 + u];
+        if (p.bits == 8) {
+          for (int64_t b = 0; b < gbytes; b += 32) {  // 32 bytes: 2 inputs
+            for (int j = 0; j < kTile; ++j)
+              for (int u = 0; u < 2; ++u) acc[j] += int32_t{qg[b + 2 * j + u]} * x[k0 + b / 16 + u];
+          }
+        } else {
+          for (int64_t b = 0; b < gbytes; b += 64) {  // 64 bytes: 8 inputs
+            for (int j = 0; j < kTile; ++j) {
+              for (int u = 0; u < 4; ++u) {
+                const int32_t c = qg[b + 4 * j + u];
+                acc[j] += (c & 15) * x[k0 + b / 8 + u] + (c >> 4) * x[k0 + b / 8 + 4 + u];
               }
             }
           }
@@ -89,18 +99,19 @@ void tiles_portable(const Prepared& p, int64_t t0, int64_t t1) {
 }
 
 #ifdef RWKVCTL_X86_VARIANTS
-inline int32_t pair_at(const int16_t* x) {
+inline int32_t quad_at(const void* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
   return v;
 }
 
-// AVX-512BW: 16 output rows per zmm. NR input rows share each widened code vector.
+// AVX-512BW: 16 output rows per zmm. NR input rows share each code vector.
 //
-// With VNNI each vpdpwssd waits for the previous one on the same accumulator (~5 cycles), so one chain of sums per
-// row would bound a lone decode row (NR = 1) at a fifth of what the multiply unit can do. Each row therefore keeps
-// independent int32 sums: one per nibble term (4 bits) and, for NR <= 2, one per chunk parity; they are added at
-// the end of the group. Integer addition is exact, so the result does not depend on the split.
+// With VNNI each vpdpwssd / vpdpbusd waits for the previous one on the same accumulator (~5 cycles), so one chain
+// of sums per row would bound a lone decode row (NR = 1) at a fifth of what the multiply unit can do. Each row
+// therefore keeps independent int32 sums (8 bits: one per chunk parity for NR <= 2; 4 bits: one per nibble and
+// activation byte), added at the end of the group. Integer addition is exact, so the result does not depend on the
+// split.
 #define RWKVCTL_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 template <bool VNNI>
@@ -108,76 +119,120 @@ RWKVCTL_AVX512_TARGET inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b
   return VNNI ? _mm512_dpwssd_epi32(acc, a, b) : _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 }
 
-// One 32-byte chunk of a tile's codes (2 inputs at 8 bits, 4 at 4 bits, for 16 rows) into the sums of parity C.
-template <int BITS, int NR, bool VNNI, int C, int kTerms, int kParity>
-RWKVCTL_AVX512_TARGET inline void chunk_avx512(__m512i (&acc)[NR][kTerms][kParity], const uint8_t* codes_at,
-                                               const int16_t* x_at, int64_t row_stride) {
+// One 32-byte chunk of an 8-bit tile's codes (2 inputs for 16 rows) into the sums of parity C.
+template <int NR, bool VNNI, int C, int kParity>
+RWKVCTL_AVX512_TARGET inline void chunk8_avx512(__m512i (&acc)[NR][kParity], const uint8_t* codes_at,
+                                                const int16_t* x_at, int64_t row_stride) {
   const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_at)));
-  if constexpr (BITS == 8) {
-    for (int r = 0; r < NR; ++r) {
-      acc[r][0][C] = dot_pairs<VNNI>(acc[r][0][C], codes, _mm512_set1_epi32(pair_at(x_at + r * row_stride)));
-    }
-  } else {
-    const __m512i lo = _mm512_and_si512(codes, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(codes, 4);
-    for (int r = 0; r < NR; ++r) {
-      const int16_t* x = x_at + r * row_stride;
-      acc[r][0][C] = dot_pairs<VNNI>(acc[r][0][C], lo, _mm512_set1_epi32(pair_at(x)));
-      acc[r][kTerms - 1][C] = dot_pairs<VNNI>(acc[r][kTerms - 1][C], hi, _mm512_set1_epi32(pair_at(x + 2)));
-    }
+  for (int r = 0; r < NR; ++r) {
+    acc[r][C] = dot_pairs<VNNI>(acc[r][C], codes, _mm512_set1_epi32(quad_at(x_at + r * row_stride)));
   }
 }
 
-template <int BITS, int NR, bool VNNI>
-RWKVCTL_AVX512_TARGET void tiles_avx512(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
-  constexpr int kTerms = BITS == 4 ? 2 : 1;  // low and high nibble sums kept apart
-  constexpr int kParity = NR <= 2 ? 2 : 1;   // even and odd 32-byte chunks kept apart
-  const int64_t gbytes = kTile * p.group * BITS / 8;
-  const int64_t per_chunk = BITS == 8 ? 2 : 4;  // inputs per 32-byte chunk
+// The per-group epilogue shared by the AVX-512 kernels: total += sum * (scale * xscale) + min * xsum, 16 rows.
+RWKVCTL_AVX512_TARGET inline __m512 scale_group(const Prepared& p, __m512i sum, __m512 total, __m512 s, __m512 m,
+                                                int64_t rg) {
+  const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(p.xscale[rg]));
+  total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sx, total);
+  return _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsum[rg]), total);
+}
+
+template <int NR, bool VNNI>
+RWKVCTL_AVX512_TARGET void tiles8_avx512(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+  constexpr int kParity = NR <= 2 ? 2 : 1;  // even and odd 32-byte chunks kept apart
+  const int64_t gbytes = kTile * p.group;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* qt = p.q + t * p.tile_bytes();
     __m512 total[NR];
     for (int r = 0; r < NR; ++r) total[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.groups; ++g) {
-      __m512i acc[NR][kTerms][kParity];
+      __m512i acc[NR][kParity];
       for (int r = 0; r < NR; ++r)
-        for (int u = 0; u < kTerms; ++u)
-          for (int c = 0; c < kParity; ++c) acc[r][u][c] = _mm512_setzero_si512();
+        for (int c = 0; c < kParity; ++c) acc[r][c] = _mm512_setzero_si512();
       const uint8_t* qg = qt + g * gbytes;
       const int16_t* xg = p.xq + r0 * p.in + g * p.group;
       int64_t b = 0;
       if constexpr (kParity == 2) {
         for (; b + 64 <= gbytes; b += 64) {
-          chunk_avx512<BITS, NR, VNNI, 0, kTerms, kParity>(acc, qg + b, xg + b / 32 * per_chunk, p.in);
-          chunk_avx512<BITS, NR, VNNI, kParity - 1, kTerms, kParity>(acc, qg + b + 32, xg + (b / 32 + 1) * per_chunk,
-                                                                     p.in);
+          chunk8_avx512<NR, VNNI, 0, kParity>(acc, qg + b, xg + b / 16, p.in);
+          chunk8_avx512<NR, VNNI, kParity - 1, kParity>(acc, qg + b + 32, xg + b / 16 + 2, p.in);
         }
       }
-      for (; b < gbytes; b += 32) {
-        chunk_avx512<BITS, NR, VNNI, 0, kTerms, kParity>(acc, qg + b, xg + b / 32 * per_chunk, p.in);
-      }
+      for (; b < gbytes; b += 32) chunk8_avx512<NR, VNNI, 0, kParity>(acc, qg + b, xg + b / 16, p.in);
       const int64_t sg = (t * p.groups + g) * kTile;
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + sg)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimum + sg)));
       for (int r = 0; r < NR; ++r) {
-        __m512i sum = acc[r][0][0];
-        for (int u = 0; u < kTerms; ++u)
-          for (int c = 0; c < kParity; ++c)
-            if (u + c > 0) sum = _mm512_add_epi32(sum, acc[r][u][c]);
-        const int64_t rg = (r0 + r) * p.groups + g;
-        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(p.xscale[rg]));
-        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sx, total[r]);
-        total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsum[rg]), total[r]);
+        __m512i sum = acc[r][0];
+        for (int c = 1; c < kParity; ++c) sum = _mm512_add_epi32(sum, acc[r][c]);
+        total[r] = scale_group(p, sum, total[r], s, m, (r0 + r) * p.groups + g);
       }
     }
     for (int r = 0; r < NR; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.tiles * kTile + t * kTile, total[r]);
   }
 }
 
-// AVX2: a tile as two halves of 8 rows (2 ymm per input row); NR input rows (4 NR + 5 of 16 registers).
+// u8 x s8 products of 4 bytes summed into each int32 lane: vpdpbusd, or without VNNI vpmaddubsw (pairs to int16: at
+// most 2 * 255 * 15, no saturation with 4-bit codes) and vpmaddwd against ones.
+template <bool VNNI>
+RWKVCTL_AVX512_TARGET inline __m512i dot_quads(__m512i acc, __m512i u8, __m512i s8) {
+  if constexpr (VNNI) return _mm512_dpbusd_epi32(acc, u8, s8);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), _mm512_set1_epi16(1)));
+}
+
+// 4 bits: per octet, the low nibbles are the codes of inputs 8o..8o+3 and the high nibbles of 8o+4..8o+7, as bytes
+// of 16 rows x 4 inputs. Each row keeps 4 sums (high/low activation byte x low/high nibble) for NR <= 2, else 2
+// (the nibbles share one): sum = 256 * high-byte sums + low-byte sums, the int16 activation's exact products.
+template <int NR, bool VNNI>
+RWKVCTL_AVX512_TARGET void tiles4_avx512(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
+  constexpr int kNib = NR <= 2 ? 2 : 1;
+  const int64_t gbytes = kTile * p.group / 2;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = p.q + t * p.tile_bytes();
+    __m512 total[NR];
+    for (int r = 0; r < NR; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m512i hi_acc[NR][kNib], lo_acc[NR][kNib];  // sums against the activations' high / low bytes
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < kNib; ++c) hi_acc[r][c] = lo_acc[r][c] = _mm512_setzero_si512();
+      const uint8_t* qg = qt + g * gbytes;
+      const int64_t k0 = (r0 * p.in) + g * p.group;
+      for (int64_t b = 0; b < gbytes; b += 64) {
+        const __m512i v = _mm512_loadu_si512(qg + b);
+        const __m512i nib[2] = {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+        const int64_t k = k0 + b / 8;
+        for (int r = 0; r < NR; ++r) {
+          const int8_t* xh = p.xhi + k + r * p.in;
+          const uint8_t* xl = p.xlo + k + r * p.in;
+          for (int h = 0; h < 2; ++h) {
+            const int c = kNib == 2 ? h : 0;
+            hi_acc[r][c] = dot_quads<VNNI>(hi_acc[r][c], nib[h], _mm512_set1_epi32(quad_at(xh + 4 * h)));
+            lo_acc[r][c] = dot_quads<VNNI>(lo_acc[r][c], _mm512_set1_epi32(quad_at(xl + 4 * h)), nib[h]);
+          }
+        }
+      }
+      const int64_t sg = (t * p.groups + g) * kTile;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + sg)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimum + sg)));
+      for (int r = 0; r < NR; ++r) {
+        __m512i hi = hi_acc[r][0], lo = lo_acc[r][0];
+        if constexpr (kNib == 2) hi = _mm512_add_epi32(hi, hi_acc[r][1]), lo = _mm512_add_epi32(lo, lo_acc[r][1]);
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+        total[r] = scale_group(p, sum, total[r], s, m, (r0 + r) * p.groups + g);
+      }
+    }
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.tiles * kTile + t * kTile, total[r]);
+  }
+}
+
+// AVX2: a tile as two halves of 8 rows (2 ymm per input row). 8 bits: widened codes against int16 pairs;
+// 4 bits: the nibbles as bytes against the activation bytes as in tiles4_avx512 (vpmaddubsw: each half's two
+// nibble products added in int16, at most 2 * 2 * 255 * 15 < 32768, then vpmaddwd against ones).
 template <int BITS, int NR>
 __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(const Prepared& p, int64_t t0, int64_t t1, int64_t r0) {
   const int64_t gbytes = kTile * p.group * BITS / 8;
-  const __m256i low4 = _mm256_set1_epi16(15);
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* qt = p.q + t * p.tile_bytes();
     __m256 total[NR][2];
@@ -186,26 +241,38 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(const Prepared& p, int6
       __m256i acc[NR][2];
       for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       const uint8_t* qg = qt + g * gbytes;
-      const int16_t* xg = p.xq + r0 * p.in + g * p.group;
-      for (int64_t b = 0; b < gbytes; b += 32) {
-        for (int h = 0; h < 2; ++h) {  // bytes 0..15: rows 0..7, bytes 16..31: rows 8..15
-          const __m256i codes =
-              _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + b + 16 * h)));
-          if constexpr (BITS == 8) {
+      const int64_t k0 = r0 * p.in + g * p.group;
+      if constexpr (BITS == 8) {
+        for (int64_t b = 0; b < gbytes; b += 32) {
+          for (int h = 0; h < 2; ++h) {  // bytes 0..15: rows 0..7, bytes 16..31: rows 8..15
+            const __m256i codes =
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + b + 16 * h)));
             for (int r = 0; r < NR; ++r) {
-              const __m256i xv = _mm256_set1_epi32(pair_at(xg + r * p.in + b / 16));
+              const __m256i xv = _mm256_set1_epi32(quad_at(p.xq + k0 + r * p.in + b / 16));
               acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(codes, xv));
-            }
-          } else {
-            const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_srli_epi16(codes, 4);
-            for (int r = 0; r < NR; ++r) {
-              const int16_t* x = xg + r * p.in + b / 8;
-              const __m256i xl = _mm256_set1_epi32(pair_at(x)), xh = _mm256_set1_epi32(pair_at(x + 2));
-              acc[r][h] = _mm256_add_epi32(acc[r][h],
-                                           _mm256_add_epi32(_mm256_madd_epi16(lo, xl), _mm256_madd_epi16(hi, xh)));
             }
           }
         }
+      } else {
+        __m256i lo_acc[NR][2];  // sums against the activations' low bytes; acc takes the high bytes'
+        for (int r = 0; r < NR; ++r) lo_acc[r][0] = lo_acc[r][1] = _mm256_setzero_si256();
+        for (int64_t b = 0; b < gbytes; b += 64) {
+          for (int h = 0; h < 2; ++h) {  // bytes 0..31: rows 0..7, bytes 32..63: rows 8..15
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b + 32 * h));
+            const __m256i n0 = _mm256_and_si256(v, low4), n1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int r = 0; r < NR; ++r) {
+              const int64_t k = k0 + r * p.in + b / 8;
+              const __m256i xh0 = _mm256_set1_epi32(quad_at(p.xhi + k)), xh1 = _mm256_set1_epi32(quad_at(p.xhi + k + 4));
+              const __m256i xl0 = _mm256_set1_epi32(quad_at(p.xlo + k)), xl1 = _mm256_set1_epi32(quad_at(p.xlo + k + 4));
+              const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(n0, xh0), _mm256_maddubs_epi16(n1, xh1));
+              const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(xl0, n0), _mm256_maddubs_epi16(xl1, n1));
+              acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(hi, ones));
+              lo_acc[r][h] = _mm256_add_epi32(lo_acc[r][h], _mm256_madd_epi16(lo, ones));
+            }
+          }
+        }
+        for (int r = 0; r < NR; ++r)
+          for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_add_epi32(_mm256_slli_epi32(acc[r][h], 8), lo_acc[r][h]);
       }
       const int64_t sg = (t * p.groups + g) * kTile;
       for (int h = 0; h < 2; ++h) {
@@ -239,8 +306,13 @@ int qmm_level() {
 
 template <int BITS, int NR>
 TilesFn pick_nr(int level) {
-  if (level == 3) return &tiles_avx512<BITS, NR, true>;
-  if (level == 2) return &tiles_avx512<BITS, NR, false>;
+  if constexpr (BITS == 4) {
+    if (level == 3) return &tiles4_avx512<NR, true>;
+    if (level == 2) return &tiles4_avx512<NR, false>;
+  } else {
+    if (level == 3) return &tiles8_avx512<NR, true>;
+    if (level == 2) return &tiles8_avx512<NR, false>;
+  }
   return &tiles_avx2<BITS, NR <= 2 ? NR : 2>;
 }
 
@@ -332,8 +404,10 @@ void check_group_affine(const char* op, const char* what, const at::Tensor& qtil
                         const at::Tensor& minimum, int64_t out, int64_t in, int64_t bits, int64_t group) {
   const int64_t tiles = (out + kTile - 1) / kTile;
   TORCH_CHECK(bits == 4 || bits == 8, op, ": ", what, ": packed bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(group > 0 && group % (bits == 4 ? 4 : 2) == 0 && in % group == 0 && (bits == 4 || group <= 512), op,
-              ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
+  // whole octets (4 bits) or pairs (8 bits) per group; int32 sums: 8 bits up to 512 inputs (255 * 32767 each),
+  // 4 bits up to 4096 (the high-byte sums, 15 * 128 * 256 each)
+  TORCH_CHECK(group > 0 && group % (bits == 4 ? 8 : 2) == 0 && in % group == 0 && group <= (bits == 4 ? 4096 : 512),
+              op, ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
   TORCH_CHECK(qtiles.device().is_cpu() && qtiles.dim() == 2 && qtiles.scalar_type() == at::kByte &&
                   qtiles.size(0) == tiles && qtiles.size(1) == kTile * in * bits / 8 && qtiles.is_contiguous(),
               op, ": ", what, ": codes must be contiguous (", tiles, ", ", kTile * in * bits / 8,
@@ -360,8 +434,15 @@ void group_affine_mm_rows(const float* x, int64_t n, int64_t in, const uint8_t* 
   const auto quantize = &quantize_activations;
 #endif
   quantize(x, n * groups, group, xq.data(), xscale.data(), xsum.data());
-  Prepared p{n, in, out, tiles, group, groups, bits, xq.data(), xscale.data(), xsum.data(), qtiles, scale, minimum,
-             y};
+  // 4 bits on x86: each int16 activation as a signed high and an unsigned low byte (x = 256 * hi + lo)
+  std::vector<int8_t> xhi(bits == 4 && level >= 1 ? static_cast<size_t>(n * in) : 0);
+  std::vector<uint8_t> xlo(xhi.size());
+  for (size_t i = 0; i < xhi.size(); ++i) {
+    xhi[i] = static_cast<int8_t>(xq[i] >> 8);  // arithmetic shift: the floor of x / 256
+    xlo[i] = static_cast<uint8_t>(xq[i] & 0xFF);
+  }
+  Prepared p{n,           in,          out,        tiles,      group,      groups, bits,  xq.data(),
+             xhi.data(),  xlo.data(),  xscale.data(), xsum.data(), qtiles, scale,  minimum, y};
   // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / p.tile_bytes());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run_tiles(p, level, t0, t1); });

@@ -8,8 +8,8 @@ integer sums: AVX-512 VNNI / AVX-512BW / AVX2 picked at run time, a portable loo
 `pack`, so a module that keeps only the tiles can still hand out the stored form.
 
 RWKVCTL_QMM=auto|compiled|reference picks the backend (`usable`). Where the op exists: the rwkvctl extension
-(rwkvctl/kernels/build.py) built and loaded, CPU tensors, bits 4 or 8, `group` a multiple of 4 (of 2 at 8 bits)
-dividing the row and at most MAX_GROUP_8BIT at 8 bits (int32 sums).
+(rwkvctl/kernels/build.py) built and loaded, CPU tensors, bits 4 or 8, `group` a multiple of 8 (of 2 at 8 bits)
+dividing the row and at most MAX_GROUP_4BIT / MAX_GROUP_8BIT inputs (int32 sums).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rwkvctl.errors import KernelUnavailable
 
 TILE = 16  # output rows per tile (csrc/qmm_cpu.cpp kTile)
 MAX_GROUP_8BIT = 512  # 256 pairs of 255 * 32767 still fit an int32 lane
+MAX_GROUP_4BIT = 4096  # the 4-bit kernel's sums over activation high bytes, 15 * 128 * 256 per input, fit one too
 LEVELS = ("portable", "avx2", "avx512bw", "avx512vnni")  # rwkvctl::group_affine_level()
 log = logging.getLogger("rwkvctl.kernels")
 
@@ -47,11 +48,12 @@ def supports(bits: int, group: int, in_features: int) -> str | None:
     """None if the kernel takes a weight of this form, else why not (a short phrase)."""
     if bits not in (4, 8):
         return f"{bits}-bit codes"
-    step = 4 if bits == 4 else 2
+    step = 8 if bits == 4 else 2
     if group % step or in_features % group:
         return f"groups of {group} (the kernel needs a multiple of {step} dividing the row)"
-    if bits == 8 and group > MAX_GROUP_8BIT:
-        return f"8-bit groups over {MAX_GROUP_8BIT}"
+    limit = MAX_GROUP_4BIT if bits == 4 else MAX_GROUP_8BIT
+    if group > limit:
+        return f"{bits}-bit groups over {limit}"
     return None
 
 
@@ -73,8 +75,8 @@ def pack(qweight: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int)
         cols = qweight.shape[1] * 2
         low, high = qweight & 0x0F, qweight >> 4
         codes = torch.stack((low, high), -1).view(out, cols)  # (out, in/2) -> (out, in/2, 2) -> (out, in)
-        quads = _pad_rows(codes, rows).view(tiles, TILE, cols // 4, 2, 2)  # input 4q + 2h + t -> [.., q, h, t]
-        packed = (quads[..., 0, :] | (quads[..., 1, :] << 4)).permute(0, 2, 1, 3)  # (tiles, quads, 16, 2)
+        octets = _pad_rows(codes, rows).view(tiles, TILE, cols // 8, 2, 4)  # input 8o + 4h + t -> [.., o, h, t]
+        packed = (octets[..., 0, :] | (octets[..., 1, :] << 4)).permute(0, 2, 1, 3)  # (tiles, octets, 16, 4)
     packed = packed.contiguous().view(tiles, -1)
 
     def per_tile(t: Tensor) -> Tensor:  # (out, groups) fp16 -> (tiles, groups, 16) int16 bits
@@ -91,9 +93,9 @@ def unpack(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor]:
         packed = tiles.codes.view(n_tiles, -1, TILE, 2).permute(0, 2, 1, 3)  # (tiles, pairs, 16, 2) -> rows first
         qweight = packed.reshape(rows, -1)[: tiles.out]
     else:
-        packed = tiles.codes.view(n_tiles, -1, TILE, 2).permute(0, 2, 1, 3)  # (tiles, 16, quads, 2)
-        quads = torch.stack((packed & 0x0F, packed >> 4), -2)  # (tiles, 16, quads, h, t): input 4q + 2h + t
-        codes = quads.reshape(rows, -1)[: tiles.out]
+        packed = tiles.codes.view(n_tiles, -1, TILE, 4).permute(0, 2, 1, 3)  # (tiles, 16, octets, 4)
+        octets = torch.stack((packed & 0x0F, packed >> 4), -2)  # (tiles, 16, octets, h, t): input 8o + 4h + t
+        codes = octets.reshape(rows, -1)[: tiles.out]
         qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
 
     def per_row(t: Tensor) -> Tensor:  # (tiles, groups, 16) int16 bits -> (out, groups) fp16

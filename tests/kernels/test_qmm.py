@@ -30,6 +30,12 @@ def _weight(out: int, cols: int, group: int, bits: int, seed: int = 0):
     return q, s, m, dequantize(q, s, m, bits, group).double()
 
 
+def _kernel_group(bits: int, group: int) -> int:
+    """The SHAPES group as the kernel takes it: whole octets of inputs at 4 bits, pairs at 8 (12 -> 24, 4 -> 8)."""
+    step = 8 if bits == 4 else 2
+    return group if group % step == 0 else group * step // 4
+
+
 def _rel_err(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
     """Error relative to the size of the summed terms (|x| @ |W|.T), so cancellation does not hide it."""
     return ((y.double() - x.double() @ w.T).abs() / (x.double().abs() @ w.abs().T).clamp_min(1e-30)).max().item()
@@ -38,7 +44,7 @@ def _rel_err(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("out,cols,group", SHAPES)
 def test_pack_and_unpack_are_inverse(bits: int, out: int, cols: int, group: int) -> None:
-    group = 2 if bits == 8 and group == 4 else group
+    group = _kernel_group(bits, group)
     q, s, m, _ = _weight(out, cols, group, bits)
     tiles = qmm.pack(q, s, m, bits, group)
     assert tiles.codes.shape == (-(-out // qmm.TILE), qmm.TILE * cols * bits // 8)
@@ -53,14 +59,19 @@ def test_kernel_matches_the_expanded_weight(extension, monkeypatch, isa, bits, o
     monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)  # caps the level: every variant runs on this CPU's capabilities
     if isa == "avx512bw":
         assert qmm.level() != "avx512vnni"  # the plain AVX-512BW variant runs even where VNNI exists
+    group = _kernel_group(bits, group)
     q, s, m, w = _weight(out, cols, group, bits)
     tiles = qmm.pack(q, s, m, bits, group)
+    # the rounded activations meet code * scale, which can exceed |W| where the group's min cancels it
+    coded = dequantize(q, s, torch.zeros_like(m), bits, group).double().abs()
     gen = torch.Generator().manual_seed(1)
     for n in range(1, 18):
         x = torch.randn(n, cols, generator=gen)
         y = qmm.matmul(x, tiles)
         assert y.shape == (n, out) and y.dtype == torch.float32
-        assert _rel_err(y, x, w) < 1e-4, (n, isa)  # int16 activations: < 2^-16 of a group's largest input
+        # int16 activations: each within 2^-16 of its group's largest input
+        err = (y.double() - x.double() @ w.T).abs() / (x.double().abs() @ (w.abs() + coded).T).clamp_min(1e-30)
+        assert err.max().item() < 1e-4, (n, isa)
 
 
 def test_kernel_takes_any_strides_and_float_dtypes(extension) -> None:
@@ -89,7 +100,29 @@ def test_kernel_edge_inputs(extension) -> None:
 def test_supports_names_what_the_kernel_cannot_take() -> None:
     assert qmm.supports(4, 64, 768) is None and qmm.supports(8, 2, 768) is None
     assert "groups of 6" in qmm.supports(4, 6, 48)
+    assert "multiple of 8" in qmm.supports(4, 12, 48)  # 4 bits: whole octets of inputs per group
     assert "8-bit groups over" in qmm.supports(8, 1024, 2048)
+    assert "4-bit groups over 4096" in qmm.supports(4, 8192, 8192)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vnni_and_plain_avx512_give_the_same_bits(extension, monkeypatch, bits) -> None:
+    """The integer sums are exact whatever instructions form them (4 bits: high and low activation bytes multiplied
+    apart and combined), and both AVX-512 variants scale them in the same order: bitwise equal results, including
+    activations at the int16 extremes (+-32767 after rounding) and negative values with every low byte."""
+    monkeypatch.delenv("RWKVCTL_CPU_ISA", raising=False)
+    if qmm.level() != "avx512vnni":
+        pytest.skip("needs a CPU with AVX-512 VNNI")
+    q, s, m, _ = _weight(48, 256, 64, bits)
+    tiles = qmm.pack(q, s, m, bits, 64)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    x[0, :64] = -1.0  # a whole group at the negative extreme
+    x[1, 64:128] = torch.linspace(-1, 1, 64)
+    x[2, 128:192] = -torch.arange(64) / 63.0  # low bytes 0..255 over negative values
+    vnni = qmm.matmul(x, tiles)
+    monkeypatch.setenv("RWKVCTL_CPU_ISA", "avx512bw")
+    assert qmm.level() == "avx512bw"
+    assert torch.equal(qmm.matmul(x, tiles), vnni)
 
 
 def test_backend_setting(monkeypatch) -> None:
