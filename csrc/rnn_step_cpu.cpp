@@ -193,7 +193,8 @@ void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const fl
                         float* y, int64_t B, int64_t H, int64_t N, double head_size_divisor) {
   const int64_t A = H * N;
   std::vector<float> decay(static_cast<size_t>(A));
-  for (int64_t i = 0; i < A; ++i) decay[i] = std::exp(-std::exp(time_decay[i]));
+  #pragma omp simd
+  for (int64_t i = 0; i < A; ++i) decay[i] = exp_f32(-exp_f32(time_decay[i]));
   auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, step_isa_level());
   const float inv_hsd = static_cast<float>(1.0 / head_size_divisor);
   for (int64_t b = 0; b < B; ++b) {
@@ -216,7 +217,8 @@ void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const fl
     if (g != nullptr) {
       float* yb = y + b * A;
       const float* gb = g + b * A;
-      for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + std::exp(-gb[i]));  // silu
+      #pragma omp simd
+      for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + exp_f32(-gb[i]));  // silu
     }
   }
 }
@@ -347,11 +349,12 @@ void run_layer(const char* op, const LayerInputs& layer, double head_size_diviso
   }
   float* hidden = scratch.hidden.data();
   project(w[4], fxk, hidden, B, level);
-  for (int64_t i = 0; i < B * layer.F; ++i) hidden[i] = hidden[i] > 0.f ? hidden[i] * hidden[i] : 0.f;  // relu^2
+  relu_square(hidden, hidden, B * layer.F);
   float* rec = scratch.rec.data();
   project(w[5], fxr, rec, B, level);
   project(w[6], hidden, out, B, level);
-  for (int64_t i = 0; i < B * C; ++i) x[i] += out[i] / (1.f + std::exp(-rec[i]));  // sigmoid(r) * value
+  #pragma omp simd
+  for (int64_t i = 0; i < B * C; ++i) x[i] += out[i] / (1.f + exp_f32(-rec[i]));  // sigmoid(r) * value
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(

@@ -132,7 +132,7 @@ at::Tensor relu_square_cpu(const at::Tensor& h_in) {
   at::Tensor out = at::empty_like(h);
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < h.numel(); ++i) op[i] = hp[i] > 0.f ? hp[i] * hp[i] : 0.f;
+  relu_square(hp, op, h.numel());
   return out;
 }
 
@@ -147,7 +147,8 @@ at::Tensor ffn_residual_cpu(const at::Tensor& x_in, const at::Tensor& r_in, cons
   const float* rp = r.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < xf.numel(); ++i) o[i] = xs[i] + vp[i] / (1.f + std::exp(-rp[i]));  // sigmoid(r) * value
+  #pragma omp simd
+  for (int64_t i = 0; i < xf.numel(); ++i) o[i] = xs[i] + vp[i] / (1.f + exp_f32(-rp[i]));  // sigmoid(r) * value
   return out;
 }
 

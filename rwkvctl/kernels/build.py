@@ -37,8 +37,9 @@ HEADERS = (
     "cuda/wkv5_kernels.cuh",
 )
 # Plain -O3 keeps the binary portable; wkv5_cpu.cpp adds AVX2/AVX-512 variants chosen at run time.
-# -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime.
-CXX_FLAGS = ("-O3", "-fopenmp-simd")
+# -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime; -fno-trapping-math lets loops
+# with float comparisons (relu, exp_f32's range checks) vectorize as selects (nothing reads the FP exception flags).
+CXX_FLAGS = ("-O3", "-fopenmp-simd", "-fno-trapping-math")
 CUDA_FLAGS = ("-O3", "-Xptxas", "-O3", "--extra-device-vectorization")
 
 
