@@ -599,3 +599,19 @@ def test_whole_model_op_refuses_bad_plans_and_states(random_model):
                                0, 1.0)
     with pytest.raises(RuntimeError, match="rnn_step_model: weight must be"):
         op(x, zero.att_shift[:1], zero.ffn_shift[:1], zero.wkv[:1], with_bad_head)
+
+
+def test_step_exp_matches_torch_over_the_whole_range():
+    """The decode ops' exp (plain arithmetic, vectorized) against torch's: sigmoid(r) * v within 2 ulp over the
+    float range, saturating to 0 and 1 at the ends, NaN kept NaN."""
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    ends = torch.tensor([-88.5, -87.0, 87.0, 88.5, float("inf"), -float("inf")])
+    r = torch.cat([torch.linspace(-100, 100, 20001), ends])
+    v = torch.ones_like(r)
+    got = torch.ops.rwkvctl.rnn_step_ffn_residual(torch.zeros(1, r.numel()), r[None], v[None])[0]
+    want = torch.sigmoid(r.double())
+    assert ((got.double() - want).abs() <= 2.5e-7 * want + 1e-38).all()
+    nan = torch.ops.rwkvctl.rnn_step_ffn_residual(torch.zeros(1, 1), torch.tensor([[float("nan")]]), torch.ones(1, 1))
+    assert torch.isnan(nan).all()
