@@ -195,7 +195,13 @@ void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const fl
   std::vector<float> decay(static_cast<size_t>(A));
   #pragma omp simd
   for (int64_t i = 0; i < A; ++i) decay[i] = exp_f32(-exp_f32(time_decay[i]));
-  auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, step_isa_level());
+  const int level = step_isa_level();
+  auto wkv_fn = STEP_PICK_PLAIN(wkv_step_head, level);
+#ifdef RNN_STEP_X86_VARIANTS
+  // whole 64-byte lines per state row: every head's rows stay aligned (the allocation is)
+  const bool stream = level >= 2 && N % 16 == 0 && wkv_out != wkv_in && reinterpret_cast<uintptr_t>(wkv_out) % 64 == 0;
+  if (stream) wkv_fn = &step_avx512::wkv_step_head_stream;
+#endif
   const float inv_hsd = static_cast<float>(1.0 / head_size_divisor);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
@@ -221,6 +227,9 @@ void wkv_groupnorm_gate(const float* r, const float* k, const float* v, const fl
       for (int64_t i = 0; i < A; ++i) yb[i] *= gb[i] / (1.f + exp_f32(-gb[i]));  // silu
     }
   }
+#ifdef RNN_STEP_X86_VARIANTS
+  if (stream) _mm_sfence();  // the streamed state is visible before anything reads it
+#endif
 }
 
 at::Tensor linear_f32acc_cpu(const at::Tensor& x, const at::Tensor& w) {
