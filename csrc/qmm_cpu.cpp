@@ -473,6 +473,8 @@ int64_t group_affine_level() { return qmm_level(); }
 TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
   m.def("group_affine_mm(Tensor x, Tensor qtiles, Tensor scale, Tensor min, int out, int bits, int group) -> Tensor");
   m.def("group_affine_level() -> int", &rwkvctl::group_affine_level);
+  // the stored form times up to 16 rows on a GPU: CUDA only (cuda/qmm_cuda.cu); the CPU reads the tiles above
+  m.def("group_affine_mv(Tensor x, Tensor qweight, Tensor scale, Tensor min, int bits, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rwkvctl, CPU, m) { m.impl("group_affine_mm", &rwkvctl::group_affine_mm_cpu); }

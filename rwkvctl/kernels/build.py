@@ -32,10 +32,10 @@ CPU_SOURCES = (
     "wkv5_op.cpp", "wkv5_cpu.cpp", "qmm_cpu.cpp", "rnn_step_cpu.cpp", "rnn_step_parts_cpu.cpp",
     "rnn_step_model_cpu.cpp",
 )
-CUDA_SOURCES = ("cuda/wkv5_cuda.cu",)
+CUDA_SOURCES = ("cuda/wkv5_cuda.cu", "cuda/qmm_cuda.cu")
 HEADERS = (
     "wkv5.h", "wkv5_cpu_kernel.h", "static_switch.h", "cpu_isa.h", "rnn_step_kernel.h", "rnn_step_avx512.h",
-    "rnn_step_layer.h", "cuda/wkv5_kernels.cuh",
+    "rnn_step_layer.h", "cuda/wkv5_kernels.cuh", "cuda/qmm_kernels.cuh",
 )
 # Plain -O3 keeps the binary portable; wkv5_cpu.cpp adds AVX2/AVX-512 variants chosen at run time.
 # -fopenmp-simd enables the `omp simd` reductions without linking an OpenMP runtime; -fno-trapping-math lets loops

@@ -1,5 +1,6 @@
 """The packed-weight matmul `rwkvctl::group_affine_mm` (csrc/qmm_cpu.cpp): x @ W.T for a group-affine weight
-(W[o, k] = code * scale + min per group of `group` inputs, 4- or 8-bit codes) without expanding W.
+(W[o, k] = code * scale + min per group of `group` inputs, 4- or 8-bit codes) without expanding W; on CUDA
+`rwkvctl::group_affine_mv` (csrc/cuda/qmm_cuda.cu, `matmul_gpu`) reads the stored form for up to 16 rows.
 
 The kernel reads its own tiled copy of the codes, made once by `pack` (16 output rows side by side, so one widened
 vector of codes meets a broadcast pair of activations); see the layout in csrc/qmm_cpu.cpp. Activations are rounded
@@ -102,6 +103,41 @@ def unpack(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor]:
         return t.view(torch.float16).transpose(1, 2).reshape(rows, -1)[: tiles.out].contiguous()
 
     return qweight.contiguous(), per_row(tiles.scale), per_row(tiles.minimum)
+
+
+def supports_gpu(bits: int, group: int, in_features: int) -> str | None:
+    """None if the CUDA kernel (csrc/cuda/qmm_kernels.cuh) takes a weight of this form, else why not."""
+    if bits not in (4, 8):
+        return f"{bits}-bit codes"
+    step = 32 // bits  # inputs per 32-bit word of codes, which must not straddle groups
+    if group % step or in_features % group:
+        return f"groups of {group} (the CUDA kernel needs a multiple of {step} dividing the row)"
+    return None
+
+
+def usable_on_gpu(bits: int, group: int, in_features: int, device: torch.device) -> bool:
+    """Whether `matmul_gpu` should run for such a weight on this CUDA device; one notice per reason if not."""
+    mode = backend_mode()
+    if mode == "reference":
+        return False
+    if (why := supports_gpu(bits, group, in_features)) is not None:
+        return SWITCH.fallback(f"the CUDA kernel does not take {why}", mode)
+    from rwkvctl.kernels.build import load_extension
+
+    try:
+        info = load_extension()
+    except KernelUnavailable as e:
+        return SWITCH.fallback(str(e), mode)
+    if not info.with_cuda:
+        return SWITCH.fallback("the extension was built without CUDA (RWKVCTL_WKV_SKIP_CUDA=1, or no CUDA toolkit)",
+                               mode)  # fmt: skip
+    return device.type == "cuda"
+
+
+def matmul_gpu(x: Tensor, qweight: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """x (n <= 16, in) on a CUDA device @ W.T -> (n, out) fp32, W in the stored group-affine form (qweight uint8,
+    scale and min fp16) read by csrc/cuda/qmm_cuda.cu without expanding it."""
+    return torch.ops.rwkvctl.group_affine_mv(x, qweight, scale, minimum, bits, group)
 
 
 def matmul(x: Tensor, tiles: Tiles) -> Tensor:

@@ -4,7 +4,8 @@ A weight whose scheme offers `affine_view(stored, params) -> (qweight, scale, mi
 codes: GroupAffine, and any scheme that can present itself so) is multiplied by the compiled kernel
 (rwkvctl/kernels/qmm.py) for inputs of up to FAST_ROWS_MAX rows on the CPU: `prepare()` repacks it once into the
 kernel's tiles, which then replace the stored tensors; from then on the layer is group-affine (`stored()` unpacks
-the tiles on demand, many-row inputs use GroupAffine's matmul). Everything else, and
+the tiles on demand, many-row inputs use GroupAffine's matmul). On a CUDA device the same inputs take the CUDA
+kernel, which reads the stored form itself (fp16 scale and min). Everything else, and
 every weight when the kernel cannot run here (RWKVCTL_QMM, one notice), uses the scheme's own `matmul`, the reference.
 """
 
@@ -52,6 +53,7 @@ class QuantLinear(nn.Module):
         self.rows_per_block = max(1, self.ROWS_PER_BLOCK_BYTES // (4 * self.in_features))
         self._tiles_form: tuple[int, int] | None = None  # (bits, group) once prepare() repacked the weight
         self._fast: bool | None = None  # decided by the first prepare()
+        self._gpu: bool | None = None  # whether the CUDA kernel reads this layer, decided by the first GPU call
 
     def prepare(self) -> bool:
         """Repack the weight for the compiled kernel if it can run here (once; on the CPU). True if it will be used."""
@@ -71,6 +73,22 @@ class QuantLinear(nn.Module):
             # from now on the weight is group-affine whatever scheme stored it: many-row inputs use that reference
             self.scheme, self.params = get_scheme(groupwise.NAME), {"bits": tiles.bits, "group": tiles.group}
         return self._fast
+
+    def _gpu_view(self) -> AffineView | None:
+        """(qweight, scale, min, bits, group) as the CUDA kernel reads them (views of the stored buffers), or None
+        where it cannot run: decided once per layer, on its first call on a GPU."""
+        if self._gpu is None:
+            view = affine_view(self.scheme, self.stored(), self.params)
+            self._gpu = (
+                view is not None
+                and view[0].dtype == torch.uint8
+                and view[1].dtype == view[2].dtype == torch.float16
+                and all(t.is_contiguous() for t in view[:3])
+                and qmm.usable_on_gpu(view[3], view[4], self.in_features, view[0].device)
+            )
+        if not self._gpu:
+            return None
+        return affine_view(self.scheme, self.stored(), self.params)
 
     def _tiles(self) -> qmm.Tiles:
         assert self._tiles_form is not None
@@ -105,6 +123,8 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (..., in) -> (n, in)
         if rows.shape[0] <= FAST_ROWS_MAX and rows.device.type == "cpu" and self.prepare():
             return qmm.matmul(rows, self._tiles()).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if rows.shape[0] <= FAST_ROWS_MAX and rows.device.type == "cuda" and (view := self._gpu_view()) is not None:
+            return qmm.matmul_gpu(rows, *view).to(x.dtype).view(*x.shape[:-1], self.out_features)
         stored = self.stored()
         parts = [
             self.scheme.matmul(rows, stored, self.params, slice(a, a + self.rows_per_block))

@@ -134,3 +134,39 @@ def test_backend_setting(monkeypatch) -> None:
     monkeypatch.setenv("RWKVCTL_QMM", "fast")
     with pytest.raises(KernelUnavailable, match="RWKVCTL_QMM must be one of auto, compiled, reference"):
         qmm.backend_mode()
+
+
+def test_gpu_kernel_support_and_its_fallback(extension, monkeypatch, caplog) -> None:
+    """Which weights the CUDA kernel takes (whole 32-bit words of codes per group), and that without a CUDA build
+    the GPU path says once why it is not used instead of failing."""
+    assert qmm.supports_gpu(4, 64, 768) is None and qmm.supports_gpu(8, 4, 8) is None
+    assert "multiple of 8" in qmm.supports_gpu(4, 4, 64)
+    assert "multiple of 4" in qmm.supports_gpu(8, 2, 64)
+    assert "3-bit" in qmm.supports_gpu(3, 64, 768)
+    from rwkvctl.kernels.build import load_extension
+
+    if load_extension().with_cuda:
+        pytest.skip("the extension has its CUDA part here")
+    monkeypatch.setenv("RWKVCTL_QMM", "compiled")
+    with pytest.raises(KernelUnavailable, match="built without CUDA"):
+        qmm.usable_on_gpu(4, 64, 768, torch.device("cuda"))
+    monkeypatch.setenv("RWKVCTL_QMM", "reference")
+    assert not qmm.usable_on_gpu(4, 64, 768, torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_on_cuda_uses_the_gpu_kernel(extension, bits) -> None:
+    """A packed layer on a GPU: decode rows through group_affine_mv, against the same layer on the CPU."""
+    from rwkvctl.quant.linear import QuantLinear
+    from rwkvctl.quant.schemes import encode_with
+
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(bits))
+    packed = encode_with("group-affine", w, bits=bits, group=64)[0]
+    on_cpu, on_gpu = QuantLinear(packed), QuantLinear(packed).cuda()
+    for n in (1, 5, 16):
+        x = torch.randn(n, 256, generator=torch.Generator().manual_seed(n))
+        y = on_gpu(x.cuda())
+        assert on_gpu._gpu and y.shape == (n, 300) and y.is_cuda
+        torch.testing.assert_close(y.cpu(), on_cpu(x), rtol=1e-4, atol=1e-4)

@@ -4,34 +4,20 @@ float64 reference: their indexing, thread roles, state in/out and every gradient
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from rwkvctl.kernels import build as kernel_build
 from rwkvctl.kernels.check import NAMES, _error, forward_backward, random_inputs
 from rwkvctl.kernels.reference import wkv5_chunked, wkv5_loop
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def emulated():
+def emulated(build_cuda_emulation):
     """The emulated op as an autograd-capable function with the reference's signature."""
-    from torch.utils.cpp_extension import load
-
-    build = kernel_build.extensions_dir() / "wkv5_cuda_emulation"
-    build.mkdir(parents=True, exist_ok=True)
-    load(
-        name="rwkvctl_wkv5_cuda_emulation",
-        sources=[str(HERE / "wkv5_cuda_emulation.cpp")],
-        extra_include_paths=[str(kernel_build.csrc_dir())],
-        extra_cflags=["-O1"],
-        build_directory=str(build),
-        is_python_module=False,
-    )
+    build_cuda_emulation("wkv5_cuda_emulation", "wkv5_cuda_emulation.cpp")
     ops = torch.ops.rwkvctl_cuda_emulation
 
     class Emulated(torch.autograd.Function):

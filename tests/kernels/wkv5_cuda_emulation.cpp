@@ -1,63 +1,21 @@
-// Runs the CUDA kernels of csrc/cuda/wkv5_kernels.cuh on the CPU, so their indexing, thread roles and math
-// are tested on machines without a GPU (test_wkv5_cuda_emulated.py). Each CUDA thread of a block is a
-// std::thread; __syncthreads() is a std::barrier; __shared__ arrays are function statics (blocks run one
-// after another). The host side mirrors wkv5_fwd_cuda / wkv5_bwd_cuda in csrc/cuda/wkv5_cuda.cu.
+// Runs the CUDA kernels of csrc/cuda/wkv5_kernels.cuh on the CPU (cuda_emulation.h), so their indexing, thread
+// roles and math are tested on machines without a GPU (test_wkv5_cuda_emulated.py). The host side mirrors
+// wkv5_fwd_cuda / wkv5_bwd_cuda in csrc/cuda/wkv5_cuda.cu.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "static_switch.h"
 
-struct EmuDim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local EmuDim3 threadIdx, blockIdx, gridDim;
-thread_local std::barrier<>* emu_block_barrier = nullptr;
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-#define __launch_bounds__(n)
-#define __shared__ static
-
+#include "cuda_emulation.h"
 #include "cuda/wkv5_kernels.cuh"
 
 namespace {
-
-template <class Kernel>
-void emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned threads, const Kernel& kernel) {
-  for (unsigned bz = 0; bz < grid_z; ++bz) {
-    for (unsigned by = 0; by < grid_y; ++by) {
-      for (unsigned bx = 0; bx < grid_x; ++bx) {
-      std::barrier<> barrier(threads);
-      std::vector<std::thread> pool;
-      for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-          threadIdx.x = t;
-          blockIdx.x = bx;
-          blockIdx.y = by;
-          blockIdx.z = bz;
-          gridDim.x = grid_x;
-          gridDim.y = grid_y;
-          gridDim.z = grid_z;
-          emu_block_barrier = &barrier;
-          kernel();
-        });
-      }
-      for (auto& th : pool) th.join();
-      }
-    }
-  }
-}
 
 at::Tensor decay_of(const at::Tensor& w) { return at::exp(-at::exp(w.to(at::kFloat))).contiguous(); }
 
