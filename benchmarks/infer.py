@@ -2,6 +2,7 @@
 official `rwkv` package (JIT on, its default). The goals of issue 15, recorded in one run.
 
     python benchmarks/infer.py [--preset 0.1b] [--threads 1 2] [--decode 24] [--prompt 512] [--rounds 2]
+    python benchmarks/infer.py --device cuda     # decode on the GPU only: fp32, bf16, packed int8/int4
 
 Same weights everywhere (a randomly initialised preset written as an RWKV-LM .pth, loaded by both). Measurements
 alternate within each round (the machine is shared), and every ratio is taken within one round, then the median
@@ -104,7 +105,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-package", action="store_true", help="skip the rwkv package (ingestion ratios)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: only the decode benchmark on the GPU (fp32, bf16, packed int8/int4)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here")
     os.environ["RWKV_JIT_ON"] = os.environ.get("RWKV_JIT_ON", "1")  # the package's default
     os.environ.setdefault("RWKV_CUDA_ON", "0")
     load_start = os.getloadavg()
@@ -118,6 +123,8 @@ def main() -> None:
     path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
     ours = {"fp32": load_model(path)[0], "bf16": load_model(path, dtype=torch.bfloat16)[0]}
     packed, packed_error = quantized_models(path, work)
+    if args.device == "cuda":
+        return cuda_decode(path, work, args)
     placed = {name: place_in_large_pages(m) for name, m in {**ours, **packed}.items()}  # as open_engine does
     print(f"weights in 2 MB pages: {', '.join(f'{k} {p.moved_bytes / 1e6:.0f} MB' for k, p in placed.items())}"
           f"{'' if not placed['fp32'].skipped else ' (' + placed['fp32'].skipped + ')'}", file=sys.stderr)
@@ -221,6 +228,43 @@ def main() -> None:
         "threads": summary,
     }  # fmt: skip
     print(json.dumps(result))
+
+
+def cuda_decode(path: Path, work: Path, args: argparse.Namespace) -> None:
+    """Decode tokens/s of every format on the GPU (the module path; packed layers through the CUDA packed matmul
+    for their decode rows), medians of `--rounds`, each against fp32 and bf16 of the same run. The models are loaded
+    straight onto the GPU from the files `main` wrote."""
+    from rwkvctl.lifecycle.models import load_model
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 65530, (args.decode + 1,), generator=gen).tolist()
+    on_gpu = {"fp32": load_model(path)[0].cuda(), "bf16": load_model(path, dtype=torch.bfloat16)[0].cuda()}
+    for name in ("int8", "int4", "int4_head4"):
+        on_gpu[name] = load_model(work / f"{name}.safetensors", keep_quantized=True)[0].cuda()
+
+    def decode(model) -> float:
+        with torch.no_grad():
+            _, state = model.step(torch.tensor([tokens[0]], device="cuda"))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for tok in tokens[1:]:
+                _, state = model.step(torch.tensor([tok], device="cuda"), state)
+            torch.cuda.synchronize()
+        return args.decode / (time.perf_counter() - t)
+
+    for model in on_gpu.values():
+        decode(model)  # warm-up: kernels, allocations
+    rounds: dict[str, list[float]] = {name: [] for name in on_gpu}
+    for _ in range(args.rounds):
+        for name, model in on_gpu.items():
+            rounds[name].append(decode(model))
+    tok_s = {name: round(statistics.median(r), 1) for name, r in rounds.items()}
+    print(f"--- {torch.cuda.get_device_name()}, decode, median of {args.rounds} round(s) ---")
+    for name, value in tok_s.items():
+        print(f"  {name}: {value:.1f} tok/s = {value / tok_s['fp32']:.2f}x fp32, {value / tok_s['bf16']:.2f}x bf16")
+    print(json.dumps({"bench": "infer", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "preset": args.preset, "decode_tokens": args.decode, "rounds": args.rounds,
+                      "decode_tok_s": tok_s}))  # fmt: skip
 
 
 if __name__ == "__main__":

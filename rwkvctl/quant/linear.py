@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
         self._tiles_form: tuple[int, int] | None = None  # (bits, group) once prepare() repacked the weight
         self._fast: bool | None = None  # decided by the first prepare()
         self._gpu: bool | None = None  # whether the CUDA kernel reads this layer, decided by the first GPU call
+        self._gpu_unpacked: tuple[tuple, AffineView] | None = None  # the stored form unpacked from the tiles
 
     def prepare(self) -> bool:
         """Repack the weight for the compiled kernel if it can run here (once; on the CPU). True if it will be used."""
@@ -88,7 +89,14 @@ class QuantLinear(nn.Module):
             )
         if not self._gpu:
             return None
-        return affine_view(self.scheme, self.stored(), self.params)
+        if self._tiles_form is None:
+            return affine_view(self.scheme, self.stored(), self.params)  # views of the buffers
+        # run on the CPU first (prepare() made the CPU kernel's tiles), then moved: unpacked once and kept, so the
+        # layer then holds both forms
+        key = (self.qtiles.device, self.qtiles.data_ptr())
+        if self._gpu_unpacked is None or self._gpu_unpacked[0] != key:
+            self._gpu_unpacked = (key, affine_view(self.scheme, self.stored(), self.params))
+        return self._gpu_unpacked[1]
 
     def _tiles(self) -> qmm.Tiles:
         assert self._tiles_form is not None

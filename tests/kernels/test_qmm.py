@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -170,3 +172,7 @@ def test_quant_linear_on_cuda_uses_the_gpu_kernel(extension, bits) -> None:
         y = on_gpu(x.cuda())
         assert on_gpu._gpu and y.shape == (n, 300) and y.is_cuda
         torch.testing.assert_close(y.cpu(), on_cpu(x), rtol=1e-4, atol=1e-4)
+    moved = copy.deepcopy(on_cpu).cuda()  # ran on the CPU first: holds the CPU kernel's tiles
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(moved(x.cuda()).cpu(), on_cpu(x), rtol=1e-4, atol=1e-4)
+    assert moved._gpu_unpacked is not None
