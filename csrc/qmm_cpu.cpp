@@ -404,9 +404,9 @@ void check_group_affine(const char* op, const char* what, const at::Tensor& qtil
                         const at::Tensor& minimum, int64_t out, int64_t in, int64_t bits, int64_t group) {
   const int64_t tiles = (out + kTile - 1) / kTile;
   TORCH_CHECK(bits == 4 || bits == 8, op, ": ", what, ": packed bits must be 4 or 8, got ", bits);
-  // whole octets (4 bits) or pairs (8 bits) per group; int32 sums: 8 bits up to 512 inputs (255 * 32767 each),
+  // whole octets (4 bits) or pairs (8 bits) per group; int32 sums: 8 bits up to 256 inputs (255 * 32767 each),
   // 4 bits up to 4096 (the high-byte sums, 15 * 128 * 256 each)
-  TORCH_CHECK(group > 0 && group % (bits == 4 ? 8 : 2) == 0 && in % group == 0 && group <= (bits == 4 ? 4096 : 512),
+  TORCH_CHECK(group > 0 && group % (bits == 4 ? 8 : 2) == 0 && in % group == 0 && group <= (bits == 4 ? 4096 : 256),
               op, ": ", what, ": group ", group, " does not fit rows of ", in, " at ", bits, " bits");
   TORCH_CHECK(qtiles.device().is_cpu() && qtiles.dim() == 2 && qtiles.scalar_type() == at::kByte &&
                   qtiles.size(0) == tiles && qtiles.size(1) == kTile * in * bits / 8 && qtiles.is_contiguous(),

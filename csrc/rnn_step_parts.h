@@ -48,7 +48,7 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.f) + 127) << 23;  // 2^n, n in [-126, 127]; NaN: any
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   const float y = p * scale;

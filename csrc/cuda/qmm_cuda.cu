@@ -26,6 +26,8 @@ at::Tensor group_affine_mv_cuda(const at::Tensor& x, const at::Tensor& qweight, 
                   qweight.size(1) * 8 == in * bits && qweight.is_contiguous(),
               op, ": qweight must be contiguous (out, ", in * bits / 8, ") uint8 on ", x.device(), ", got ",
               qweight.sizes(), " ", qweight.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 4 == 0, op,
+              ": qweight must start on a 4-byte boundary (the kernel reads 32-bit words); pass a copy");
   for (const at::Tensor* t : {&scale, &minimum}) {
     TORCH_CHECK(t->device() == x.device() && t->dim() == 2 && t->size(0) == out && t->size(1) == in / group &&
                     t->scalar_type() == at::kHalf && t->is_contiguous(),

@@ -26,7 +26,7 @@ from rwkvctl import native_build
 from rwkvctl.errors import KernelUnavailable
 
 TILE = 16  # output rows per tile (csrc/qmm_cpu.cpp kTile)
-MAX_GROUP_8BIT = 512  # 256 pairs of 255 * 32767 still fit an int32 lane
+MAX_GROUP_8BIT = 256  # 256 * 255 * 32767 still fits an int32 lane (512 inputs could overflow)
 MAX_GROUP_4BIT = 4096  # the 4-bit kernel's sums over activation high bytes, 15 * 128 * 256 per input, fit one too
 LEVELS = ("portable", "avx2", "avx512bw", "avx512vnni")  # rwkvctl::group_affine_level()
 log = logging.getLogger("rwkvctl.kernels")

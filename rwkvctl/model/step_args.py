@@ -14,6 +14,7 @@ model.to(dtype), rebuilds.
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -159,18 +160,23 @@ class ModelPlan:
 def model_plan(model: nn.Module, dtype: torch.dtype, rows: int) -> ModelPlan | None:
     """The whole decode step's arguments for `rows` rows, or None when a block takes the split step. Kept on the
     model between tokens while no module, parameter or buffer was registered anywhere since (`_registered`, a
-    counter of torch's global registration hooks: checking the ~540 registrations of the 0.1b preset one by one
-    cost ~0.2 ms a token with the weights streaming through the caches) and every tensor keeps its dtype and
-    contiguity (checked in C++). Tensors updated in place or through `.data` are read as they are now; a model that
-    takes the split step is gathered again each token, as its blocks are."""
+    counter of torch's global registration hooks, also bumped by `plans_changed`: checking the ~540 registrations
+    of the 0.1b preset one by one cost ~0.2 ms a token with the weights streaming through the caches) and every
+    tensor keeps its dtype and contiguity (checked in C++). Tensors updated in place or through `.data` (which is how
+    model.to() converts parameters) are read as they are now; with torch.__future__'s
+    set_overwrite_module_params_on_conversion(True) a conversion replaces parameters unseen, so call
+    `plans_changed()` after it. A model that takes the split step is gathered again each token, as its blocks are."""
     key = (dtype, rows, getattr(model.ln_out, "eps", None))  # the op's ln_out uses eps 1e-5 (_head_args)
-    cached = model.__dict__.get("_step_plan")
+    cached = _plans.get(model)
     if cached is not None and cached[0] == key and cached[1] == _registered.count and cached[2].plan.unchanged():
         return cached[2]
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()  # StepPlan is a class of the extension (built on first use)
     count = _registered.count
     layers = [layer_params(block, dtype, rows) for block in model.blocks]
     if any(found is None for found in layers):
-        model.__dict__.pop("_step_plan", None)
+        _plans.pop(model, None)
         return None
     head = _head_args(model, dtype, rows)
     params = [t for found in layers for t in found.params]
@@ -184,8 +190,20 @@ def model_plan(model: nn.Module, dtype: torch.dtype, rows: int) -> ModelPlan | N
         float(model.cfg.head_size_divisor),
     )
     found = ModelPlan(plan, head is not None)
-    model.__dict__["_step_plan"] = (key, count, found)
+    _plans[model] = (key, count, found)
     return found
+
+
+# model -> (key, registration count, ModelPlan), outside the model's __dict__: a StepPlan (a torch custom class)
+# cannot be copied or pickled, and copy.deepcopy(model) / torch.save(model) must keep working after a decode step
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plans_changed() -> None:
+    """Tell cached plans that tensors they hold may have been replaced without a registration: Module._apply
+    (model.to(device), .cuda(), .cpu()) puts new buffers straight into `_buffers`, and QuantLinear's packed tiles
+    are buffers (rwkvctl/quant/linear.py calls this after its _apply)."""
+    _registered.count += 1
 
 
 class _RegistrationCount:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rwkvctl.kernels import qmm
+from rwkvctl.model.step_args import plans_changed
 from rwkvctl.quant import groupwise
 from rwkvctl.quant.schemes import PackedWeight, Scheme, get_scheme
 
@@ -93,10 +94,16 @@ class QuantLinear(nn.Module):
             return affine_view(self.scheme, self.stored(), self.params)  # views of the buffers
         # run on the CPU first (prepare() made the CPU kernel's tiles), then moved: unpacked once and kept, so the
         # layer then holds both forms
-        key = (self.qtiles.device, self.qtiles.data_ptr())
+        # in-place updates (load_state_dict) bump a tensor's version; a move or replacement changes its storage
+        key = tuple((t.device, t.data_ptr(), t._version) for t in (self.qtiles, self.scale_tiles, self.min_tiles))
         if self._gpu_unpacked is None or self._gpu_unpacked[0] != key:
             self._gpu_unpacked = (key, affine_view(self.scheme, self.stored(), self.params))
         return self._gpu_unpacked[1]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        out = super()._apply(fn, recurse)
+        plans_changed()  # new buffer tensors (the packed tiles) without a registration hook: cached plans rebuild
+        return out
 
     def _tiles(self) -> qmm.Tiles:
         assert self._tiles_form is not None

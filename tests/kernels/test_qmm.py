@@ -103,8 +103,22 @@ def test_supports_names_what_the_kernel_cannot_take() -> None:
     assert qmm.supports(4, 64, 768) is None and qmm.supports(8, 2, 768) is None
     assert "groups of 6" in qmm.supports(4, 6, 48)
     assert "multiple of 8" in qmm.supports(4, 12, 48)  # 4 bits: whole octets of inputs per group
-    assert "8-bit groups over" in qmm.supports(8, 1024, 2048)
+    assert "8-bit groups over 256" in qmm.supports(8, 512, 2048)
     assert "4-bit groups over 4096" in qmm.supports(4, 8192, 8192)
+
+
+@pytest.mark.parametrize("bits, group", [(8, 256), (4, 4096)])
+def test_the_largest_groups_sum_without_overflow(extension, bits, group) -> None:
+    """Every code at its top value against activations at the int16 maximum: the int32 sums of the largest
+    group the kernel takes stay exact (at 8 bits, 512 inputs overflowed)."""
+    top = (1 << bits) - 1
+    q = torch.full((16, group * bits // 8), 255, dtype=torch.uint8)  # every code top (two 4-bit codes per byte)
+    s = torch.ones(16, 1, dtype=torch.float16)
+    m = torch.zeros(16, 1, dtype=torch.float16)
+    tiles = qmm.pack(q, s, m, bits, group)
+    for x in (torch.ones(1, group), -torch.ones(1, group)):
+        want = float(x.sum()) * top
+        assert torch.equal(qmm.matmul(x, tiles), torch.full((1, 16), want))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

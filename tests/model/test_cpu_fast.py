@@ -632,3 +632,24 @@ def test_fused_step_agrees_across_instruction_sets(random_model, monkeypatch, na
         (logits, state), (want, want_state) = results[isa], results[""]
         assert (logits - want).abs().max() <= 1e-5 * want.abs().max(), isa
         _assert_state_within(state, want_state, 1e-5)
+
+
+def test_models_with_a_plan_copy_and_move(random_model):
+    """After a decode step the model still deep-copies (the plan is kept outside it) and the copy decodes the same;
+    a packed model moved (Module._apply puts new buffers in place without a registration) and then loaded with other
+    weights decodes with the new weights, not a stale plan's."""
+    import copy
+
+    model = random_model(CONFIGS["gate"])
+    tokens = torch.tensor([[1, 2, 3]])
+    first, _ = _steps(model, tokens)
+    twin = copy.deepcopy(model)
+    assert torch.equal(_steps(twin, tokens)[0], first)
+    packed = _packed_model(random_model, CONFIGS["gate"], 4, with_head=True)
+    other = _packed_model(lambda cfg: random_model(cfg, seed=1), CONFIGS["gate"], 4, with_head=True)  # other codes
+    want, _ = _steps(other, tokens)  # packs other's tiles (so the state dicts match), registering buffers
+    _steps(packed, tokens)  # then builds and caches the plan
+    packed._apply(lambda t: t.clone())  # what .to(device) does to buffers
+    packed.load_state_dict(other.state_dict())
+    got, _ = _steps(packed, tokens)
+    assert torch.equal(got, want)
