@@ -441,8 +441,8 @@ void group_affine_mm_rows(const float* x, int64_t n, int64_t in, const uint8_t* 
     xhi[i] = static_cast<int8_t>(xq[i] >> 8);  // arithmetic shift: the floor of x / 256
     xlo[i] = static_cast<uint8_t>(xq[i] & 0xFF);
   }
-  Prepared p{n,           in,          out,        tiles,      group,      groups, bits,  xq.data(),
-             xhi.data(),  xlo.data(),  xscale.data(), xsum.data(), qtiles, scale,  minimum, y};
+  Prepared p{n,          in,         out,           tiles,       group,  groups, bits,    xq.data(),
+             xhi.data(), xlo.data(), xscale.data(), xsum.data(), qtiles, scale,  minimum, y};
   // ~32 KB of codes per task at least: a small matrix is not split over threads whose wake-up costs more
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / p.tile_bytes());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run_tiles(p, level, t0, t1); });

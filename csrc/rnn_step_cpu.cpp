@@ -362,8 +362,7 @@ void run_layer(const char* op, const LayerInputs& layer, double head_size_diviso
   float* rec = scratch.rec.data();
   project(w[5], fxr, rec, B, level);
   project(w[6], hidden, out, B, level);
-  #pragma omp simd
-  for (int64_t i = 0; i < B * C; ++i) x[i] += out[i] / (1.f + exp_f32(-rec[i]));  // sigmoid(r) * value
+  add_gated_value(x, rec, out, x, B * C);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(

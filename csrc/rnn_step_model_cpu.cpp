@@ -192,8 +192,6 @@ TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
   m.class_<rwkvctl::StepPlan>("StepPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<int64_t>, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double>())
-      .def("layers", &rwkvctl::StepPlan::layers)
-      .def("has_head", &rwkvctl::StepPlan::has_head)
       .def("unchanged", &rwkvctl::StepPlan::unchanged);
   m.def(
       "rnn_step_model(Tensor x, Tensor att_shift, Tensor ffn_shift, Tensor wkv, "

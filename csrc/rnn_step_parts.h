@@ -64,6 +64,12 @@ inline void relu_square(const float* h, float* out, int64_t n) {
   }
 }
 
+// out = x + sigmoid(r) * v, the channel mix's residual; out may be x
+inline void add_gated_value(const float* x, const float* r, const float* v, float* out, int64_t n) {
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + v[i] / (1.f + exp_f32(-r[i]));
+}
+
 // The time mix after its r, k, v (, g) projections, each (B, A = H * N) fp32 row-major: the WKV step of every
 // (row, head) from wkv_in (B, H, N, N) into wkv_out (may be the same buffer), then GroupNorm(H groups) of
 // y / head_size_divisor and the silu gate when g is not null -> y (B, A), the output projection's input. time_decay is the raw parameter

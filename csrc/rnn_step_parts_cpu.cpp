@@ -147,8 +147,7 @@ at::Tensor ffn_residual_cpu(const at::Tensor& x_in, const at::Tensor& r_in, cons
   const float* rp = r.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  #pragma omp simd
-  for (int64_t i = 0; i < xf.numel(); ++i) o[i] = xs[i] + vp[i] / (1.f + exp_f32(-rp[i]));  // sigmoid(r) * value
+  add_gated_value(xs, rp, vp, o, xf.numel());
   return out;
 }
 

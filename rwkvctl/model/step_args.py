@@ -91,12 +91,7 @@ def _registrations(block: nn.Module, found: LayerArgs | None) -> Registrations |
     modules, or if the block takes the split step."""
     if found is None:
         return None
-    return _registrations_of([block, block.att, block.ffn], [*found.params, *found.q_aux])
-
-
-def _registrations_of(parents: list[nn.Module], tensors: list[Tensor]) -> Registrations | None:
-    """Every submodule of `parents` where it is registered now, and every tensor with the registry it is found in
-    on one of those modules (a parent or a child); None if a tensor is not registered on any of them."""
+    parents = [block, block.att, block.ffn]
     entries: list[tuple[dict, str, object]] = [
         (parent._modules, name, child)
         for parent in parents
@@ -112,6 +107,7 @@ def _registrations_of(parents: list[nn.Module], tensors: list[Tensor]) -> Regist
             for name, t in registry.items():
                 if t is not None:
                     where[id(t)] = (registry, name)
+    tensors = [*found.params, *found.q_aux]
     if any(id(t) not in where for t in tensors):
         return None
     entries += [(*where[id(t)], t) for t in tensors]
