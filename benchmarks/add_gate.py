@@ -35,7 +35,8 @@ def main() -> None:
     from rwkvctl.train.metrics import read_metrics
     from rwkvctl.train.run_dir import RunDir
 
-    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-gate-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rwkvctl-bench-gate-")  # removed when the run ends
+    work = Path(scratch.name)
     write_sample_corpus(work / "corpus")
     prepare(PrepareOptions(inputs=[str(work / "corpus" / "train")], val_inputs=[str(work / "corpus" / "validation")],
                            out_dir=work / "data"))  # fmt: skip

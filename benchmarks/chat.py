@@ -43,7 +43,8 @@ def main() -> None:
     from rwkvctl.generate import ingest
     from rwkvctl.lifecycle.models import create_checkpoint, load_model
 
-    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-chat-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rwkvctl-bench-chat-")  # removed when the run ends
+    work = Path(scratch.name)
     path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
     ours, _ = load_model(path)
     theirs = RWKV(model=str(path.with_suffix("")), strategy="cpu fp32")

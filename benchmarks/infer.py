@@ -119,7 +119,8 @@ def main() -> None:
     from rwkvctl.lifecycle.models import create_checkpoint, load_model
     from rwkvctl.model.large_pages import place_in_large_pages
 
-    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-infer-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rwkvctl-bench-infer-")  # removed when the run ends
+    work = Path(scratch.name)
     path = create_checkpoint(work / "m.pth", preset(args.preset), scheme="rwkv-lm-2024", seed=0).path
     ours = {"fp32": load_model(path)[0], "bf16": load_model(path, dtype=torch.bfloat16)[0]}
     packed, packed_error = quantized_models(path, work)

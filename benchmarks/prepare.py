@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, help="use these .jsonl.zst inputs instead of the generated corpus")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-prepare-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rwkvctl-bench-prepare-")  # removed when the run ends
+    work = Path(scratch.name)
     try:
         corpus = args.corpus or work / "corpus"
         if args.corpus is None:

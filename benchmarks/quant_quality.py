@@ -134,7 +134,8 @@ def main() -> None:
     from rwkvctl.lifecycle.quantize import quantize_checkpoint
     from rwkvctl.quant.policy import QuantSpec
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="rwkvctl-bench-qq-"))
+    scratch = None if args.work else tempfile.TemporaryDirectory(prefix="rwkvctl-bench-qq-")  # removed at the end
+    work = args.work or Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     train_seconds = 0.0

@@ -143,7 +143,8 @@ def main() -> None:
     from rwkvctl.lifecycle.quantize import compare_models, quantize_checkpoint
     from rwkvctl.quant.policy import QuantSpec
 
-    work = Path(tempfile.mkdtemp(prefix="rwkvctl-bench-quant-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rwkvctl-bench-quant-")  # removed when the run ends
+    work = Path(scratch.name)
     t0 = time.time()
     speed_row = None if args.skip_speed else speed(work)
     print(json.dumps({"speed_0.1b": speed_row, "sizes_7b": sizes()}, indent=1), flush=True)

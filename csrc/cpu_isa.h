@@ -55,4 +55,14 @@ inline bool cpu_isa_allows_bf16_dot() {
 #endif
 }
 
+// How the AVX512-BF16 gemv takes its fp32 input: 1 part, x rounded to bf16 (RWKVCTL_BF16_INPUT unset or `round`:
+// what torch's bf16 Linear does to its input), or 2 parts, hi = bf16(x) and lo = bf16(x - hi) (`split`: 16
+// significant bits of x, ~8% slower bf16 decode). See gemv_seq_dpbf16 in rnn_step_avx512.h.
+inline int bf16_input_parts() {
+  const char* env = std::getenv("RWKVCTL_BF16_INPUT");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "round") == 0) return 1;
+  if (std::strcmp(env, "split") == 0) return 2;
+  TORCH_CHECK(false, "RWKVCTL_BF16_INPUT must be round or split, got '", env, "'");
+}
+
 }  // namespace rwkvctl

@@ -69,15 +69,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline void wkv_st
 }
 
 #ifdef RWKVCTL_HAVE_AVX512BF16
-// bf16 weights with `vdpbf16ps` (AVX512-BF16): 32 weights per instruction, summed in fp32, no widening. Each fp32
-// input is split into two bf16 parts, hi = bf16(x) and lo = bf16(x - hi), both multiplied by the weight: hi + lo
-// carries 16 of x's 24 significant bits (each product off by <= 2^-16 of itself, 256x below the bf16 weight's own
-// rounding), where bf16(x) alone would add the module path's 2^-8. Not for non-finite inputs (an infinite x gives
-// lo = NaN) or subnormals (flushed to zero): the inputs are layer-normed activations. The weights are consumed
-// faster than by gemv_seq_avx512<uint16_t> (L2-resident (300, 768): ~49 vs 33-45 GB/s), and from memory that
-// matters: the widening loop's compute and the weight stream overlapped poorly (a cold bf16 layer ran at ~14 GB/s
-// against fp32's ~21). xs is (B, 2, K): hi then lo.
-template <int ACC>
+// bf16 weights with `vdpbf16ps` (AVX512-BF16): 32 weights per instruction, summed in fp32, no widening. The fp32
+// input takes PARTS bf16 parts (split_bf16): PARTS = 1 rounds x to bf16 (the rounding torch's bf16 Linear, our
+// module path, applies too: each product off by <= 2^-9 of itself); PARTS = 2 adds lo = bf16(x - hi), so products
+// keep 16 of x's 24 significant bits (<= 2^-16), 256x below the bf16 weight's own rounding. The second part is a
+// third load per 64 bytes of weights and cost ~8% of bf16 decode (0.1b preset, 1 thread: 1.70-1.75x -> 1.81-1.90x
+// fp32's speed with one part), hence one part unless RWKVCTL_BF16_INPUT=split. Not for non-finite inputs (an
+// infinite x gives lo = NaN) or subnormals (flushed to zero): the inputs are layer-normed activations. From memory
+// this beats widening the weights (gemv_seq_avx512<uint16_t>), whose compute and weight stream overlapped poorly (a
+// cold bf16 layer ran at ~14 GB/s against fp32's ~21). xs is (B, PARTS, K).
+template <int PARTS, int ACC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void gemv_seq_dpbf16(
     const uint16_t* w, const uint16_t* xs, float* y, int64_t B, int64_t K, int64_t n0, int64_t n1, int64_t ldy) {
   constexpr int64_t kStep = 32 * ACC;
@@ -86,49 +87,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ge
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wn = w + n * K;
     for (int64_t b = 0; b < B; ++b) {
-      const uint16_t* hi = xs + 2 * b * K;
-      const uint16_t* lo = hi + K;
-      __m512 a[2 * ACC];
-      for (int i = 0; i < 2 * ACC; ++i) a[i] = _mm512_setzero_ps();
+      const uint16_t* xb = xs + PARTS * b * K;
+      __m512 a[PARTS * ACC];  // a[PARTS * i + p]: chunk i of each step, part p
+      for (int i = 0; i < PARTS * ACC; ++i) a[i] = _mm512_setzero_ps();
       for (int64_t k = 0; k < K_step; k += kStep) {
 #pragma GCC unroll 8
         for (int i = 0; i < ACC; ++i) {
           const __m512bh wv = (__m512bh)_mm512_loadu_si512(wn + k + 32 * i);
-          a[2 * i] = _mm512_dpbf16_ps(a[2 * i], wv, (__m512bh)_mm512_loadu_si512(hi + k + 32 * i));
-          a[2 * i + 1] = _mm512_dpbf16_ps(a[2 * i + 1], wv, (__m512bh)_mm512_loadu_si512(lo + k + 32 * i));
+          for (int p = 0; p < PARTS; ++p)
+            a[PARTS * i + p] = _mm512_dpbf16_ps(a[PARTS * i + p], wv,
+                                                (__m512bh)_mm512_loadu_si512(xb + p * K + k + 32 * i));
         }
       }
       for (int64_t k = K_step; k < K32; k += 32) {
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wn + k);
-        a[0] = _mm512_dpbf16_ps(a[0], wv, (__m512bh)_mm512_loadu_si512(hi + k));
-        a[1] = _mm512_dpbf16_ps(a[1], wv, (__m512bh)_mm512_loadu_si512(lo + k));
+        for (int p = 0; p < PARTS; ++p) a[p] = _mm512_dpbf16_ps(a[p], wv, (__m512bh)_mm512_loadu_si512(xb + p * K + k));
       }
       if (tail) {
         const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wn + K32);
-        a[0] = _mm512_dpbf16_ps(a[0], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, hi + K32));
-        a[1] = _mm512_dpbf16_ps(a[1], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, lo + K32));
+        for (int p = 0; p < PARTS; ++p)
+          a[p] = _mm512_dpbf16_ps(a[p], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, xb + p * K + K32));
       }
-      for (int i = 1; i < 2 * ACC; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
+      for (int i = 1; i < PARTS * ACC; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
       y[b * ldy + n] = _mm512_reduce_add_ps(a[0]);
     }
   }
 }
 
-// x (B, K) fp32 -> xs (B, 2, K) bf16 bits: hi = bf16(x) (round to nearest even), lo = bf16(x - hi)
+// x (B, K) fp32 -> xs (B, PARTS, K) bf16 bits: hi = bf16(x) (round to nearest even), then (PARTS = 2) lo = bf16(x - hi)
+template <int PARTS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) inline void split_bf16(const float* x,
                                                                                               uint16_t* xs, int64_t B,
                                                                                               int64_t K) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * K;
-    uint16_t* hi = xs + 2 * b * K;
-    uint16_t* lo = hi + K;
+    uint16_t* hi = xs + PARTS * b * K;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(m, xb + k);
       const __m256bh h = _mm512_cvtneps_pbh(v);
-      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
       _mm256_mask_storeu_epi16(hi + k, m, (__m256i)h);
-      _mm256_mask_storeu_epi16(lo + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, back)));
+      if (PARTS == 2) {
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+        _mm256_mask_storeu_epi16(hi + K + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, back)));
+      }
     }
   }
 }

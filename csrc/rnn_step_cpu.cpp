@@ -3,9 +3,9 @@
 //
 //   linear_f32acc(x (B, K), w (N, K) fp32|bf16) -> (B, N) fp32
 //       y = x @ w.T with fp32 accumulation; bf16 weights are widened in registers (own AVX-512 / AVX2 / plain
-//       kernels), or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against x split into two bf16 parts (16
-//       significant bits of x), so a bf16 model streams half the bytes of fp32; fp32 weights take own AVX-512
-//       kernels for up to 16 rows, torch's BLAS otherwise.
+//       kernels), or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against x rounded to bf16 (as torch's bf16
+//       Linear rounds it; RWKVCTL_BF16_INPUT=split keeps 16 significant bits), so a bf16 model streams half the
+//       bytes of fp32; fp32 weights take own AVX-512 kernels for up to 16 rows, torch's BLAS otherwise.
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
 //                  has_ln0, has_gate, q_bits, q_group, q_aux) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
@@ -119,8 +119,7 @@ void gemv_parallel(GemvFn<W, X> fn, const W* w, const X* x, float* y, int64_t B,
 // run own gemv kernels (rnn_step_avx512.h), one weight row at a time: they stream the weights faster than torch's
 // BLAS gemv did for these shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Two fp32 sums per row
 // beat four and eight, at every K (0.1b preset decode, 1 thread: 32 -> 38 tokens/s, and 35 -> 41 with the weights in
-// 2 MB pages); bf16 weights take the AVX512-BF16 dot product where the CPU has it (72 against 67 tokens/s with one
-// pair of sums rather than two or four). Otherwise fp32 weights go to torch's BLAS and bf16 weights to the
+// 2 MB pages); bf16 weights take the AVX512-BF16 dot product where the CPU has it (gemv_seq_dpbf16). Otherwise fp32 weights go to torch's BLAS and bf16 weights to the
 // portable/AVX2 kernels, which widen them in registers.
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
@@ -139,9 +138,14 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef RWKVCTL_HAVE_AVX512BF16
   if (level >= 2 && cpu_isa_allows_bf16_dot()) {
-    std::vector<uint16_t> xs(static_cast<size_t>(2 * B * K));  // (B, 2, K): x split into bf16 hi and lo parts
-    step_avx512::split_bf16(x, xs.data(), B, K);
-    return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<1>, wp, xs.data(), y, B, N, K);
+    const int parts = bf16_input_parts();
+    std::vector<uint16_t> xs(static_cast<size_t>(parts * B * K));  // (B, parts, K): x as bf16 hi (and lo) parts
+    if (parts == 2) {
+      step_avx512::split_bf16<2>(x, xs.data(), B, K);
+      return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<2, 1>, wp, xs.data(), y, B, N, K);
+    }
+    step_avx512::split_bf16<1>(x, xs.data(), B, K);
+    return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<1, 2>, wp, xs.data(), y, B, N, K);
   }
 #endif
 #ifdef RNN_STEP_X86_VARIANTS
