@@ -116,9 +116,9 @@ def supports_gpu(bits: int, group: int, in_features: int) -> str | None:
 
 
 def usable_on_gpu(bits: int, group: int, in_features: int, device: torch.device) -> bool:
-    """Whether `matmul_gpu` should run for such a weight on this CUDA device; one notice per reason if not."""
+    """Whether `matmul_gpu` should run for such a weight on `device` (False off CUDA); one notice per reason if not."""
     mode = backend_mode()
-    if mode == "reference":
+    if mode == "reference" or device.type != "cuda":
         return False
     if (why := supports_gpu(bits, group, in_features)) is not None:
         return SWITCH.fallback(f"the CUDA kernel does not take {why}", mode)
@@ -131,7 +131,7 @@ def usable_on_gpu(bits: int, group: int, in_features: int, device: torch.device)
     if not info.with_cuda:
         return SWITCH.fallback("the extension was built without CUDA (RWKVCTL_WKV_SKIP_CUDA=1, or no CUDA toolkit)",
                                mode)  # fmt: skip
-    return device.type == "cuda"
+    return True
 
 
 def matmul_gpu(x: Tensor, qweight: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:

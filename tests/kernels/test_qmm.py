@@ -166,6 +166,7 @@ def test_gpu_kernel_support_and_its_fallback(extension, monkeypatch, caplog) -> 
     monkeypatch.setenv("RWKVCTL_QMM", "compiled")
     with pytest.raises(KernelUnavailable, match="built without CUDA"):
         qmm.usable_on_gpu(4, 64, 768, torch.device("cuda"))
+    assert not qmm.usable_on_gpu(4, 64, 768, torch.device("cpu"))  # off CUDA: no notice, no error
     monkeypatch.setenv("RWKVCTL_QMM", "reference")
     assert not qmm.usable_on_gpu(4, 64, 768, torch.device("cuda"))
 

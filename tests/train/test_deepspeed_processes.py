@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +24,12 @@ MODEL = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model
          "--set", "model.head_size=32"]
 
 
+def _port() -> str:
+    return str(29500 + os.getpid() % 1000)
+
+
 def _launch(run_dir, data, *extra, launcher="deepspeed"):
-    port = str(29500 + os.getpid() % 1000)
+    port = _port()
     if launcher == "deepspeed":
         start = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", "2",
                  "--master_port", port, "--module", "rwkvctl"]
@@ -50,6 +55,8 @@ def test_two_process_zero2_trains_and_resumes(tmp_path, data):
     run = tmp_path / "run"
     first = _launch(run, data, "--max-steps", "10", "--stop-after-steps", "6")
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    # DeepSpeed's CPU shm allreduce buffers (one per rank, ~69 MB of RAM each) are not left in /dev/shm
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{_port()}_*"))
     ckpt = run / "checkpoints" / "step-00000006"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["engine"] == "deepspeed-zero2" and state["world_size"] == 2
