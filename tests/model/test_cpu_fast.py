@@ -515,7 +515,8 @@ def test_cpus_with_bf16_math_keep_bf16_gemms(random_model, monkeypatch, tmp_path
 
 
 def test_fused_step_gives_the_same_bits_on_one_and_two_threads(random_model):
-    """The op splits matmul rows over threads; each row is computed whole by one thread, so no sum changes order."""
+    """The op splits matmul rows and WKV heads (here 3 rows x 2 heads) over threads; each is computed whole by one
+    thread, so no sum changes order."""
     model = random_model(CONFIGS["gate"])
     tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(7))
     threads = torch.get_num_threads()
