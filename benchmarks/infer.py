@@ -19,6 +19,9 @@ over rounds is printed; the load average at the start and end says how quiet the
 - packed decode: the same checkpoint quantized (`quantize_checkpoint`, default settings: 4 or 8-bit blocks, 8-bit
   head) and loaded with `keep_quantized=True` (the compiled packed matmul), plus int4 with a 4-bit head
   (`--embed-bits 4`); the max |logit difference| to the expanded model of the same file is printed once.
+- ingestion ceiling: a prompt multiplies every block weight by every token (2 FLOP per weight per token, the head
+  only for the last token), so no ingestion beats (torch's GEMM FLOP/s at the model's largest block shape, prompt
+  rows) / (2 x block weights); printed with the FLOP/s that 3x the package would need.
 Goals (issue 15): fp32 decode >= 0.9x the bound; bf16 >= 1.8x fp32; int8 >= 3x; int4 >= 4x; ingestion >= 3x the
 package in fp32 and bf16.
 """
@@ -60,6 +63,20 @@ def gemv_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, large_pages: bool
         gemv(x, lin.weight)
         best = min(_timed(lambda: gemv(x, lin.weight)) for _ in range(repeats))
     return lin.weight.numel() * 4 / best
+
+
+def gemm_gflop_s(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of torch's (rows, k) @ (k, n) in `dtype`, best of `repeats` (the ingestion GEMMs' shape)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    F.linear(x, w)
+    return 2 * rows * k * n / min(_timed(lambda: F.linear(x, w)) for _ in range(repeats)) / 1e9
+
+
+def block_weights(model: torch.nn.Module) -> tuple[int, tuple[int, int]]:
+    """Weights of the blocks' Linear layers (what every prompt token multiplies) and the largest one's shape."""
+    shapes = [m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "head"]
+    return sum(a * b for a, b in shapes), max(shapes, key=lambda s: s[0] * s[1])
 
 
 def _timed(fn) -> float:
@@ -138,6 +155,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 65530, (max(args.prompt, args.decode) + 1,), generator=gen).tolist()
     bytes_fp32 = step_bytes(ours["fp32"])
+    n_block_weights, widest = block_weights(ours["fp32"])
 
     def decode(model, mode: str) -> float:
         os.environ["RWKVCTL_STEP"] = mode
@@ -186,6 +204,9 @@ def main() -> None:
                 measure(r, f"ingest_{name}", ingest_ours, ours[name])
                 if theirs:
                     measure(r, f"ingest_{name}_rwkv", ingest_theirs, theirs[name])
+                dtype = torch.float32 if name == "fp32" else torch.bfloat16
+                measure(r, f"gemm_{name}_gflop_s", gemm_gflop_s, args.prompt, widest[1], widest[0], dtype)
+                r[f"ingest_{name}_ceiling"] = r[f"gemm_{name}_gflop_s"] * 1e9 / (2 * n_block_weights)
             r["decode_fp32_vs_bound"] = r["decode_fp32"] / r["bound_tok_s"]
             r["bf16_vs_fp32"] = r["decode_bf16"] / r["decode_fp32"]
             r["decode_fp32_vs_module"] = r["decode_fp32"] / r["decode_fp32_module"]
@@ -213,7 +234,13 @@ def main() -> None:
             if theirs:
                 line += (f" vs rwkv {s[f'ingest_{name}_rwkv']:.0f} tok/s = {s[f'ingest_{name}_vs_rwkv']:.2f}x"
                          " (goal >= 3)")
-            print(line)
+            ceiling, gflop = s[f"ingest_{name}_ceiling"], s[f"gemm_{name}_gflop_s"]
+            line += (f"; GEMM ceiling {ceiling:.0f} tok/s ({gflop:.0f} GFLOP/s x {n_block_weights / 1e6:.0f}M block "
+                     f"weights; ours at {s[f'ingest_{name}'] / ceiling:.2f}x it")
+            if theirs:
+                need = 3 * s[f"ingest_{name}_rwkv"] / ceiling
+                line += f", 3x the package would take {need:.2f}x it"
+            print(line + ")")
     result = {
         "bench": "infer",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
