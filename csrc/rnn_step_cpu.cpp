@@ -6,6 +6,8 @@
 //       kernels), or on CPUs with AVX512-BF16 multiplied by `vdpbf16ps` against x rounded to bf16 (as torch's bf16
 //       Linear rounds it; RWKVCTL_BF16_INPUT=split keeps 16 significant bits), so a bf16 model streams half the
 //       bytes of fp32; fp32 weights take own AVX-512 kernels for up to 16 rows, torch's BLAS otherwise.
+//   linear_bf16_kernel() -> str
+//       which of those kernels bf16 weights take here and now (tests, diagnostics)
 //   rnn_step_layer(x (B, C) fp32, att_shift (B, C), ffn_shift (B, C), wkv (B, H, N, N) fp32, params, hsd,
 //                  has_ln0, has_gate, q_bits, q_group, q_aux) -> (x, att_shift, ffn_shift, wkv)
 //       one whole Block.step (ln0?, ln1, time mix, WKV step, GroupNorm, gate, ln2, channel mix) in fp32, one call
@@ -29,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -77,6 +80,7 @@ namespace rwkvctl::step_avx512 {
 namespace rwkvctl {
 
 int step_isa_level() {
+  (void)bf16_input_parts();  // RWKVCTL_BF16_INPUT checked on every CPU, not only where the bf16 dot product runs
   int level = cpu_isa_level();
 #ifdef RNN_STEP_X86_VARIANTS
   if (level >= 2 && !__builtin_cpu_supports("avx512bw")) level = 1;
@@ -116,6 +120,20 @@ void gemv_parallel(GemvFn<W, X> fn, const W* w, const X* x, float* y, int64_t B,
   });
 }
 
+// The kernel that multiplies bf16 weights at an ISA level (linear_into), named by the linear_bf16_kernel op.
+enum class Bf16Gemv { DotRounded, DotSplit, Avx512, Avx2, Portable };
+
+Bf16Gemv bf16_gemv(int level) {
+#ifdef RWKVCTL_HAVE_AVX512BF16
+  if (level >= 2 && cpu_isa_allows_bf16_dot()) return bf16_input_parts() == 2 ? Bf16Gemv::DotSplit : Bf16Gemv::DotRounded;
+#endif
+#ifdef RNN_STEP_X86_VARIANTS
+  if (level >= 2) return Bf16Gemv::Avx512;
+  if (level == 1) return Bf16Gemv::Avx2;
+#endif
+  return Bf16Gemv::Portable;
+}
+
 // y (B, N) = x (B, K) @ w.T, x and y fp32 row-major; w checked by check_weight. With AVX-512, few rows (decode)
 // run own gemv kernels (rnn_step_avx512.h), one weight row at a time: they stream the weights faster than torch's
 // BLAS gemv did for these shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Two fp32 sums per row
@@ -137,9 +155,10 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
     return;
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const Bf16Gemv kind = bf16_gemv(level);
 #ifdef RWKVCTL_HAVE_AVX512BF16
-  if (level >= 2 && cpu_isa_allows_bf16_dot()) {
-    const int parts = bf16_input_parts();
+  if (kind == Bf16Gemv::DotRounded || kind == Bf16Gemv::DotSplit) {
+    const int parts = kind == Bf16Gemv::DotSplit ? 2 : 1;
     std::vector<uint16_t> xs(static_cast<size_t>(parts * B * K));  // (B, parts, K): x as bf16 hi (and lo) parts
     if (parts == 2) {
       step_avx512::split_bf16<2>(x, xs.data(), B, K);
@@ -150,8 +169,9 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   }
 #endif
 #ifdef RNN_STEP_X86_VARIANTS
-  if (level >= 2) return gemv_parallel<uint16_t, float>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
-  if (level == 1) return gemv_parallel<uint16_t, float>(&step_avx2::gemv_rows<uint16_t>, wp, x, y, B, N, K);
+  if (kind == Bf16Gemv::Avx512)
+    return gemv_parallel<uint16_t, float>(&step_avx512::gemv_seq_avx512<uint16_t, 8>, wp, x, y, B, N, K);
+  if (kind == Bf16Gemv::Avx2) return gemv_parallel<uint16_t, float>(&step_avx2::gemv_rows<uint16_t>, wp, x, y, B, N, K);
 #endif
   gemv_parallel<uint16_t, float>(&step_default::gemv_rows<uint16_t>, wp, x, y, B, N, K);
 }
@@ -400,10 +420,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_step_layer_cpu(
   return {x, new_att.to(att_shift.scalar_type()), new_ffn.to(ffn_shift.scalar_type()), wkv_out};
 }
 
+// Which kernel linear_f32acc and the decode step use for bf16 weights here and now (RWKVCTL_CPU_ISA,
+// RWKVCTL_BF16_INPUT and the CPU): "dot-rounded" / "dot-split" (AVX512-BF16, the input rounded to bf16 or split in
+// two bf16 parts), "avx512", "avx2" or "portable" (weights widened to fp32 in registers).
+std::string linear_bf16_kernel() {
+  static const char* names[] = {"dot-rounded", "dot-split", "avx512", "avx2", "portable"};
+  return names[static_cast<int>(bf16_gemv(step_isa_level()))];
+}
+
 }  // namespace rwkvctl
 
 TORCH_LIBRARY_FRAGMENT(rwkvctl, m) {
   m.def("linear_f32acc(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_bf16_kernel() -> str", &rwkvctl::linear_bf16_kernel);
   m.def(
       "rnn_step_layer(Tensor x, Tensor att_shift, Tensor ffn_shift, Tensor wkv, Tensor[] params, "
       "float head_size_divisor, bool has_ln0, bool has_gate, int[] q_bits, int[] q_group, Tensor[] q_aux) -> "

@@ -240,7 +240,7 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if not on_cuda and self.world_size > 1:
+        if not on_cuda:  # the launcher's one-process runs make a buffer too (LOCAL_SIZE == world size == 1)
             release_shm_allreduce_name(self.rank)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(accel.device_name(local_rank)) if on_cuda else torch.device("cpu")

@@ -98,15 +98,12 @@ def test_fused_step_leaves_the_input_state_alone(random_model):
     _assert_state_close(state, before, rtol=0, atol=0)
 
 
-def _bf16_dot_in_use(isa: str) -> bool:
-    """Whether linear_f32acc takes bf16 weights to the AVX512-BF16 dot product under RWKVCTL_CPU_ISA=isa (the
-    extension asks the CPU; Linux's flags say the same)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
-    return isa in ("", "avx512") and {"avx512_bf16", "avx512bw", "avx512f", "avx512vl"} <= flags
+def _bf16_kernel() -> str:
+    """The kernel bf16 weights take under the current RWKVCTL_CPU_ISA / RWKVCTL_BF16_INPUT, as the extension says."""
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    return torch.ops.rwkvctl.linear_bf16_kernel()
 
 
 @pytest.mark.parametrize("gate", [True, False])
@@ -127,7 +124,7 @@ def test_fused_step_bf16(random_model, monkeypatch, gate, batch, bf16_input):
     exact, exact_state = _steps(rounded, tokens)
     ref, ref_state = _steps(bf16, tokens)
     assert fast.dtype == torch.bfloat16 and fast_state.att_shift.dtype == torch.bfloat16
-    slack = 1.25 if not bf16_input and _bf16_dot_in_use("") else 1.0
+    slack = 1.25 if _bf16_kernel() == "dot-rounded" else 1.0
     _assert_closer_than_module_path((fast, fast_state), (ref, ref_state), (exact, exact_state), slack=slack)
 
 
@@ -183,7 +180,11 @@ def test_linear_f32acc_odd_shapes(monkeypatch, dtype, isa, bf16_input):
     load_extension()
     monkeypatch.setenv("RWKVCTL_CPU_ISA", isa)
     monkeypatch.setenv("RWKVCTL_BF16_INPUT", bf16_input)
-    rounds_input = dtype == torch.bfloat16 and not bf16_input and _bf16_dot_in_use(isa)
+    kernel = _bf16_kernel()
+    assert kernel in ("dot-rounded", "dot-split", "avx512", "avx2", "portable")
+    if kernel.startswith("dot"):
+        assert kernel == ("dot-split" if bf16_input else "dot-rounded") and isa in ("", "avx512")
+    rounds_input = dtype == torch.bfloat16 and kernel == "dot-rounded"
     gen = torch.Generator().manual_seed(0)
     # K 300 and 2000: the sequential kernels' unrolled body, 16-wide steps and masked tail; 6 rows: torch's GEMM (fp32)
     for rows, n, k in ((1, 7, 77), (3, 130, 16), (5, 1, 1), (2, 64, 768), (4, 5, 300), (1, 9, 2000), (6, 3, 200)):
@@ -203,6 +204,16 @@ def test_linear_f32acc_odd_shapes(monkeypatch, dtype, isa, bf16_input):
             assert ((got.double() - want).abs() <= bound).all()
         else:
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_bad_bf16_input_setting_is_refused_on_any_cpu(monkeypatch):
+    """RWKVCTL_BF16_INPUT is checked by every step op, whichever kernel bf16 weights take on this CPU."""
+    from rwkvctl.kernels.build import load_extension
+
+    load_extension()
+    monkeypatch.setenv("RWKVCTL_BF16_INPUT", "Split")
+    with pytest.raises(RuntimeError, match="RWKVCTL_BF16_INPUT must be round or split, got 'Split'"):
+        torch.ops.rwkvctl.linear_f32acc(torch.randn(1, 8), torch.randn(4, 8))
 
 
 def test_linear_f32acc_refuses_bad_weights():

@@ -55,8 +55,12 @@ def test_two_process_zero2_trains_and_resumes(tmp_path, data):
     run = tmp_path / "run"
     first = _launch(run, data, "--max-steps", "10", "--stop-after-steps", "6")
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
-    # DeepSpeed's CPU shm allreduce buffers (one per rank, ~69 MB of RAM each) are not left in /dev/shm
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{_port()}_*"))
+    # DeepSpeed's CPU shm allreduce makes a buffer per rank (~69 MB of RAM each, named after the port) whenever its
+    # op is usable, and never removes it; the engine does. Matched by the port, not by DeepSpeed's name for it.
+    import deepspeed.ops
+
+    assert deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"), "DeepSpeed's shm allreduce is not used here"
+    assert not [p.name for p in Path("/dev/shm").iterdir() if f"_{_port()}_" in p.name]
     ckpt = run / "checkpoints" / "step-00000006"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["engine"] == "deepspeed-zero2" and state["world_size"] == 2
