@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rwkvctl import native_build
-from rwkvctl.errors import KernelUnavailable
+from rwkvctl.errors import ConfigError, KernelUnavailable
 from rwkvctl.model.state import RecurrentState
 from rwkvctl.model.step_args import layer_params, model_plan, plain
 
@@ -39,8 +40,17 @@ SWITCH = native_build.Switch("STEP", ("auto", "fused", "reference"), KernelUnava
                              "RNN step: using the PyTorch module path (slower) because %s")  # fmt: skip
 
 
+# Read by the compiled step itself (csrc/cpu_isa.h), exactly as spelled. Checked here as well, so that a typo is a
+# one-line ConfigError before any op runs rather than a RuntimeError from inside one.
+CPU_SETTINGS = {"RWKVCTL_CPU_ISA": ("default", "avx2", "avx512bw", "avx512"), "RWKVCTL_BF16_INPUT": ("round", "split")}
+
+
 def step_mode() -> str:
-    """The RWKVCTL_STEP setting: auto, fused or reference."""
+    """The RWKVCTL_STEP setting: auto, fused or reference (after checking the settings of CPU_SETTINGS)."""
+    for var, allowed in CPU_SETTINGS.items():
+        value = os.environ.get(var, "")
+        if value and value not in allowed:
+            raise ConfigError(f"{var} must be one of {', '.join(allowed)} (or unset), got {value!r}")
     return SWITCH.mode()
 
 

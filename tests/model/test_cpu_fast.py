@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rwkvctl.config import ModelConfig
-from rwkvctl.errors import KernelUnavailable
+from rwkvctl.errors import ConfigError, KernelUnavailable
 from rwkvctl.model import cpu_fast, step_args
 from rwkvctl.model.state import RecurrentState
 
@@ -214,6 +214,13 @@ def test_a_bad_bf16_input_setting_is_refused_on_any_cpu(monkeypatch):
     monkeypatch.setenv("RWKVCTL_BF16_INPUT", "Split")
     with pytest.raises(RuntimeError, match="RWKVCTL_BF16_INPUT must be round or split, got 'Split'"):
         torch.ops.rwkvctl.linear_f32acc(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize(("var", "value"), [("RWKVCTL_BF16_INPUT", "Split"), ("RWKVCTL_CPU_ISA", "avx-512")])
+def test_bad_cpu_settings_are_a_config_error_before_any_op(random_model, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=f"{var} must be one of .*, got '{value}'"):
+        _steps(random_model(CONFIGS["gate"]), torch.tensor([[1, 2]]))
 
 
 def test_linear_f32acc_refuses_bad_weights():
