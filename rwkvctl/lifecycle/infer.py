@@ -12,6 +12,7 @@ from rwkvctl.errors import CheckpointError, RwkvctlError
 from rwkvctl.generate.engine import InferenceEngine
 from rwkvctl.io.checkpoint import CheckpointMeta
 from rwkvctl.lifecycle.models import load_model
+from rwkvctl.model.cpu_fast import step_mode
 from rwkvctl.model.large_pages import place_in_large_pages
 
 
@@ -26,6 +27,8 @@ def open_engine(
 ) -> tuple[InferenceEngine, CheckpointMeta]:
     """The engine for the checkpoint at `path`. `tokenizer`: a spec for load_tokenizer, or None for the one the
     checkpoint records (its sidecar; World for a bare RWKV-LM file)."""
+    if torch.device(device).type == "cpu":
+        step_mode()  # a typo in RWKVCTL_STEP / _CPU_ISA / _BF16_INPUT: one line now, not after the prompt is shown
     model, meta = load_model(path, dtype=dtype, device=device, keep_quantized=keep_quantized)
     spec = tokenizer or meta.tokenizer or "world"
     try:
