@@ -125,7 +125,8 @@ enum class Bf16Gemv { DotRounded, DotSplit, Avx512, Avx2, Portable };
 
 Bf16Gemv bf16_gemv(int level) {
 #ifdef RWKVCTL_HAVE_AVX512BF16
-  if (level >= 2 && cpu_isa_allows_bf16_dot()) return bf16_input_parts() == 2 ? Bf16Gemv::DotSplit : Bf16Gemv::DotRounded;
+  if (level >= 2 && cpu_isa_allows_bf16_dot())
+    return bf16_input_parts() == 2 ? Bf16Gemv::DotSplit : Bf16Gemv::DotRounded;
 #endif
 #ifdef RNN_STEP_X86_VARIANTS
   if (level >= 2) return Bf16Gemv::Avx512;
@@ -138,8 +139,8 @@ Bf16Gemv bf16_gemv(int level) {
 // run own gemv kernels (rnn_step_avx512.h), one weight row at a time: they stream the weights faster than torch's
 // BLAS gemv did for these shapes (fp32, cold (768, 768) weights: 18 vs 12 GB/s on the CI box). Two fp32 sums per row
 // beat four and eight, at every K (0.1b preset decode, 1 thread: 32 -> 38 tokens/s, and 35 -> 41 with the weights in
-// 2 MB pages); bf16 weights take the AVX512-BF16 dot product where the CPU has it (gemv_seq_dpbf16). Otherwise fp32 weights go to torch's BLAS and bf16 weights to the
-// portable/AVX2 kernels, which widen them in registers.
+// 2 MB pages); bf16 weights take the AVX512-BF16 dot product where the CPU has it (gemv_seq_dpbf16). Otherwise
+// fp32 weights go to torch's BLAS and bf16 weights to the portable/AVX2 kernels, which widen them in registers.
 void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int level) {
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kFloat) {
@@ -157,13 +158,13 @@ void linear_into(const at::Tensor& w, const float* x, float* y, int64_t B, int l
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const Bf16Gemv kind = bf16_gemv(level);
 #ifdef RWKVCTL_HAVE_AVX512BF16
-  if (kind == Bf16Gemv::DotRounded || kind == Bf16Gemv::DotSplit) {
-    const int parts = kind == Bf16Gemv::DotSplit ? 2 : 1;
-    std::vector<uint16_t> xs(static_cast<size_t>(parts * B * K));  // (B, parts, K): x as bf16 hi (and lo) parts
-    if (parts == 2) {
-      step_avx512::split_bf16<2>(x, xs.data(), B, K);
-      return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<2, 1>, wp, xs.data(), y, B, N, K);
-    }
+  if (kind == Bf16Gemv::DotSplit) {
+    std::vector<uint16_t> xs(static_cast<size_t>(2 * B * K));  // (B, 2, K): x as bf16 hi and lo parts
+    step_avx512::split_bf16<2>(x, xs.data(), B, K);
+    return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<2, 1>, wp, xs.data(), y, B, N, K);
+  }
+  if (kind == Bf16Gemv::DotRounded) {
+    std::vector<uint16_t> xs(static_cast<size_t>(B * K));  // (B, K): x rounded to bf16
     step_avx512::split_bf16<1>(x, xs.data(), B, K);
     return gemv_parallel<uint16_t, uint16_t>(&step_avx512::gemv_seq_dpbf16<1, 2>, wp, xs.data(), y, B, N, K);
   }
