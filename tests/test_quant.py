@@ -215,3 +215,42 @@ def test_unquantizable_weights_are_refused_by_name(random_model, tmp_path: Path)
         with pytest.raises(error, match=f"blocks.1.ffn.key.weight:? .*{message}"):
             quantize_checkpoint(path, tmp_path / "q.safetensors", QuantSpec())
         assert not (tmp_path / "q.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "kl_limit"),
+    [
+        (QuantSpec(bits=8), 2e-4),  # --bits 8 (measured KL 5e-5 on this model)
+        (QuantSpec(embed_bits=None), 0.02),  # --embed-bits 16: emb and head stored as they are (0.006)
+        (QuantSpec(embed_bits=4), 0.05),  # --embed-bits 4 (0.014)
+        (QuantSpec(bits=8, group=32, embed_bits=4, embed_group=32), 0.02),
+    ],
+    ids=["bits8", "embed16", "embed4", "bits8-group32-embed4"],
+)
+def test_every_format_quantizes_loads_and_keeps_its_logits(
+    spec: QuantSpec, kl_limit: float, checkpoint: Path, tmp_path: Path
+) -> None:
+    """quantize -> load -> logits for the formats besides the default (which the test above covers): the file
+    loads expanded with the quality it was judged by, and packed (the compiled matmul) with the expanded logits."""
+    from rwkvctl.lifecycle.models import load_model
+
+    tokens = torch.randint(1, CFG.vocab_size, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    res = quantize_checkpoint(checkpoint, tmp_path / "q.safetensors", spec, eval_tokens=tokens)
+    q = res.quality
+    assert q is not None and q.mean_kl < kl_limit
+    recorded = load_checkpoint(res.path)[1].extra["quantization"]
+    assert (recorded["bits"], recorded["embed_bits"]) == (spec.bits, spec.embed_bits)
+    original, _ = load_model(checkpoint)
+    expanded, _ = load_model(res.path)
+    assert compare_models(original, expanded, tokens).mean_kl == pytest.approx(q.mean_kl, rel=1e-4)
+    packed, _ = load_model(res.path, keep_quantized=True)
+    idx = torch.tensor([tokens[:12], tokens[12:24]])
+    with torch.no_grad():
+        seq_e, state_e = expanded(idx)
+        seq_p, state_p = packed(idx)
+        step_e, _ = expanded.step(idx[:, 0], state_e)
+        step_p, _ = packed.step(idx[:, 0], state_p)
+    # many rows: the expanded weight, the same matmul; one row: the packed kernel on int16 activations, within the
+    # tolerance tests/model/test_cpu_fast.py holds it to (2e-4 of the logits' scale)
+    torch.testing.assert_close(seq_p, seq_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_p, step_e, atol=2e-4 * float(step_e.abs().max()), rtol=0)

@@ -90,6 +90,35 @@ def test_unsupported_weight_falls_back_with_one_notice(caplog, monkeypatch) -> N
     assert torch.equal(y1, y2) and not hasattr(layer, "qtiles")
 
 
+def test_a_cpu_without_avx2_takes_the_reference_matmul_with_one_notice(caplog, monkeypatch) -> None:
+    """RWKVCTL_CPU_ISA=default stands in for a CPU without AVX2: in auto mode the packed layers keep the scheme's
+    own matmul (the portable kernel loop is slower than it) and say so once, whatever the number of layers; the
+    outputs are the reference's. RWKVCTL_QMM=compiled still takes the kernel, at its portable level, which gives
+    what the native level gives."""
+    monkeypatch.setattr(qmm.SWITCH, "warned", set())
+    monkeypatch.setenv("RWKVCTL_CPU_ISA", "default")
+    monkeypatch.setenv("RWKVCTL_QMM", "auto")
+    x = torch.randn(3, 64)
+    with caplog.at_level(logging.WARNING, logger="rwkvctl.kernels"):
+        a, b = _layer(4, 32, 64), _layer(8, 32, 64)
+        ya, yb = a(x), b(x)
+    notices = [r.getMessage() for r in caplog.records if "reference matmul" in r.getMessage()]
+    assert notices == ["packed weights: using the slower reference matmul because this CPU has no AVX2 "
+                       "(or RWKVCTL_CPU_ISA=default)"]
+    assert not hasattr(a, "qtiles") and not hasattr(b, "qtiles")
+    for layer, y in ((a, ya), (b, yb)):
+        w = layer.scheme.decode(layer.stored(), layer.params, slice(None))
+        torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("RWKVCTL_QMM", "compiled")
+    forced = _layer(4, 32, 64)
+    y_portable = forced(x)
+    assert hasattr(forced, "qtiles") and qmm.level() == "portable"
+    monkeypatch.delenv("RWKVCTL_CPU_ISA")
+    native = _layer(4, 32, 64)
+    # the same integer sums at every level, only the fp32 order of the per-group scaling differs
+    torch.testing.assert_close(y_portable, native(x), atol=1e-5, rtol=1e-5)
+
+
 def test_extension_failure_falls_back_with_one_notice(caplog, monkeypatch) -> None:
     from rwkvctl.kernels import build
 
