@@ -702,3 +702,35 @@ def test_models_with_a_plan_copy_and_move(random_model):
     packed.load_state_dict(other.state_dict())
     got, _ = _steps(packed, tokens)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("path", ["whole", "layer", "split"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "packed4"])
+def test_steps_from_strided_states_equal_steps_from_contiguous_ones(random_model, monkeypatch, path, kind):
+    """A state of some rows of a batch (RecurrentState.rows: views with the batch's strides, as a server or
+    /retry holds them) steps exactly as a contiguous copy of it, on every fast path, and is left as it was."""
+    cfg = CONFIGS["gate"]
+    model = _packed_model(random_model, cfg, 4) if kind == "packed4" else random_model(cfg)
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    if path == "layer":
+        _layer_by_layer(monkeypatch)
+    elif path == "split":
+        for module in (cpu_fast, step_args):
+            monkeypatch.setattr(module, "layer_params", lambda *args: None)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 4), generator=torch.Generator().manual_seed(5))
+    _, start = _steps(model, tokens[:, :2])
+    strided = start.rows(slice(0, 3, 2))  # rows 0 and 2 of the batch: every tensor a non-contiguous view
+    assert not any(t.is_contiguous() for t in (strided.att_shift, strided.ffn_shift, strided.wkv))
+    before = strided.clone()
+    monkeypatch.setenv("RWKVCTL_STEP", "fused")
+    calls = []
+    real = cpu_fast.fused_step
+    monkeypatch.setattr(cpu_fast, "fused_step", lambda *args: calls.append(1) or real(*args))
+    from_views, views_state = _steps(model, tokens[::2, 2:], strided)
+    from_copies, copies_state = _steps(model, tokens[::2, 2:], strided.clone())
+    assert calls  # the fast path ran
+    assert torch.equal(from_views, from_copies)
+    for field in ("att_shift", "ffn_shift", "wkv"):
+        assert torch.equal(getattr(views_state, field), getattr(copies_state, field)), field
+        assert torch.equal(getattr(strided, field), getattr(before, field)), field
