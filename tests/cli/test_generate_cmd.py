@@ -1,5 +1,5 @@
 """`rwkvctl generate`: greedy and seeded output equal the Python API's, --stop cuts exactly, prompts from files or
-one-line errors."""
+stdin, one-line errors."""
 
 from __future__ import annotations
 
