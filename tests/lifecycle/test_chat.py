@@ -245,6 +245,27 @@ def test_cli_messages_and_saved_state(checkpoint: Path, tmp_path: Path) -> None:
     assert "continuing from" in res.output
 
 
+def test_cli_seeded_replies_equal_the_conversation_api_and_repeat(checkpoint: Path, model, tok) -> None:
+    """The chat options reach the engine unchanged: scripted turns with a seed print the replies the Conversation
+    API gives with the same settings, the same seed repeats them and another seed changes them."""
+    from rwkvctl.generate import Penalties, SamplingConfig
+
+    settings = ChatSettings(sampling=SamplingConfig(temperature=1.0, top_p=0.6), max_reply_tokens=6, seed=4,
+                            penalties=Penalties(presence=0.2, frequency=0.5, decay=0.99))  # fmt: skip
+    conv = Conversation(model, tok, settings)
+    replies = ["".join(conv.say(message)) for message in ("Hello!", "And now?")]
+    argv = ["chat", str(checkpoint), "-m", "Hello!", "-m", "And now?", "--max-tokens", "6", "--temperature", "1.0",
+            "--top-p", "0.6", "--presence", "0.2", "--frequency", "0.5", "--decay", "0.99", "--seed"]  # fmt: skip
+    runs = [_run([*argv, seed]) for seed in ("4", "4", "5")]
+    assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert all(replies)
+    first = runs[0].output
+    at = [first.index(f"User: {m}\nAssistant: {r}\n") for m, r in zip(("Hello!", "And now?"), replies, strict=True)]
+    assert at == sorted(at)  # each reply printed whole, after its own message
+    transcript = first[: first.index("2 replies")]  # the summary line that follows carries a speed
+    assert runs[1].output.startswith(transcript) and not runs[2].output.startswith(transcript)
+
+
 def test_cli_interactive_commands(checkpoint: Path, tmp_path: Path) -> None:
     saved = tmp_path / "s.safetensors"
     stdin = f"hi\n/info\n/retry\n/save {saved}\n/load {tmp_path / 'nope.safetensors'}\n/bogus\n/reset\nbye\n/quit\n"
