@@ -244,6 +244,11 @@ def test_every_format_quantizes_loads_and_keeps_its_logits(
     expanded, _ = load_model(res.path)
     assert compare_models(original, expanded, tokens).mean_kl == pytest.approx(q.mean_kl, rel=1e-4)
     packed, _ = load_model(res.path, keep_quantized=True)
+    from rwkvctl.quant.linear import QuantLinear
+
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 * 8 + (spec.embed_bits is not None)  # 8 block matrices per layer (+ the head)
+    assert all(layer.prepare() and hasattr(layer, "qtiles") for layer in layers)  # the compiled kernel's tiles
     idx = torch.tensor([tokens[:12], tokens[12:24]])
     with torch.no_grad():
         seq_e, state_e = expanded(idx)

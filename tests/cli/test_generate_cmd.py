@@ -92,19 +92,25 @@ def test_a_terminal_gets_no_raw_control_characters_a_pipe_gets_the_text(checkpoi
     assert shown.endswith("x<U+009B> \u241b]0;pwned\u2407 <U+009B>2J done\n"), repr(shown)
 
 
-def test_seeded_sampling_equals_the_engine_and_repeats(checkpoint) -> None:
-    """Sampling settings reach the engine unchanged: the CLI's text with a seed equals the engine's with the same
-    settings, and the same seed repeats it while another seed gives another text."""
+def test_seeded_sampling_equals_the_engine_and_repeats(checkpoint, monkeypatch) -> None:
+    """Sampling settings reach the engine unchanged (the settings the command builds are captured and compared), the
+    CLI's text with a seed equals the engine's with the same settings, and the same seed repeats it while another
+    seed gives another text."""
     from rwkvctl.generate import DecodeSettings, InferenceEngine
 
     path, model = checkpoint
     tok = load_tokenizer("world")
-    settings = DecodeSettings(SamplingConfig(temperature=1.2, top_p=0.9, top_k=50), max_tokens=10, stop_tokens=(0,),
+    settings = DecodeSettings(SamplingConfig(temperature=1.2, top_p=0.5, top_k=50), max_tokens=10, stop_tokens=(0,),
                               seed=7)  # fmt: skip
     expected = "The cat" + "".join(InferenceEngine(model, tok).generate(tok.encode("The cat"), settings))
-    argv = ["generate", str(path), "-p", "The cat", "--max-tokens", "10", "--temperature", "1.2", "--top-p", "0.9",
+    built: list[DecodeSettings] = []
+    real = InferenceEngine.generate
+    monkeypatch.setattr(InferenceEngine, "generate",
+                        lambda self, ids, s, **kw: built.append(s) or real(self, ids, s, **kw))  # fmt: skip
+    argv = ["generate", str(path), "-p", "The cat", "--max-tokens", "10", "--temperature", "1.2", "--top-p", "0.5",
             "--top-k", "50"]  # fmt: skip
     runs = [CliRunner().invoke(app, [*argv, "--seed", seed]) for seed in ("7", "7", "8")]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert built[0] == settings
     assert runs[0].output == runs[1].output == expected + "\n"
     assert runs[2].output != runs[0].output

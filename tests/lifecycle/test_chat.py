@@ -245,19 +245,31 @@ def test_cli_messages_and_saved_state(checkpoint: Path, tmp_path: Path) -> None:
     assert "continuing from" in res.output
 
 
-def test_cli_seeded_replies_equal_the_conversation_api_and_repeat(checkpoint: Path, model, tok) -> None:
-    """The chat options reach the engine unchanged: scripted turns with a seed print the replies the Conversation
-    API gives with the same settings, the same seed repeats them and another seed changes them."""
+def test_cli_seeded_replies_equal_the_conversation_api_and_repeat(checkpoint: Path, model, tok, monkeypatch) -> None:
+    """The chat options reach the conversation unchanged (the settings the command builds are captured and compared):
+    scripted turns with a seed print the replies the Conversation API gives with the same settings, the same seed
+    repeats them and another seed changes them."""
     from rwkvctl.generate import Penalties, SamplingConfig
+    from rwkvctl.lifecycle import chat
 
-    settings = ChatSettings(sampling=SamplingConfig(temperature=1.0, top_p=0.6), max_reply_tokens=6, seed=4,
-                            penalties=Penalties(presence=0.2, frequency=0.5, decay=0.99))  # fmt: skip
+    settings = ChatSettings(sampling=SamplingConfig(temperature=0.8, top_p=0.6, top_k=30), max_reply_tokens=6,
+                            seed=4, penalties=Penalties(presence=0.2, frequency=0.5, decay=0.99))  # fmt: skip
     conv = Conversation(model, tok, settings)
     replies = ["".join(conv.say(message)) for message in ("Hello!", "And now?")]
-    argv = ["chat", str(checkpoint), "-m", "Hello!", "-m", "And now?", "--max-tokens", "6", "--temperature", "1.0",
-            "--top-p", "0.6", "--presence", "0.2", "--frequency", "0.5", "--decay", "0.99", "--seed"]  # fmt: skip
+    built: list[ChatSettings] = []
+    real_init = chat.Conversation.__init__
+
+    def recording_init(self, model, tokenizer, settings=None, *args, **kwargs):
+        built.append(settings)
+        real_init(self, model, tokenizer, settings, *args, **kwargs)
+
+    monkeypatch.setattr(chat.Conversation, "__init__", recording_init)
+    argv = ["chat", str(checkpoint), "-m", "Hello!", "-m", "And now?", "--max-tokens", "6", "--temperature", "0.8",
+            "--top-p", "0.6", "--top-k", "30", "--presence", "0.2", "--frequency", "0.5", "--decay", "0.99",
+            "--seed"]  # fmt: skip
     runs = [_run([*argv, seed]) for seed in ("4", "4", "5")]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert built[0] == settings
     assert all(replies)
     first = runs[0].output
     at = [first.index(f"User: {m}\nAssistant: {r}\n") for m, r in zip(("Hello!", "And now?"), replies, strict=True)]

@@ -724,12 +724,14 @@ def test_steps_from_strided_states_equal_steps_from_contiguous_ones(random_model
     assert not any(t.is_contiguous() for t in (strided.att_shift, strided.ffn_shift, strided.wkv))
     before = strided.clone()
     monkeypatch.setenv("RWKVCTL_STEP", "fused")
-    calls = []
-    real = cpu_fast.fused_step
-    monkeypatch.setattr(cpu_fast, "fused_step", lambda *args: calls.append(1) or real(*args))
+    calls: list[str] = []
+    real_fused, real_split = cpu_fast.fused_step, cpu_fast._split_step
+    monkeypatch.setattr(cpu_fast, "fused_step", lambda *args: calls.append("fused") or real_fused(*args))
+    monkeypatch.setattr(cpu_fast, "_split_step", lambda *args: calls.append("split") or real_split(*args))
     from_views, views_state = _steps(model, tokens[::2, 2:], strided)
     from_copies, copies_state = _steps(model, tokens[::2, 2:], strided.clone())
-    assert calls  # the fast path ran
+    assert "fused" in calls and ("split" in calls) == (path == "split")  # the path named, not another
+    assert (cpu_fast.model_plan(model, model.emb.weight.dtype, 2) is not None) == (path == "whole")
     assert torch.equal(from_views, from_copies)
     for field in ("att_shift", "ffn_shift", "wkv"):
         assert torch.equal(getattr(views_state, field), getattr(copies_state, field)), field
