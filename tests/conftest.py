@@ -32,7 +32,7 @@ def make_random_model(cfg, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a pure function: module-scoped fixtures may build their models with it too
 def random_model():
     return make_random_model
 

@@ -28,21 +28,14 @@ CFG = ModelConfig(n_layer=2, n_embd=64, vocab_size=65536, head_size=32)
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[str, Path]:
+def saved(random_model, tmp_path_factory) -> dict[str, Path]:
     """One random model as every kind of file open_engine opens: RWKV-LM .pth, safetensors, bf16 safetensors,
     and a 4-bit quantized file (written once for the module)."""
     from rwkvctl.lifecycle.quantize import quantize_checkpoint
-    from rwkvctl.model.init import init_weights
-    from rwkvctl.model.rwkv5 import RWKV5
     from rwkvctl.quant.policy import QuantSpec
 
     out = tmp_path_factory.mktemp("engine-files")
-    model = init_weights(RWKV5(CFG), "rwkv-lm-2024", seed=3)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # as conftest's random_model: no zero-initialised projection hides the state's part
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    weights = model.state_dict()
+    weights = random_model(CFG, seed=3).state_dict()
     meta = CheckpointMeta(model=CFG)
     files = {
         "pth": save_checkpoint(out / "m.pth", weights, meta),
